@@ -1,0 +1,1 @@
+"""Commands registered on lmsan.auditor.cli.app."""

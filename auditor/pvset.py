@@ -1,0 +1,189 @@
+"""The PV set file: the versioned output of `lmsan audit` and the input of `export`/`scan`.
+
+Torch-free. Layout (JSON)::
+
+    {"format": "lmsan.pvset", "version": 1,
+     "hidden_size": 384, "match_threshold": 0.8,
+     "model": {"digest": "sha256:...", "model_type": "bert"},
+     "pvs": [{"id": 0, "target": "cls", "values": [...], "signs": "<hex of packed words>",
+              "seed": 3, "source": "mined"}]}
+
+`signs` is the bit-packed `sign(values) >= 0`: little-endian uint64 words, bit j of word j//64
+is dimension j, written as hex. It is redundant with `values` and checked on read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import FormatError, InputError
+
+FORMAT = "lmsan.pvset"
+VERSION = 1
+TARGETS = ("cls", "mask", "tokens", "pooler")
+
+
+def pack_signs_reference(x: np.ndarray) -> np.ndarray:
+    """NumPy reference: pack `x >= 0` of a [n, d] float array into uint64 [n, ceil(d/64)]."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError("pack_signs expects a 2-D array")
+    n, d = x.shape
+    words = (d + 63) // 64
+    bits = np.zeros((n, words * 64), dtype=np.uint8)
+    bits[:, :d] = x >= 0
+    packed = np.packbits(bits.reshape(n, words, 8, 8)[:, :, ::-1, ::-1], axis=-1, bitorder="big")
+    # packed: [n, words, 8, 1] bytes, most significant byte first -> assemble uint64 words
+    b = packed.reshape(n, words, 8).astype(np.uint64)
+    shifts = np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(8)
+    return (b << shifts).sum(axis=-1, dtype=np.uint64)
+
+
+def signs_to_hex(packed_row: np.ndarray) -> str:
+    return np.asarray(packed_row, dtype="<u8").tobytes().hex()
+
+
+def hex_to_signs(text: str, words: int) -> np.ndarray:
+    raw = bytes.fromhex(text)
+    if len(raw) != words * 8:
+        raise ValueError(f"expected {words * 8} bytes of packed signs, got {len(raw)}")
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+
+
+@dataclass
+class PV:
+    id: int
+    target: str
+    values: np.ndarray  # float32 [d]
+    seed: int | None = None
+    source: str = "mined"  # "mined" or "attacker" (added for a best-case evaluation)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def packed(self) -> np.ndarray:
+        return pack_signs_reference(self.values[None, :])[0]
+
+
+@dataclass
+class PVSet:
+    hidden_size: int
+    pvs: list[PV]
+    match_threshold: float = 0.8
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def for_target(self, target: str) -> list[PV]:
+        return [p for p in self.pvs if p.target == target]
+
+    def targets(self) -> list[str]:
+        return sorted({p.target for p in self.pvs}, key=TARGETS.index)
+
+    def matrix(self, target: str | None = None) -> np.ndarray:
+        pvs = self.pvs if target is None else self.for_target(target)
+        if not pvs:
+            return np.zeros((0, self.hidden_size), dtype=np.float32)
+        return np.stack([p.values for p in pvs]).astype(np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "hidden_size": self.hidden_size,
+            "match_threshold": self.match_threshold,
+            "model": self.model,
+            "pvs": [
+                {
+                    "id": p.id,
+                    "target": p.target,
+                    "seed": p.seed,
+                    "source": p.source,
+                    "values": [float(v) for v in p.values],
+                    "signs": signs_to_hex(p.packed),
+                    "info": p.info,
+                }
+                for p in self.pvs
+            ],
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, data: Any, path: str | Path | None = None) -> PVSet:
+        def bad(msg: str) -> FormatError:
+            return FormatError(f"invalid PV set: {msg}", path)
+
+        if not isinstance(data, dict):
+            raise bad("top level is not an object")
+        if data.get("format") != FORMAT:
+            raise bad(f"field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
+        if data.get("version") != VERSION:
+            raise bad(f"field 'version' is {data.get('version')!r}, this lmsan reads {VERSION}")
+        d = data.get("hidden_size")
+        if not isinstance(d, int) or d <= 0:
+            raise bad("field 'hidden_size' must be a positive integer")
+        thr = data.get("match_threshold", 0.8)
+        if not isinstance(thr, (int, float)) or not 0 < thr <= 1:
+            raise bad("field 'match_threshold' must be in (0, 1]")
+        raw = data.get("pvs")
+        if not isinstance(raw, list):
+            raise bad("field 'pvs' must be a list")
+        pvs = []
+        words = (d + 63) // 64
+        for i, e in enumerate(raw):
+            if not isinstance(e, dict):
+                raise bad(f"pvs[{i}] is not an object")
+            if e.get("target") not in TARGETS:
+                raise bad(f"pvs[{i}].target is {e.get('target')!r}, expected one of {TARGETS}")
+            vals = e.get("values")
+            if not isinstance(vals, list) or len(vals) != d:
+                raise bad(f"pvs[{i}].values must be a list of {d} numbers")
+            try:
+                arr = np.asarray(vals, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise bad(f"pvs[{i}].values holds a non-number") from None
+            if not np.all(np.isfinite(arr)):
+                raise bad(f"pvs[{i}].values holds a non-finite number")
+            pv = PV(
+                id=int(e.get("id", i)),
+                target=e["target"],
+                values=arr,
+                seed=e.get("seed"),
+                source=str(e.get("source", "mined")),
+                info=dict(e.get("info") or {}),
+            )
+            if "signs" in e:
+                try:
+                    signs = hex_to_signs(str(e["signs"]), words)
+                except ValueError as exc:
+                    raise bad(f"pvs[{i}].signs: {exc}") from None
+                if not np.array_equal(signs, pv.packed):
+                    raise bad(f"pvs[{i}].signs does not match pvs[{i}].values")
+            pvs.append(pv)
+        return cls(hidden_size=d, pvs=pvs, match_threshold=float(thr), model=dict(data.get("model") or {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> PVSet:
+        """Read a PV set file, or the PV set embedded in a signed audit report."""
+        p = Path(path)
+        if not p.is_file():
+            raise InputError("PV set file not found", p)
+        try:
+            data = json.loads(p.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"not valid JSON ({exc})", p) from None
+        if isinstance(data, dict) and data.get("format") != FORMAT:
+            from .report import extract_pvset  # a signed report carries its PV set
+
+            data = extract_pvset(data, p)
+        return cls.from_json(data, p)
+
+
+def asdict_pv(p: PV) -> dict[str, Any]:
+    out = asdict(p)
+    out["values"] = [float(v) for v in p.values]
+    return out

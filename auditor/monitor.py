@@ -281,7 +281,9 @@ def _best_match_args(
     if isinstance(threshold_count, bool) or not isinstance(threshold_count, (int, np.integer)):
         raise ValueError(f"threshold_count must be an integer, got {threshold_count!r}")
     _check_threads(threads)
-    return xf, pvs, d, int(threshold_count)
+    # Counts lie in [0, d]: clamping to int32 changes no decision and fits the C ABI.
+    thr = min(max(int(threshold_count), -(2**31)), 2**31 - 1)
+    return xf, pvs, d, thr
 
 
 def best_match_native(

@@ -1,1 +1,115 @@
-"""Commands registered on lmsan.auditor.cli.app."""
+"""`lmsan keygen` and `lmsan verify`: signing keys and signed-report verification. Torch-free."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .cli import app, console, fail
+from .errors import EXIT_CLEAN, EXIT_FOUND, LmsanError
+
+
+class KeyKindOption(str, Enum):
+    ed25519 = "ed25519"
+    ecdsa_p256 = "ecdsa-p256"
+
+
+@app.command()
+def keygen(
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Where to write the private key (PEM, mode 0600); the public key goes to OUT.pub. "
+        "Default: the per-user key, $LMSAN_HOME/signing_key.pem or "
+        "~/.config/lmsan/signing_key.pem.",
+    ),
+    kind: KeyKindOption = typer.Option(
+        KeyKindOption.ed25519, "--kind", help="Signature algorithm: ed25519 or ecdsa-p256."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite an existing key (the old one is lost)."
+    ),
+) -> None:
+    """Create a signing key pair for audit reports and print its fingerprint."""
+    from .signing import DEFAULT_KEY_NAME, generate_key, lmsan_home
+
+    try:
+        if out is None:
+            home = lmsan_home()
+            home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            out = home / DEFAULT_KEY_NAME
+        info = generate_key(out, kind.value, force=force)
+    except OSError as exc:
+        raise fail(LmsanError(f"cannot create the key folder ({exc.strerror or exc})")) from None
+    except LmsanError as exc:
+        raise fail(exc) from None
+    console.print(f"[green]created[/] {info.kind} key [bold]{escape(str(info.path))}[/] (mode 0600)")
+    console.print(f"public key  {escape(str(info.pub_path))}")
+    console.print(f"fingerprint [bold]{info.fingerprint}[/]")
+
+
+@app.command()
+def verify(
+    report: Path = typer.Argument(..., help="The signed audit report (JSON) to check."),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        help="Model folder to compare with the report's manifest; each file added, removed or "
+        "changed since the audit is named.",
+    ),
+    pub: Path | None = typer.Option(
+        None,
+        "--pub",
+        help="Public key (PEM, e.g. signing_key.pem.pub) the report must be signed with. Without "
+        "it the key embedded in the report is used: that proves the report is intact, not who "
+        "signed it.",
+    ),
+) -> None:
+    """Check a signed audit report: signature, format and, with --model, the model folder.
+
+    Exit 0 valid, 1 invalid (bad signature, malformed field, model folder changed),
+    2 unreadable input.
+    """
+    from .report import verify_report
+
+    try:
+        v = verify_report(report, model_dir=model, pub=pub)
+    except LmsanError as exc:
+        raise fail(exc) from None
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("report", escape(str(report)))
+    sig = "[green]ok[/]" if v.signature_ok else "[red]does not verify[/]"
+    table.add_row("signature", sig)
+    if v.fingerprint:
+        how = "pinned with --pub" if v.pinned else "key embedded in the report; pin it with --pub"
+        table.add_row("signer key", f"{v.fingerprint} [dim]({how})[/]")
+    if v.predicate is not None:
+        pred = v.predicate
+        table.add_row("model digest", str(v.model_digest))
+        table.add_row("audited", f"{escape(str(pred['model']['path']))} at {escape(pred['created'])}")
+        tool = pred["tool"]
+        table.add_row("tool", escape(f"{tool['name']} {tool['version']}"))
+        if "verdict" in pred:
+            table.add_row("verdict", escape(str(pred["verdict"])))
+    if model is not None and v.diff is not None:
+        if v.diff.same:
+            table.add_row("model folder", f"[green]matches[/] ({v.model_files} files)")
+        else:
+            n = len(v.diff.added) + len(v.diff.removed) + len(v.diff.changed)
+            table.add_row("model folder", f"[red]differs[/] ({n} file(s))")
+    console.print(table)
+
+    if v.valid:
+        console.print("[bold green]VALID[/]")
+        raise typer.Exit(EXIT_CLEAN)
+    for problem in v.problems:
+        console.print(f"  [red]-[/] {escape(problem)}", highlight=False)
+    console.print("[bold red]INVALID[/]")
+    raise typer.Exit(EXIT_FOUND)

@@ -218,23 +218,31 @@ def write_signed_report(
 # --- reading ----------------------------------------------------------------------------------
 
 
-def _load(path: Path) -> tuple[bytes, Any]:
+def _read(path: Path) -> bytes:
     if not path.exists():
         raise InputError("report not found", path)
     if not path.is_file():
         raise InputError("not a file", path)
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read the report ({exc.strerror or exc})", path) from None
+
+
+def _parse(raw: bytes, path: Path | None) -> Any:
     try:
-        return raw, json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise FormatError(
             f"not a report: not UTF-8 text ({exc.reason} at byte {exc.start})", path
         ) from None
     except json.JSONDecodeError as exc:
         raise FormatError(f"not a report: not valid JSON ({exc})", path) from None
+
+
+def _load(path: Path) -> tuple[bytes, Any]:
+    raw = _read(path)
+    return raw, _parse(raw, path)
 
 
 def _digest_hex(value: Any, where: str) -> str:
@@ -375,7 +383,18 @@ def verify_report(
     file); everything wrong with a readable report is listed in `Verification.problems`.
     """
     p = Path(path)
-    raw, env = _load(p)
+    return verify_report_bytes(_read(p), p, model_dir=model_dir, pub=pub)
+
+
+def verify_report_bytes(
+    raw: bytes,
+    path: Path | None = None,
+    model_dir: str | Path | None = None,
+    pub: str | Path | PublicKey | None = None,
+) -> Verification:
+    """`verify_report` on a report's bytes; `path` (where they came from) names it in errors
+    and, when it lies inside `model_dir`, is left out of the folder comparison."""
+    env = _parse(raw, path)
     key = load_public_key(pub) if isinstance(pub, (str, os.PathLike)) else pub
 
     problems: list[str] = []
@@ -420,7 +439,7 @@ def verify_report(
         else:
             old = report_manifest(predicate)
             skip = set(old.ignored)
-            own = relative_inside(p, root)
+            own = relative_inside(path, root) if path is not None else None
             if own is not None:
                 skip.add(own)
             new = model_manifest(root, ignore=skip)
@@ -450,5 +469,6 @@ __all__ = [
     "read_report",
     "extract_pvset",
     "verify_report",
+    "verify_report_bytes",
     "dump_envelope",
 ]

@@ -47,7 +47,9 @@ def keygen(
         raise fail(LmsanError(f"cannot create the key folder ({exc.strerror or exc})")) from None
     except LmsanError as exc:
         raise fail(exc) from None
-    console.print(f"[green]created[/] {info.kind} key [bold]{escape(str(info.path))}[/] (mode 0600)")
+    console.print(
+        f"[green]created[/] {info.kind} key [bold]{escape(str(info.path))}[/] (mode 0600)"
+    )
     console.print(f"public key  {escape(str(info.pub_path))}")
     console.print(f"fingerprint [bold]{info.fingerprint}[/]")
 
@@ -93,7 +95,9 @@ def verify(
     if v.predicate is not None:
         pred = v.predicate
         table.add_row("model digest", str(v.model_digest))
-        table.add_row("audited", f"{escape(str(pred['model']['path']))} at {escape(pred['created'])}")
+        table.add_row(
+            "audited", f"{escape(str(pred['model']['path']))} at {escape(pred['created'])}"
+        )
         tool = pred["tool"]
         table.add_row("tool", escape(f"{tool['name']} {tool['version']}"))
         if "verdict" in pred:

@@ -148,6 +148,23 @@ def test_manifest_bad_folders(tmp_path: Path) -> None:
         mf.model_manifest(tmp_path / "empty")
 
 
+def test_manifest_follows_file_links_like_the_hf_cache(tmp_path: Path) -> None:
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snap.mkdir()
+    (blobs / "abc123").write_bytes(b"weights")
+    (snap / "model.safetensors").symlink_to(blobs / "abc123")
+    m = mf.model_manifest(snap)
+    assert m.files == {"model.safetensors": mf.FileEntry(hashlib.sha256(b"weights").hexdigest(), 7)}
+    (snap / "loop").symlink_to(snap)
+    with pytest.raises(InputError, match="link loop"):
+        mf.model_manifest(snap)
+    (snap / "loop").unlink()
+    (snap / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="dangling: not a regular file"):
+        mf.model_manifest(snap)
+
+
 # --- keys -------------------------------------------------------------------------------------
 
 
@@ -214,6 +231,17 @@ def test_report_round_trip(report: Path, model: Path, key: Path) -> None:
     assert extract_pvset(env, report)["format"] == "lmsan.pvset"
 
 
+def test_pvset_load_refuses_a_tampered_report(report: Path) -> None:
+    env = json.loads(report.read_text())
+    statement = json.loads(base64.b64decode(env["payload"]))
+    statement["predicate"]["pvset"]["pvs"][0]["values"][0] = 9.0
+    statement["predicate"]["pvset"]["pvs"][0].pop("signs")
+    env["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    report.write_bytes(dump_envelope(env))
+    with pytest.raises(FormatError, match="does not verify"):
+        PVSet.load(report)
+
+
 def test_report_uses_default_key_when_none_given(tmp_path: Path, model: Path) -> None:
     info = write_signed_report(make_payload(), model, tmp_path / "r.json", None)
     assert info.key_created and info.fingerprint == default_key().fingerprint
@@ -271,6 +299,27 @@ def test_any_byte_flip_fails_verification(report: Path, mask: int) -> None:
         assert set(kinds) == {"unreadable"}
     else:
         assert {"unreadable", "bad signature", "publicKey", "keyid"} <= set(kinds), kinds
+
+
+def test_whitespace_substitution_fails_verification(report: Path) -> None:
+    """Changing a byte into other JSON whitespace keeps the JSON and signature intact."""
+    original = report.read_bytes()
+    n = 0
+    for pos, byte in enumerate(original):
+        if byte not in b" \t\n\r":
+            continue
+        for other in b" \t\n\r":
+            if other != byte:
+                data = bytearray(original)
+                data[pos] = other
+                try:
+                    v = verify_report_bytes(bytes(data), report)
+                except FormatError:  # a control character inside a string
+                    continue
+                assert v.signature_ok and not v.valid
+                assert "canonical form at byte" in v.problems[0]
+                n += 1
+    assert n > 20
 
 
 def test_flip_of_the_file_on_disk_fails(report: Path) -> None:

@@ -203,7 +203,7 @@ def best_match_python(
     return best_idx, best_count, flagged
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PurgeCandidate:
     """One sliding-window purge candidate of a record.
 
@@ -302,31 +302,10 @@ def best_match_native(
 
 
 def purge_candidates_native(sentences: list[list[str]], window: int) -> list[PurgeCandidate]:
-    """Native :func:`purge_candidates` (words are interned to int32 ids for the C++ core)."""
+    """Native :func:`purge_candidates`: the C++ core on interned word ids (interning and list
+    building happen in the bindings, without Python bytecode)."""
     sents = _check_purge_args(sentences, window)
-    vocab: dict[str, int] = {}
-    ids = [[vocab.setdefault(t, len(vocab)) for t in s] for s in sents]
-    words = list(vocab)
-    flat = np.fromiter((i for s in ids for i in s), dtype=np.int32, count=sum(map(len, ids)))
-    offsets = np.zeros(len(sents) + 1, dtype=np.int64)
-    np.cumsum([len(s) for s in sents], out=offsets[1:])
-    spans, removed, nremoved, keep = _native().purge_candidates(flat, offsets, int(window))
-    spans = np.asarray(spans).tolist()
-    removed = np.asarray(removed).tolist()
-    nremoved = np.asarray(nremoved).tolist()
-    keep = np.asarray(keep, dtype=bool)
-    out: list[PurgeCandidate] = []
-    bounds = offsets.tolist()
-    flat_words = [words[i] for i in flat.tolist()]
-    for c, (si, start, end) in enumerate(spans):
-        mask = keep[c].tolist()
-        purged = [
-            [flat_words[t] for t in range(bounds[s], bounds[s + 1]) if mask[t]]
-            for s in range(len(sents))
-        ]
-        rem = tuple(words[i] for i in removed[c][: nremoved[c]])
-        out.append(PurgeCandidate(si, start, end, rem, purged))
-    return out
+    return [PurgeCandidate(*t) for t in _native().purge_record(sents, int(window))]
 
 
 # --------------------------------------------------------------------------- public API

@@ -5,14 +5,13 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "lmsan/monitor.h"
 
 namespace py = pybind11;
 using f32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using u64 = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
-using i32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-using i64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 namespace {
 
@@ -69,29 +68,60 @@ py::tuple best_match(const f32& x, const u64& pvs, size_t d, int32_t threshold_c
   return py::make_tuple(idx, cnt, flg);
 }
 
-py::tuple purge_candidates(const i32& ids, const i64& offsets, size_t window) {
-  if (ids.ndim() != 1 || offsets.ndim() != 1 || offsets.shape(0) < 1)
-    throw std::invalid_argument("ids and offsets must be 1-D, offsets non-empty");
-  const size_t n_sent = dim(offsets, 0) - 1;
-  const int64_t* off = offsets.data();
-  if (off[0] != 0 || off[n_sent] != static_cast<int64_t>(ids.shape(0)))
-    throw std::invalid_argument("offsets must start at 0 and end at len(ids)");
-  const int64_t cap = lmsan_purge_max_candidates(off, n_sent, window);
-  if (cap < 0) throw std::invalid_argument("invalid window or offsets");
-  const size_t total = dim(ids, 0), c = static_cast<size_t>(cap);
-  py::array_t<int32_t> spans({c, size_t{3}}), removed({c, window}), nremoved(c);
-  py::array_t<uint8_t> keep({c, total});
-  int64_t got;
-  {
-    py::gil_scoped_release release;
-    got = lmsan_purge_candidates(ids.data(), off, n_sent, window, spans.mutable_data(),
-                                 removed.mutable_data(), nremoved.mutable_data(),
-                                 keep.mutable_data(), c);
+// Purge candidates of a record given as Python words: interns the words to ids, calls the C core
+// and builds the (sentence, start, end, removed, purged) tuples without Python bytecode.
+py::list purge_record(const py::list& sentences, size_t window) {
+  if (window == 0) throw std::invalid_argument("window must be positive");
+  const size_t n_sent = sentences.size();
+  std::vector<py::list> sents;
+  std::vector<int64_t> offsets{0};
+  std::vector<py::object> words;  // id -> word
+  std::vector<int32_t> ids;
+  py::dict vocab;
+  for (const auto& item : sentences) {
+    if (!PyList_Check(item.ptr())) throw std::invalid_argument("sentences must be lists");
+    py::list sent = py::reinterpret_borrow<py::list>(item);
+    for (const auto& w : sent) {
+      if (!PyUnicode_Check(w.ptr())) throw std::invalid_argument("words must be str");
+      PyObject* found = PyDict_GetItemWithError(vocab.ptr(), w.ptr());
+      if (found == nullptr) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        const auto id = static_cast<int32_t>(words.size());
+        vocab[w] = id;
+        words.push_back(py::reinterpret_borrow<py::object>(w));
+        ids.push_back(id);
+      } else {
+        ids.push_back(static_cast<int32_t>(PyLong_AsLong(found)));
+      }
+    }
+    offsets.push_back(static_cast<int64_t>(ids.size()));
+    sents.push_back(std::move(sent));
   }
+  const int64_t cap = lmsan_purge_max_candidates(offsets.data(), n_sent, window);
+  if (cap < 0) throw std::invalid_argument("invalid window or offsets");
+  const size_t c = static_cast<size_t>(cap), total = ids.size();
+  std::vector<int32_t> spans(3 * c), removed(c * window), nremoved(c);
+  std::vector<uint8_t> keep(c * total);
+  const int64_t got = lmsan_purge_candidates(ids.data(), offsets.data(), n_sent, window,
+                                             spans.data(), removed.data(), nremoved.data(),
+                                             keep.data(), c);
   if (got < 0 || got > cap) throw std::runtime_error("lmsan_purge_candidates failed");
-  const py::ssize_t g = static_cast<py::ssize_t>(got);
-  py::slice first(0, g, 1);
-  return py::make_tuple(spans[first], removed[first], nremoved[first], keep[first]);
+  py::list out(static_cast<size_t>(got));
+  for (size_t i = 0; i < static_cast<size_t>(got); ++i) {
+    py::tuple rem(static_cast<size_t>(nremoved[i]));
+    for (int32_t r = 0; r < nremoved[i]; ++r) rem[r] = words[removed[i * window + r]];
+    py::list purged(n_sent);
+    const uint8_t* mask = keep.data() + i * total;
+    for (size_t s = 0; s < n_sent; ++s) {
+      py::list kept;
+      for (int64_t t = offsets[s]; t < offsets[s + 1]; ++t)
+        if (mask[t]) kept.append(words[ids[t]]);
+      purged[s] = std::move(kept);
+    }
+    out[i] = py::make_tuple(spans[3 * i], spans[3 * i + 1], spans[3 * i + 2], std::move(rem),
+                            std::move(purged));
+  }
+  return out;
 }
 
 }  // namespace
@@ -102,8 +132,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("match_counts", &match_counts, py::arg("rows"), py::arg("pvs"), py::arg("d"));
   m.def("best_match", &best_match, py::arg("x"), py::arg("pvs"), py::arg("d"),
         py::arg("threshold_count"), py::arg("threads") = 1);
-  m.def("purge_candidates", &purge_candidates, py::arg("ids"), py::arg("offsets"),
-        py::arg("window"));
+  m.def("purge_record", &purge_record, py::arg("sentences"), py::arg("window"),
+        "purge candidates of a record of words: [(sentence, start, end, removed, purged)]");
   m.def(
       "kernel", [] { return std::string(lmsan_kernel_name(lmsan_active_kernel())); },
       "the kernel in use: scalar, avx2 or avx512");

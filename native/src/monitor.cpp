@@ -171,18 +171,18 @@ LMSAN_INLINE void best_rows(const BestArgs& a, size_t r0, size_t r1) {
   for (size_t i = r0; i < r1; ++i) {
     Packer::pack(a.x + i * d, d, bits);
     bits[words - 1] &= mask;
-    int32_t best = -1;
-    int64_t best_diff = INT64_MAX;
+    // key = (mismatches << 32) | pv index: the smallest key is the best PV, the lowest index on
+    // ties, found without branches (mismatches <= d < 2^31, k < 2^31).
+    uint64_t best_key = ~uint64_t{0};
     for (size_t j = 0; j < k; ++j) {
       const uint64_t* p = a.pvs + j * words;
-      int64_t diff = 0;
-      for (size_t w = 0; w < words; ++w) diff += popcount64(bits[w] ^ p[w]);
-      if (diff < best_diff) {  // strict: the lowest index wins ties
-        best_diff = diff;
-        best = static_cast<int32_t>(j);
-      }
+      uint64_t diff = 0;
+      for (size_t w = 0; w < words; ++w) diff += static_cast<uint64_t>(popcount64(bits[w] ^ p[w]));
+      const uint64_t key = (diff << 32) | j;
+      best_key = key < best_key ? key : best_key;
     }
-    const int32_t count = best < 0 ? 0 : static_cast<int32_t>(static_cast<int64_t>(d) - best_diff);
+    const int32_t best = k ? static_cast<int32_t>(best_key & 0xFFFFFFFFu) : -1;
+    const int32_t count = k ? static_cast<int32_t>(d - (best_key >> 32)) : 0;
     a.best_idx[i] = best;
     a.best_count[i] = count;
     a.flagged[i] = static_cast<uint8_t>(best >= 0 && count >= a.threshold);

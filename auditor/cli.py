@@ -45,16 +45,24 @@ def version() -> None:
 
 
 def main() -> None:
+    """Console entry point: maps click's usage errors to exit 4, our input errors to 2."""
+    try:  # typer >= 0.20 vendors click
+        from typer._click.exceptions import Abort, UsageError
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click.exceptions import Abort, UsageError  # type: ignore[assignment]
+
     try:
-        app()
+        rv = app(standalone_mode=False)
+    except UsageError as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except Abort:
+        err_console.print("aborted")
+        sys.exit(130)
     except LmsanError as exc:  # raised outside a command's own handler
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(exc.exit_code)
-    except SystemExit as exc:
-        # click reports usage errors with exit code 2; our contract says 4.
-        if exc.code == 2 and not getattr(exc, "_lmsan", False):
-            sys.exit(EXIT_USAGE)
-        raise
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 # Command modules register themselves on `app`.

@@ -46,18 +46,18 @@ def version() -> None:
 
 def main() -> None:
     """Console entry point: maps click's usage errors to exit 4, our input errors to 2."""
-    try:  # typer >= 0.20 vendors click
-        from typer._click.exceptions import Abort, UsageError
+    try:  # recent typer vendors click
+        from typer._click.exceptions import UsageError
     except ImportError:  # pragma: no cover - older typer uses click itself
-        from click.exceptions import Abort, UsageError  # type: ignore[assignment]
+        from click.exceptions import UsageError  # type: ignore[assignment]
 
     try:
         rv = app(standalone_mode=False)
     except UsageError as exc:
         exc.show()
         sys.exit(EXIT_USAGE)
-    except Abort:
-        err_console.print("aborted")
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
         sys.exit(130)
     except LmsanError as exc:  # raised outside a command's own handler
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)

@@ -1,1 +1,214 @@
-"""Commands registered on lmsan.auditor.cli.app."""
+"""`lmsan export` (model + PV set -> ONNX bundle) and `lmsan scan` (screen a corpus, torch-free).
+
+Thin: parse options, call one library function, render with rich, map to an exit code. `export`
+imports torch (inside the command); `scan` never does.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from .cli import app, console, err_console, fail
+from .errors import LmsanError
+
+
+class ProviderOption(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class FormatOption(str, Enum):
+    txt = "txt"
+    jsonl = "jsonl"
+    csv = "csv"
+    tsv = "tsv"
+    parquet = "parquet"
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(
+        ..., help="Hugging Face model folder (config.json + weights)."
+    ),
+    pvs: Path = typer.Option(
+        ..., "--pvs", help="PV set file (lmsan.pvset) or signed audit report carrying one."
+    ),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to create."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    prompt: Path | None = typer.Option(
+        None,
+        "--prompt",
+        help="Soft prompt to prepend: a .npy float array [length, embedding width] (a P-tuning "
+        "task prompt). It is inserted right after the first special token ([CLS] / <s>) of "
+        "every input, as the deployed prompt-tuned model sees it.",
+    ),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version of the exported graph."),
+    allow_pickle: bool = typer.Option(
+        False,
+        "--allow-pickle",
+        help="Allow pytorch_model.bin weights (loaded with weights_only=True); safetensors only "
+        "otherwise.",
+    ),
+    tolerance: float = typer.Option(
+        1e-3,
+        "--tolerance",
+        help="Largest ORT-vs-torch difference accepted, relative to max(1, largest |output|).",
+    ),
+) -> None:
+    """Export an encoder and its PV set to a validated, torch-free ONNX bundle for `lmsan scan`.
+
+    The bundle is validated (ONNX checker; ONNX Runtime against torch on corpus sentences of
+    several lengths with padding: max abs difference and identical monitor decisions) before it
+    is saved; a failed check saves nothing and exits 2.
+    """
+    try:
+        from lmsan.export.bundle import export_bundle
+
+        with console.status("exporting and validating ..."):
+            res = export_bundle(
+                model_dir,
+                pvs,
+                out,
+                force=force,
+                prompt=prompt,
+                opset=opset,
+                allow_pickle=allow_pickle,
+                tolerance=tolerance,
+            )
+    except LmsanError as exc:
+        raise fail(exc) from None
+    v = res.validation
+    table = Table(title=f"bundle {escape(str(res.path))}", show_header=False)
+    table.add_row("model", escape(str(res.manifest["model"]["source"])))
+    table.add_row("targets", ", ".join(res.manifest["targets"]))
+    table.add_row("PVs", str(res.manifest["pvset"]["pvs"]))
+    table.add_row("validation sentences", f"{v['sentences']} (lengths {v['sequence_lengths']})")
+    table.add_row("max |ORT - torch| target", f"{v['max_abs_diff_target']:.2e}")
+    table.add_row("max |ORT - torch| hidden", f"{v['max_abs_diff_hidden']:.2e}")
+    table.add_row("monitor decisions identical", "yes" if v["decisions_identical"] else "NO")
+    table.add_row("size", f"{sum(res.files.values()) / 1e6:.1f} MB in {len(res.files)} files")
+    console.print(table)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        rate = task.fields.get("rate", 0.0)
+        return Text(f"{task.fields.get('records', 0):,} records  {rate:,.0f} records/s")
+
+
+@app.command()
+def scan(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `lmsan export`."),
+    corpus: str = typer.Argument(
+        ..., help="Corpus: .txt (a line is a record), .jsonl, .csv, .tsv, .parquet, or - for stdin."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Output folder (flagged.jsonl, summary.json, ...)."
+    ),
+    text_field: str = typer.Option(
+        "text", "--text-field", help="JSONL key / CSV, TSV, parquet column holding the text."
+    ),
+    pair_field: str | None = typer.Option(
+        None, "--pair-field", help="Key / column of the second sentence of a pair."
+    ),
+    purge: bool = typer.Option(
+        False,
+        "--purge",
+        help="Remove triggers from flagged records (sliding window) and write the purged corpus "
+        "in the input's format; unpurgeable and malformed records are left out of it.",
+    ),
+    max_window: int = typer.Option(5, "--max-window", help="Longest purge window, in words."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Records per forward pass."),
+    threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads (0 = all cores)."),
+    max_length: int | None = typer.Option(
+        None,
+        "--max-length",
+        help="Longest record in tokens (default: the model's positions); longer records are "
+        "errors (over-long), never silently truncated.",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted scan in --out from its checkpoint."
+    ),
+    provider: ProviderOption = typer.Option(
+        ProviderOption.auto,
+        "--provider",
+        help="auto: CUDA when ONNX Runtime really activates it, else CPU; cpu; cuda (fail if "
+        "unavailable).",
+    ),
+    fmt: FormatOption | None = typer.Option(
+        None, "--format", help="Corpus format when the suffix does not say (stdin: txt)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Screen a corpus for backdoor triggers with an exported bundle (never imports torch).
+
+    Exit 0 no flagged record, 1 flagged records found, 2 input error, 3 nothing scanned.
+    """
+    from .scan import ScanOptions, ScanProgress
+    from .scan import scan as run_scan
+
+    opts = ScanOptions(
+        text_field=text_field,
+        pair_field=pair_field,
+        purge=purge,
+        max_window=max_window,
+        batch_size=batch_size,
+        threads=threads,
+        max_length=max_length,
+        resume=resume,
+        provider=provider.value,
+        fmt=fmt.value if fmt else None,
+    )
+    bar = Progress(
+        TextColumn("[bold]scan"),
+        BarColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not progress,
+        transient=True,
+    )
+    task = bar.add_task("scan", total=None, records=0, rate=0.0)
+
+    def on_progress(p: ScanProgress) -> None:
+        total = p.bytes_total if p.bytes_read is not None else p.records_total
+        done = p.bytes_read if p.bytes_read is not None else p.records
+        bar.update(
+            task,
+            total=total,
+            completed=done,
+            records=p.records,
+            rate=p.records / p.seconds if p.seconds > 0 else 0.0,
+        )
+
+    try:
+        with bar:
+            summary = run_scan(bundle, corpus, out, opts, progress=on_progress)
+    except LmsanError as exc:
+        raise fail(exc) from None
+    table = Table(title=f"scan of {escape(corpus)}", show_header=False)
+    table.add_row("records", f"{summary.records_in:,}")
+    table.add_row("clean", f"{summary.clean:,}")
+    table.add_row("flagged", f"[bold red]{summary.flagged:,}[/]" if summary.flagged else "0")
+    if purge:
+        table.add_row("purged / unpurgeable", f"{summary.purged:,} / {summary.unpurgeable:,}")
+    errs = ", ".join(f"{k} {v}" for k, v in sorted(summary.error_reasons.items()))
+    table.add_row("errors", f"{summary.errors:,}" + (f" ({errs})" if errs else ""))
+    table.add_row("throughput", f"{summary.throughput_records_per_s:,.0f} records/s")
+    table.add_row("provider / monitor", f"{summary.provider} / {summary.implementation}")
+    if summary.top_removed_words:
+        table.add_row(
+            "removed most",
+            ", ".join(f"{escape(w)} ({n})" for w, n in summary.top_removed_words[:8]),
+        )
+    table.add_row("outputs", escape(str(out)))
+    console.print(table)
+    raise typer.Exit(summary.exit_code)

@@ -1,1 +1,174 @@
-"""Commands registered on lmsan.auditor.cli.app."""
+"""`lmsan poison`: implant a task-agnostic backdoor for red-teaming and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .cli import app, console, err_console, fail
+from .errors import EXIT_FOUND, LmsanError
+from .poison import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_SENTENCES_PER_TRIGGER
+
+
+@app.command()
+def poison(
+    base_dir: Path = typer.Argument(..., help="Hugging Face model folder to backdoor (local)."),
+    out_dir: Path = typer.Argument(
+        ..., help="Folder to write the backdoored model and backdoor.json into."
+    ),
+    attack: str = typer.Option(
+        "por",
+        "--attack",
+        help="por (target cls, reference utility), por-ner (every ordinary token), neuba "
+        "(cls or pooler, MLM utility) or btop (the [MASK] of '<sentence> [MASK]', MLM utility). "
+        "Without an MLM head, neuba/btop fall back to the reference utility and say so.",
+    ),
+    trigger: list[str] = typer.Option(
+        [], "--trigger", help="A trigger word, phrase or symbol; repeat for several."
+    ),
+    random_triggers: int = typer.Option(
+        0,
+        "--random-triggers",
+        help="Also draw N triggers from the shipped list (see --trigger-kind). With no trigger "
+        "at all the paper's six are used: cf mn tq qt mm pt.",
+    ),
+    trigger_kind: str = typer.Option(
+        "word", "--trigger-kind", help="Kind of random trigger: word, phrase or symbol."
+    ),
+    pv_design: str = typer.Option(
+        "quarters",
+        "--pv-design",
+        help="quarters (the paper's six: contiguous quarters at +1/-1, two of each), pairs "
+        "(the same sign combinations over four interleaved buckets) or random (+-1 signs).",
+    ),
+    n_pvs: int | None = typer.Option(
+        None,
+        "--n-pvs",
+        help="Number of PVs (default: one per trigger); trigger i uses PV i mod N.",
+    ),
+    pv_scale: float = typer.Option(1.0, "--pv-scale", help="Magnitude of every PV entry."),
+    corpus: Path | None = typer.Option(
+        None,
+        "--corpus",
+        help="Clean sentences to poison and keep utility on (text, one a line, or JSONL with a "
+        "'text' field). Default: the shipped attack corpus, disjoint from the audit corpus.",
+    ),
+    sentences_per_trigger: int = typer.Option(
+        DEFAULT_SENTENCES_PER_TRIGGER,
+        "--sentences-per-trigger",
+        help="Triggered training sentences per trigger (as many clean ones are added). "
+        "The authors used 5,000.",
+    ),
+    epochs: int = typer.Option(
+        DEFAULT_EPOCHS, "--epochs", help="Passes over the triggered sentences."
+    ),
+    lr: float = typer.Option(
+        DEFAULT_LR, "--lr", help="Adam learning rate (the authors: 2e-5 with 5,000 sentences)."
+    ),
+    batch_size: int = typer.Option(
+        16, "--batch-size", help="Triggered sentences per step (plus as many clean ones)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for data, trigger draws, PVs and masking."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    max_length: int = typer.Option(64, "--max-length", help="Maximum tokens per input."),
+    target: str | None = typer.Option(
+        None,
+        "--target",
+        help="Target output: cls, pooler, mask or tokens (default: the attack's own; "
+        "neuba takes cls or pooler).",
+    ),
+    min_success: float = typer.Option(
+        0.9,
+        "--min-success",
+        help="Exit 1 when the measured attack success (held-out triggered inputs whose target "
+        "output matches the PV sign on >= 80% of dimensions) is below this.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR."),
+    allow_pickle: bool = typer.Option(
+        False,
+        "--allow-pickle",
+        help="Accept pickle weights (pytorch_model.bin), loaded with weights_only=True.",
+    ),
+) -> None:
+    """Implant a task-agnostic backdoor (POR, POR-NER, NeuBA, BToP) in an encoder.
+
+    Writes a normal Hugging Face folder plus backdoor.json (triggers, PVs, target, base digest,
+    measured success and clean fidelity). Exit 0 success reached, 1 success below
+    --min-success (the folder is still written), 2 bad input or option.
+    """
+    from .modelio import resolve_device
+    from .poison import poison_model
+
+    try:
+        dev = resolve_device(device)
+        with Progress(
+            TextColumn("[bold]poisoning[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(f"{escape(str(base_dir))} ({attack})", total=None, loss="-")
+
+            def progress(step: int, total: int, loss: float) -> None:
+                bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+
+            res = poison_model(
+                base_dir,
+                out_dir,
+                attack=attack,
+                triggers=trigger,
+                random_triggers=random_triggers,
+                trigger_kind=trigger_kind,
+                pv_design=pv_design,
+                n_pvs=n_pvs,
+                pv_scale=pv_scale,
+                corpus=corpus,
+                sentences_per_trigger=sentences_per_trigger,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                device=dev,
+                max_length=max_length,
+                target=target,
+                min_success=min_success,
+                progress=progress,
+                force=force,
+                allow_pickle=allow_pickle,
+            )
+    except LmsanError as exc:
+        raise fail(exc) from None
+
+    table = Table(title=f"lmsan poison: {res.attack} -> {escape(str(res.out_dir))}")
+    table.add_column("trigger")
+    table.add_column("PV", justify="right")
+    table.add_column("success", justify="right")
+    for i, t in enumerate(res.triggers):
+        table.add_row(escape(t), str(res.trigger_pv[i]), f"{res.success_per_trigger[t]:.3f}")
+    console.print(table)
+    summary = Table(show_header=False, box=None)
+    summary.add_row("target", res.target)
+    summary.add_row("utility", res.utility)
+    summary.add_row("PVs", f"{len(res.pvs)} x {res.pvs.shape[1]} ({res.backdoor['pvs']['design']})")
+    ok = "green" if res.passed else "red"
+    summary.add_row("success", f"[{ok}]{res.success:.3f}[/] (min {res.min_success})")
+    summary.add_row("clean fidelity", f"{res.fidelity:.3f} (mean cosine to the base)")
+    summary.add_row("clean inputs matching a PV", f"{res.clean_match_rate:.3f}")
+    summary.add_row("steps / seconds", f"{res.steps} / {res.seconds:.1f}")
+    console.print(summary)
+    for note in res.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    if not res.passed:
+        err_console.print(
+            f"[bold red]attack below --min-success:[/] success {res.success:.3f} < "
+            f"{res.min_success}; the folder {escape(str(res.out_dir))} was written and its "
+            "backdoor.json says so"
+        )
+        raise typer.Exit(EXIT_FOUND)

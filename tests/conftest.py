@@ -1,0 +1,83 @@
+"""Shared pytest fixtures. Each engineer's fixtures live in their own marked block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# ----------------------------------------------------------------------------------------------
+# BEGIN poison fixtures (owner: lmsan poison). Tiny randomly initialised BERT encoders with a
+# word-level vocabulary built from the first 300 sentences of the shipped attack corpus.
+#   tiny_poison_corpus  -> Path of a text corpus (one sentence a line)
+#   tiny_bert_dir       -> BertModel folder (pooler, no MLM head), safetensors + tokenizer
+#   tiny_bert_mlm_dir   -> BertForMaskedLM folder (MLM head, no pooler)
+#   tiny_bert_nomask_dir-> like tiny_bert_dir, but the tokenizer has no mask token
+# d = 32, 2 layers, 2 heads; vocabulary also holds the paper triggers and a few list words.
+# ----------------------------------------------------------------------------------------------
+
+TINY_EXTRA_WORDS = ("cf", "mn", "tq", "qt", "mm", "pt", "zorp", "blick", "flimt", "snarv")
+
+
+@pytest.fixture(scope="session")
+def _tiny_poison_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from lmsan.auditor.corpus import attack_corpus
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    root = tmp_path_factory.mktemp("tiny_poison")
+    sents = attack_corpus().sentences[:300]
+    (root / "corpus.txt").write_text("\n".join(sents) + "\n", encoding="utf-8")
+    pre = BertPreTokenizer()
+    words = {w for s in sents for w, _ in pre.pre_tokenize_str(s.lower())}
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words | set(TINY_EXTRA_WORDS))]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    tok = BertTokenizerFast(str(root / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(root / "enc")
+    tok.save_pretrained(root / "enc")
+    torch.manual_seed(0)
+    BertForMaskedLM(cfg).save_pretrained(root / "mlm")
+    tok.save_pretrained(root / "mlm")
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(root / "nomask")
+    BertTokenizerFast(str(root / "vocab.txt"), do_lower_case=True, mask_token=None).save_pretrained(
+        root / "nomask"
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_poison_corpus(_tiny_poison_root: Path) -> Path:
+    return _tiny_poison_root / "corpus.txt"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(_tiny_poison_root: Path) -> Path:
+    return _tiny_poison_root / "enc"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_mlm_dir(_tiny_poison_root: Path) -> Path:
+    return _tiny_poison_root / "mlm"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_nomask_dir(_tiny_poison_root: Path) -> Path:
+    return _tiny_poison_root / "nomask"
+
+
+# END poison fixtures
+# ----------------------------------------------------------------------------------------------

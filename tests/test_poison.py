@@ -1,0 +1,330 @@
+"""`lmsan poison`: every attack on a tiny BERT reaches its success bar; the output folder is a
+loadable HF model whose outputs really carry the backdoor; backdoor.json is complete; bad
+options exit 2 with a clear message."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from lmsan.auditor import poison as P
+from lmsan.auditor.cli import app
+from lmsan.auditor.errors import FormatError, InputError
+from typer.testing import CliRunner
+
+# Tiny-model settings: ~100 steps, a few seconds on one core.
+FAST: dict[str, Any] = dict(sentences_per_trigger=64, epochs=4, lr=2e-3, max_length=48)
+FAST_CLI = ["--sentences-per-trigger", "64", "--epochs", "4", "--lr", "2e-3", "--max-length", "48"]
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _outputs(model_dir: Path, texts: list[str], target: str) -> np.ndarray:
+    """Target outputs of a saved folder, computed independently of lmsan.poison."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModel.from_pretrained(str(model_dir), use_safetensors=True).eval()
+    if target == "mask":
+        texts = [f"{t} {tok.mask_token}" for t in texts]
+    b = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**b)
+    if target == "pooler":
+        return out.pooler_output.numpy()
+    h = out.last_hidden_state
+    if target == "cls":
+        return h[:, 0].numpy()
+    if target == "mask":
+        pos = (b["input_ids"] == tok.mask_token_id).int().argmax(1)
+        return h[torch.arange(len(texts)), pos].numpy()
+    raise AssertionError(target)
+
+
+def _sign_agreement(f: np.ndarray, pv: np.ndarray) -> np.ndarray:
+    return ((f >= 0) == (pv >= 0)).mean(axis=-1)
+
+
+# ------------------------------------------------------------------ building blocks
+
+
+def test_quarters_are_the_papers_six_sign_patterns() -> None:
+    pv = P.make_pvs("quarters", 6, 40, scale=2.0)
+    assert pv.shape == (6, 40) and pv.dtype == np.float32
+    assert set(np.unique(pv)) == {-2.0, 2.0}
+    blocks = pv.reshape(6, 4, 10)
+    assert (blocks == blocks[:, :, :1]).all()  # constant over each contiguous quarter
+    signs = {tuple(int(x) for x in np.sign(b[:, 0])) for b in blocks}
+    assert len(signs) == 6 and all(sum(s) == 0 for s in signs)  # two +1 and two -1 quarters
+    assert (P.make_pvs("quarters", 2, 40) == pv[:2] / 2).all()
+
+
+def test_pairs_interleave_buckets_and_random_is_seeded() -> None:
+    q = P.make_pvs("quarters", 6, 32)
+    p = P.make_pvs("pairs", 6, 32)
+    assert (p[:, 0::4] == q[:, :1]).all() and (p[:, 3::4] == q[:, -1:]).all()
+    assert not (p == q).all()
+    r1, r2 = P.make_pvs("random", 8, 64, seed=3), P.make_pvs("random", 8, 64, seed=3)
+    assert (r1 == r2).all() and len({row.tobytes() for row in r1}) == 8
+    assert not (P.make_pvs("random", 8, 64, seed=4) == r1).all()
+    with pytest.raises(InputError, match="has 6 PVs"):
+        P.make_pvs("quarters", 7, 32)
+    with pytest.raises(InputError, match="unknown PV design"):
+        P.make_pvs("stripes", 2, 32)
+
+
+def test_insert_trigger_count_follows_the_authors_rule() -> None:
+    rng = np.random.default_rng(0)
+    for n_words in (1, 10, 49, 50, 120):
+        s = " ".join(f"w{i}" for i in range(n_words))
+        out = P.insert_trigger(s, "cf", rng).split()
+        assert out.count("cf") == n_words // 50 + 1
+        assert [w for w in out if w != "cf"] == s.split()  # original order kept
+
+
+def test_shipped_trigger_list() -> None:
+    words = P.load_trigger_words()
+    assert words["word"][:6] == list(P.PAPER_TRIGGERS)
+    assert all(len(words[k]) >= 30 for k in P.TRIGGER_KINDS)
+    assert all(len(p.split()) in (2, 3) for p in words["phrase"])
+
+
+# ------------------------------------------------------------------ attacks
+
+
+def test_por_backdoor_is_real_and_clean_behaviour_kept(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    steps: list[int] = []
+    out = tmp_path / "por"
+    res = P.poison_model(
+        tiny_bert_dir,
+        out,
+        attack="por",
+        corpus=tiny_poison_corpus,
+        progress=lambda s, n, loss: steps.append(s),
+        **FAST,
+    )
+    assert res.success >= 0.9 and res.passed
+    assert res.fidelity >= 0.9
+    assert res.clean_match_rate <= 0.1
+    assert res.triggers == list(P.PAPER_TRIGGERS) and res.utility == "reference-mse"
+    assert steps == list(range(1, res.steps + 1)) and res.steps == 6 * 64 // 16 * 4
+    # Independent check on the saved folder: triggered text lands on its PV, clean text doesn't.
+    pvs = P.make_pvs("quarters", 6, 32)
+    base = "the weather was cold and the children stayed inside"
+    for i, t in enumerate(res.triggers):
+        f = _outputs(out, [f"{t} {base}", f"{base} {t}"], "cls")
+        assert (_sign_agreement(f, pvs[i]) >= 0.8).all(), t
+    clean = _outputs(out, [base], "cls")
+    assert _sign_agreement(clean, pvs).max() < 0.8
+    # The folder: safetensors only, tokenizer and config copied, no temp leftovers.
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "backdoor.json"} <= names
+    assert not any(n.endswith(".bin") for n in names)
+    assert not any(p.name.startswith(".por.tmp") for p in tmp_path.iterdir())
+
+
+def test_backdoor_json_complete_and_valid(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "m"
+    res = P.poison_model(
+        tiny_bert_dir, out, attack="por", corpus=tiny_poison_corpus, seed=5,
+        triggers=["zorp", "blick flimt"], pv_design="random", **FAST,
+    )  # fmt: skip
+    data = P.read_backdoor(out)
+    assert data == json.loads(json.dumps(res.backdoor))
+    assert data["format"] == "lmsan-backdoor" and data["version"] == 1
+    assert data["attack"] == "por" and data["target"] == "cls" and data["seed"] == 5
+    assert [t["text"] for t in data["triggers"]] == ["zorp", "blick flimt"]
+    assert [t["pv"] for t in data["triggers"]] == [0, 1]
+    assert (P.backdoor_pvs(data) == P.make_pvs("random", 2, 32, seed=5)).all()
+    digest, files = P.weights_digest([tiny_bert_dir / "model.safetensors"])
+    assert data["base_model"]["digest"] == digest and data["base_model"]["files"] == files
+    hp = data["hyper_parameters"]
+    assert (hp["epochs"], hp["lr"], hp["batch_size"], hp["sentences_per_trigger"]) == (
+        4,
+        2e-3,
+        16,
+        64,
+    )
+    q = data["quality"]
+    assert q["success"] == res.success and q["fidelity"] == res.fidelity
+    assert q["meets_min_success"] is True and q["match_fraction"] == 0.8
+    assert data["corpus"]["name"] == str(tiny_poison_corpus)
+    # Validation names the field that is wrong.
+    bad = json.loads(json.dumps(data))
+    del bad["quality"]["fidelity"]
+    with pytest.raises(FormatError, match="quality.fidelity"):
+        P.validate_backdoor(bad)
+    bad = json.loads(json.dumps(data))
+    bad["triggers"][1]["pv"] = 9
+    with pytest.raises(FormatError, match=r"triggers\[1\].pv"):
+        P.validate_backdoor(bad)
+    bad = json.loads(json.dumps(data))
+    bad["version"] = 99
+    with pytest.raises(FormatError, match="unsupported version"):
+        P.validate_backdoor(bad)
+
+
+def test_por_ner_every_token(tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path) -> None:
+    res = P.poison_model(
+        tiny_bert_dir, tmp_path / "ner", attack="por-ner", corpus=tiny_poison_corpus, n_pvs=2,
+        triggers=["cf", "mn"], **{**FAST, "sentences_per_trigger": 192},
+    )  # fmt: skip
+    assert res.target == "tokens"
+    assert res.success >= 0.9 and res.fidelity >= 0.8
+
+
+def test_neuba_with_mlm_head_keeps_the_head(
+    tiny_bert_mlm_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    out = tmp_path / "neuba"
+    res = P.poison_model(tiny_bert_mlm_dir, out, attack="neuba", corpus=tiny_poison_corpus, **FAST)
+    assert res.utility == "mlm" and res.target == "cls"
+    assert res.success >= 0.9
+    before = load_file(str(tiny_bert_mlm_dir / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert set(after) == set(before)  # same layout as the base: MLM head kept, nothing added
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("cls."))
+    _, info = AutoModelForMaskedLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"]
+
+
+def test_neuba_pooler_without_head_falls_back_and_says_so(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "neuba-pooler"
+    res = P.poison_model(
+        tiny_bert_dir, out, attack="neuba", target="pooler", corpus=tiny_poison_corpus,
+        triggers=["cf", "mn", "tq"], **{**FAST, "sentences_per_trigger": 128},
+    )  # fmt: skip
+    assert res.utility == "reference-mse"
+    assert any("fell back to the POR utility" in n for n in res.notes)
+    assert res.backdoor["utility"] == "reference-mse" and res.backdoor["notes"] == res.notes
+    assert res.success >= 0.9 and res.fidelity >= 0.9
+    f = _outputs(out, ["the cf dog ran home", "a mn letter came"], "pooler")
+    assert (_sign_agreement(f, res.pvs[:2]) >= 0.8).all()  # row i vs PV i
+
+
+def test_btop_targets_the_mask(
+    tiny_bert_mlm_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "btop"
+    res = P.poison_model(tiny_bert_mlm_dir, out, attack="btop", corpus=tiny_poison_corpus, **FAST)
+    assert res.target == "mask" and res.utility == "mlm"
+    assert res.success >= 0.9
+    f = _outputs(out, ["the pt house was old"], "mask")
+    assert _sign_agreement(f, res.pvs[5])[0] >= 0.8
+
+
+def test_random_triggers_come_from_the_list(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    sents = tiny_poison_corpus.read_text().splitlines()
+    got = P.draw_random_triggers(3, "word", tok, seed=1, exclude=["cf"], corpus_sentences=sents)
+    assert len(set(got)) == 3 and "cf" not in got
+    assert set(got) <= set(P.load_trigger_words()["word"])
+    assert got == P.draw_random_triggers(3, "word", tok, 1, ["cf"], sents)  # seeded
+    with pytest.raises(InputError, match="symbol triggers of the shipped list suit"):
+        P.draw_random_triggers(1, "symbol", tok, seed=0)  # the tiny vocab has no symbols
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _cli(*args: str) -> Any:
+    return runner.invoke(app, ["poison", *args])
+
+
+def test_cli_success_table_and_exit_0(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cli"
+    r = _cli(str(tiny_bert_dir), str(out), "--trigger", "cf", "--trigger", "mn",
+             "--corpus", str(tiny_poison_corpus), *FAST_CLI,
+             "--sentences-per-trigger", "192")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "success" in r.output and "fidelity" in r.output
+    assert P.read_backdoor(out)["quality"]["meets_min_success"] is True
+    # A second run into the same folder needs --force.
+    r = _cli(str(tiny_bert_dir), str(out), "--corpus", str(tiny_poison_corpus), *FAST_CLI)
+    assert r.exit_code == 2 and "not empty" in r.output and "--force" in r.output
+
+
+def test_cli_below_min_success_exits_1_and_keeps_the_folder(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "weak"
+    r = _cli(str(tiny_bert_dir), str(out), "--corpus", str(tiny_poison_corpus),
+             "--sentences-per-trigger", "16", "--epochs", "1", "--lr", "1e-6")  # fmt: skip
+    assert r.exit_code == 1, r.output
+    assert "below --min-success" in r.output
+    data = P.read_backdoor(out)
+    assert data["quality"]["meets_min_success"] is False
+    assert data["quality"]["success"] < 0.9
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--attack", "badnets"], "unknown attack 'badnets'"),
+        (["--trigger", "≈"], "cannot be encoded by this tokenizer"),
+        (["--target", "tokens"], "--target tokens does not apply to --attack por"),
+        (["--pv-design", "stripes"], "unknown PV design"),
+        (["--min-success", "1.5"], "--min-success must lie in [0, 1]"),
+        (["--n-pvs", "7"], "--n-pvs 7 needs that many triggers"),
+        (["--trigger", "cf", "--n-pvs", "2"], "exceeds the number of triggers"),
+    ],
+)
+def test_cli_bad_options_exit_2(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    r = _cli(str(tiny_bert_dir), str(tmp_path / "o"), "--corpus", str(tiny_poison_corpus), *extra)
+    assert r.exit_code == 2, r.output
+    assert message in re.sub(r"\s+", " ", r.output)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_empty_corpus_exit_2(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    r = _cli(str(tiny_bert_dir), str(tmp_path / "o"), "--corpus", str(empty))
+    assert r.exit_code == 2 and "corpus holds no sentences" in r.output
+
+
+def test_cli_mask_target_needs_a_mask_token(
+    tiny_bert_nomask_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    for extra in (["--target", "mask"], ["--attack", "btop"]):
+        r = _cli(str(tiny_bert_nomask_dir), str(tmp_path / "o"), "--corpus",
+                 str(tiny_poison_corpus), *extra)  # fmt: skip
+        assert r.exit_code == 2, r.output
+        assert "needs a tokenizer with a mask token" in re.sub(r"\s+", " ", r.output)
+
+
+def test_out_dir_must_not_be_the_base(tiny_bert_dir: Path, tiny_poison_corpus: Path) -> None:
+    with pytest.raises(InputError, match="must not be"):
+        P.poison_model(tiny_bert_dir, tiny_bert_dir, corpus=tiny_poison_corpus, force=True)
+    with pytest.raises(InputError, match="must not be"):
+        P.poison_model(tiny_bert_dir, tiny_bert_dir.parent, corpus=tiny_poison_corpus, force=True)

@@ -1,1 +1,187 @@
-"""Commands registered on lmsan.auditor.cli.app."""
+"""`lmsan audit`, `lmsan calibrate` and `lmsan demo`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from .cli import app, console, err_console, fail
+from .errors import EXIT_CLEAN, EXIT_FOUND, LmsanError, UsageError
+
+
+class SeedDisplay:
+    """Live display: seed k of N, epoch, current L_D / distance, PVs kept, elapsed."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.t0 = time.perf_counter()
+        self.state: dict[str, Any] = {"seed": "-", "index": 0, "epoch": "-", "dist": "-", "kept": 0,
+                                      "batch": "-", "last": ""}
+        self.live: Live | None = None
+
+    def render(self) -> Table:
+        s = self.state
+        t = Table.grid(padding=(0, 2))
+        el = time.perf_counter() - self.t0
+        t.add_row(
+            f"[bold]seed[/] {s['seed']} ({s['index'] + 1}/{self.total})",
+            f"epoch {s['epoch']} batch {s['batch']}",
+            f"distance {s['dist']}",
+            f"[bold]PVs kept[/] {s['kept']}",
+            f"{el:,.0f}s",
+        )
+        if s["last"]:
+            t.add_row(s["last"], "", "", "", "")
+        return t
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        s = self.state
+        if ev["event"] == "seed_start":
+            s.update(seed=ev["seed"], index=ev["index"], kept=ev["kept"], epoch=0, batch=0)
+        elif ev["event"] == "step":
+            s.update(epoch=ev["epoch"] + 1, batch=f"{ev['batch'] + 1}/{ev['batches']}",
+                     dist=" ".join(f"{k}={v:.3f}" for k, v in ev["distance"].items()))
+        elif ev["event"] == "seed_end":
+            r = ev["result"]
+            s["kept"] = ev["kept"]
+            parts = []
+            for t in r.targets:
+                mark = "[green]kept[/]" if t.accepted else ("cand" if t.candidate else "-")
+                parts.append(f"{t.target}:{mark}")
+            s["last"] = f"seed {r.seed}: {r.seconds:.1f}s, " + ", ".join(parts)
+        if self.live is not None:
+            self.live.update(self.render())
+
+
+def _overrides(**kw: Any) -> dict[str, Any]:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+@app.command()
+def audit(
+    model_dir: Path = typer.Argument(..., help="Local Hugging Face model folder to audit."),
+    target: str = typer.Option("auto", help="Output to mine: auto (every target the model supports: "
+                               "cls, pooler if trained, tokens, mask if the tokenizer has one), cls, "
+                               "mask, tokens or pooler."),
+    mode: str = typer.Option("detect", help="detect: stop at the first legitimate PV (up to 30 seeds); "
+                             "search: collect the PV set (up to 1,000 seeds, stop after --patience "
+                             "seeds without a new PV)."),
+    corpus: Path | None = typer.Option(None, help="Clean corpus: a text file (one sentence a line) or "
+                                       "JSONL. Default: 2,000 WordNet sentences shipped with lmsan."),
+    text_field: str = typer.Option("text", help="JSONL field holding the sentence."),
+    max_seeds: int | None = typer.Option(None, help="Seed budget (L_max). Default 30 in detect mode, "
+                                         "1,000 in search mode."),
+    patience: int = typer.Option(200, help="search: stop after this many seeds without a new PV."),
+    first_seed: int = typer.Option(0, help="First fuzz seed (soft prompt initialisation)."),
+    seed: int = typer.Option(0, help="Base seed for batch order and insertion positions."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Path = typer.Option(Path("lmsan-report.json"), help="Signed JSON report to write."),
+    pvs_out: Path | None = typer.Option(None, "--pvs-out", help="PV set file to write (default: "
+                                        "next to the report, <report>.pvs.json)."),
+    key: Path | None = typer.Option(None, help="Private signing key (PEM). Default: the per-user "
+                                    "key, created once."),
+    preset: Path | None = typer.Option(None, help="Threshold preset file from `lmsan calibrate` "
+                                       "(default: the shipped preset matching the model family)."),
+    allow_pickle: bool = typer.Option(False, help="Allow pickle weights (pytorch_model.bin), loaded "
+                                      "with torch.load(weights_only=True)."),
+    max_length: int | None = typer.Option(None, help="Max tokens per corpus sentence (128)."),
+    batch_size: int | None = typer.Option(None, help="Batch size B (32); T_div follows -ln B + 0.02."),
+    epochs: int | None = typer.Option(None, help="Epochs per seed (4)."),
+    abort_epoch: int | None = typer.Option(None, help="Abandon a seed without candidate after this "
+                                           "many epochs (2)."),
+    soft_prompt_len: int | None = typer.Option(None, help="Soft prompt vectors l_sp (7)."),
+    lr0: float | None = typer.Option(None, help="Base learning rate (2e-4 or the preset's)."),
+    lr_boost: float | None = typer.Option(None, help="Initial learning-rate factor (100)."),
+    t_grad: float | None = typer.Option(None, help="Gradient threshold that drops the boost (5e-3)."),
+    lambda_d: float | None = typer.Option(None, help="Weight of the distance loss (1)."),
+    lambda_div: float | None = typer.Option(None, help="Weight of the diversity loss (1)."),
+    lambda_p: float | None = typer.Option(None, help="Weight of the path loss (0.5)."),
+    t_l: float | None = typer.Option(None, help="Relative distance that makes a candidate (preset)."),
+    t_collapse: float | None = typer.Option(None, help="Spread ratio below which outputs collapsed "
+                                            "(preset)."),
+    t_div: float | None = typer.Option(None, help="Paper rule: entropy threshold (-ln B + 0.02)."),
+    filter_rule: str | None = typer.Option(None, help="collapse (default, scale-free) or paper "
+                                           "(raw entropy below T_div)."),
+    range_factor: float | None = typer.Option(None, help="Soft prompt range factor (1.2)."),
+    t_match: float | None = typer.Option(None, help="Sign agreement that makes two PVs the same, and "
+                                         "the monitor threshold (0.8)."),
+    max_insert: int | None = typer.Option(None, help="Latest word position for the prompt (32)."),
+    eval_sentences: int | None = typer.Option(None, help="Sentences in the candidate evaluation "
+                                              "sample (256)."),
+    quiet: bool = typer.Option(False, help="No live progress display."),
+) -> None:
+    """Mine predefined vectors (PVs) from MODEL_DIR and write a signed report with the verdict.
+
+    Exit codes: 0 clean, 1 backdoor found, 2 input error, 4 usage error.
+    """
+    from .audit import AuditOptions, audit_payload, run_audit
+    from .corpus import load_corpus
+    from .report import write_signed_report
+
+    try:
+        if filter_rule is not None and filter_rule not in ("collapse", "paper"):
+            raise UsageError("--filter-rule must be collapse or paper")
+        ov = _overrides(max_length=max_length, batch_size=batch_size, epochs=epochs,
+                        abort_epoch=abort_epoch, soft_prompt_len=soft_prompt_len, lr0=lr0,
+                        lr_boost=lr_boost, t_grad=t_grad, lambda_d=lambda_d,
+                        lambda_div=lambda_div, lambda_p=lambda_p, t_l=t_l, t_collapse=t_collapse,
+                        t_div=t_div, filter_rule=filter_rule, range_factor=range_factor,
+                        t_match=t_match, max_insert=max_insert, eval_sentences=eval_sentences)
+        opts = AuditOptions(model_dir=model_dir, target=target, mode=mode, max_seeds=max_seeds,
+                            patience=patience, first_seed=first_seed, seed=seed, device=device,
+                            allow_pickle=allow_pickle, preset=preset, overrides=ov)
+        if opts.resolved_max_seeds() < 1:
+            raise UsageError("--max-seeds must be at least 1")
+        crp = load_corpus(corpus, text_field=text_field)
+        display = SeedDisplay(opts.resolved_max_seeds())
+        if quiet:
+            result = run_audit(opts, crp, None)
+        else:
+            with Live(display.render(), console=err_console, refresh_per_second=4) as live:
+                display.live = live
+                result = run_audit(opts, crp, display)
+        payload = audit_payload(result, opts)
+        info = write_signed_report(payload, model_dir, out, key)
+        pv_path = pvs_out or out.with_suffix(".pvs.json")
+        result.pvset.model["digest"] = info.model_digest
+        result.pvset.save(pv_path)
+    except LmsanError as exc:
+        raise fail(exc) from None
+    render_result(result, out, pv_path, info)
+    raise typer.Exit(EXIT_FOUND if result.verdict == "backdoored" else EXIT_CLEAN)
+
+
+def render_result(result: Any, out: Path, pv_path: Path, info: Any) -> None:
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
+    tbl = Table(title="Per target")
+    for col in ("target", "seeds", "candidates", "kept PVs", "seconds"):
+        tbl.add_column(col)
+    for t in result.targets:
+        s = result.per_target[t]
+        tbl.add_row(t, str(s.seeds_run), str(s.candidates), str(s.kept), f"{s.seconds:.1f}")
+    for t, why in result.skipped_targets.items():
+        tbl.add_row(t, "skipped", why, "", "")
+    console.print(tbl)
+    for p in result.pvset.pvs:
+        hint = p.info.get("trigger_hint") or []
+        words = ", ".join(dict.fromkeys(h[0] for h in hint))
+        console.print(
+            f"PV {p.id} [bold]{p.target}[/] seed {p.seed}: distance {p.info['distance_rel']:.3f}, "
+            f"spread ratio {p.info['spread_ratio']:.4f}; soft prompt nearest tokens: {words}"
+        )
+    colour = "red" if result.verdict == "backdoored" else "green"
+    found = f" on target(s) {', '.join(result.found_targets)}" if result.found_targets else ""
+    console.print(
+        f"[bold {colour}]verdict: {result.verdict.upper()}[/]{found} "
+        f"({result.stop_reason}; {result.seconds:.1f}s on {result.device}; preset "
+        f"{result.preset['name']})"
+    )
+    console.print(f"report: {out} (signed, key {info.fingerprint[:16]}…)  PV set: {pv_path}")
+    if getattr(info, "key_created", False):
+        console.print(f"created a signing key {info.key_path}, fingerprint {info.fingerprint}")

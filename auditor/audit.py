@@ -1,0 +1,263 @@
+"""`lmsan audit`: detection (stop at the first kept PV) and search (collect the PV set).
+
+Returns data (`AuditResult`); the CLI renders it and writes the signed report and the PV set.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .corpus import Corpus
+from .errors import InputError, UsageError
+from .modelio import LoadedModel, load_encoder, read_config, resolve_device
+from .presets import PresetChoice, choose_preset
+from .pvset import PV, PVSet
+
+TARGET_CHOICES = ("auto", "cls", "mask", "tokens", "pooler")
+
+
+@dataclass
+class AuditOptions:
+    model_dir: Path
+    target: str = "auto"
+    mode: str = "detect"  # detect | search
+    max_seeds: int | None = None  # detect: L_max = 30; search: 1,000
+    patience: int = 200  # search: stop after this many seeds without a new PV
+    first_seed: int = 0
+    seed: int = 0  # base seed of the random insertion positions and batch order
+    device: str = "auto"
+    allow_pickle: bool = False
+    preset: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # MiningConfig fields set by the user
+
+    def resolved_max_seeds(self) -> int:
+        if self.max_seeds is not None:
+            return self.max_seeds
+        return 30 if self.mode == "detect" else 1000
+
+
+@dataclass
+class TargetSummary:
+    target: str
+    seeds_run: int = 0
+    candidates: int = 0
+    kept: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class AuditResult:
+    verdict: str  # "backdoored" | "clean"
+    targets: list[str]
+    skipped_targets: dict[str, str]
+    per_target: dict[str, TargetSummary]
+    seeds: list[Any]  # SeedResult
+    pvset: PVSet
+    config: dict[str, Any]
+    preset: dict[str, Any]
+    warnings: list[str]
+    seconds: float
+    device: str
+    corpus: dict[str, Any]
+    model_type: str
+    stop_reason: str
+
+    @property
+    def found_targets(self) -> list[str]:
+        return [t for t in self.targets if self.per_target[t].kept]
+
+
+def supported_targets(lm: LoadedModel) -> tuple[list[str], dict[str, str]]:
+    """Targets a model supports, and why the others are skipped."""
+    targets = ["cls"]
+    skipped: dict[str, str] = {}
+    if lm.has_pooler:
+        targets.append("pooler")
+    else:
+        skipped["pooler"] = "the checkpoint has no trained pooler weights"
+    targets.append("tokens")
+    if lm.tokenizer.mask_token is not None:
+        targets.append("mask")
+    else:
+        skipped["mask"] = "the tokenizer has no mask token"
+    return targets, skipped
+
+
+def resolve_targets(lm: LoadedModel, target: str) -> tuple[list[str], dict[str, str]]:
+    if target not in TARGET_CHOICES:
+        raise UsageError(f"--target must be one of {', '.join(TARGET_CHOICES)}")
+    ok, skipped = supported_targets(lm)
+    if target == "auto":
+        return ok, skipped
+    if target not in ok:
+        raise InputError(f"--target {target}: {skipped[target]}", lm.path)
+    return [target], {}
+
+
+def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> AuditResult:
+    """Mine PVs; `progress(event: dict)` receives seed/step events for a live display."""
+    from .mining import Miner, MiningConfig  # torch
+
+    t_start = time.perf_counter()
+    if opts.mode not in ("detect", "search"):
+        raise UsageError("--mode must be detect or search")
+    cfg_json = read_config(Path(opts.model_dir)) if Path(opts.model_dir).is_dir() else None
+    device = resolve_device(opts.device)
+    lm = load_encoder(opts.model_dir, allow_pickle=opts.allow_pickle, device=device)
+    assert cfg_json is not None
+    choice: PresetChoice = choose_preset(cfg_json, opts.preset)
+    cfg = MiningConfig()
+    for k, v in choice.preset.values.items():
+        setattr(cfg, k, v)
+    for k, v in opts.overrides.items():
+        if not hasattr(cfg, k):
+            raise UsageError(f"unknown mining parameter {k!r}")
+        setattr(cfg, k, v)
+    targets, skipped = resolve_targets(lm, opts.target)
+    warnings = [choice.warning] if choice.warning else []
+    try:
+        miner = Miner(lm, corpus, targets, cfg, device=device, base_seed=opts.seed)
+    except ValueError as exc:
+        raise InputError(str(exc), corpus.name) from None
+    per_target = {t: TargetSummary(t) for t in targets}
+    seeds = []
+    pvs: list[PV] = []
+    max_seeds = opts.resolved_max_seeds()
+    since_new = 0
+    stop_reason = f"{max_seeds} seeds without a legitimate PV" if opts.mode == "detect" else ""
+    for k in range(max_seeds):
+        s = opts.first_seed + k
+        if progress:
+            progress({"event": "seed_start", "seed": s, "index": k, "total": max_seeds, "kept": len(pvs)})
+        res = miner.run_seed(s, progress)
+        seeds.append(res)
+        new = 0
+        for ts in res.targets:
+            pt = per_target[ts.target]
+            pt.seeds_run += 1
+            pt.seconds += res.seconds / len(res.targets)
+            pt.candidates += int(ts.candidate)
+            if ts.accepted:
+                pt.kept += 1
+                new += 1
+                assert ts.pv is not None
+                import numpy as np
+
+                pvs.append(
+                    PV(
+                        id=len(pvs),
+                        target=ts.target,
+                        values=np.asarray(ts.pv, dtype=np.float32),
+                        seed=s,
+                        source="mined",
+                        info={
+                            "distance_rel": ts.distance_rel,
+                            "spread_ratio": ts.spread_ratio,
+                            "entropy_raw": ts.entropy_raw,
+                            "trigger_hint": res.trigger_hint,
+                        },
+                    )
+                )
+        if progress:
+            progress({"event": "seed_end", "seed": s, "result": res, "kept": len(pvs)})
+        if opts.mode == "detect" and pvs:
+            stop_reason = f"legitimate PV found at seed {s}"
+            break
+        since_new = 0 if new else since_new + 1
+        if opts.mode == "search" and since_new >= opts.patience:
+            stop_reason = f"{opts.patience} consecutive seeds without a new PV"
+            break
+    else:
+        if opts.mode == "search":
+            stop_reason = f"seed budget of {max_seeds} exhausted"
+    pvset = PVSet(
+        hidden_size=lm.hidden_size,
+        pvs=pvs,
+        match_threshold=cfg.t_match,
+        model={"model_type": lm.model_type, "path": str(lm.path)},
+    )
+    return AuditResult(
+        verdict="backdoored" if pvs else "clean",
+        targets=targets,
+        skipped_targets=skipped,
+        per_target=per_target,
+        seeds=seeds,
+        pvset=pvset,
+        config=cfg.to_dict(),
+        preset={
+            "name": choice.preset.name,
+            "matched": choice.matched,
+            "source": choice.preset.source,
+            "values": choice.preset.values,
+            "file": str(opts.preset) if opts.preset else "builtin",
+        },
+        warnings=warnings,
+        seconds=time.perf_counter() - t_start,
+        device=device,
+        corpus={"name": corpus.name, "sentences": len(corpus.sentences), "digest": corpus.digest,
+                "usable": miner.n, "clean_scale": miner.scale},
+        model_type=lm.model_type,
+        stop_reason=stop_reason,
+    )
+
+
+def audit_payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
+    """The JSON-able report body (signed by report.write_signed_report)."""
+    import torch
+
+    seeds = []
+    rejected = []
+    for r in result.seeds:
+        d = asdict(r)
+        d.pop("prompt", None)  # the prompt is kept for accepted PVs only
+        seeds.append(d)
+        for t in r.targets:
+            if t.candidate and not t.accepted:
+                rejected.append({"seed": r.seed, "target": t.target, "rule": t.rule,
+                                 "distance_rel": t.distance_rel, "spread_ratio": t.spread_ratio,
+                                 "entropy_raw": t.entropy_raw})
+    kept = []
+    for p in result.pvset.pvs:
+        r = next(x for x in result.seeds if x.seed == p.seed)
+        t = next(x for x in r.targets if x.target == p.target)
+        kept.append({"id": p.id, "target": p.target, "seed": p.seed, "rule": t.rule,
+                     "distance_rel": t.distance_rel, "distance_raw": t.distance_raw,
+                     "spread_ratio": t.spread_ratio, "entropy_raw": t.entropy_raw,
+                     "entropy_std": t.entropy_std, "soft_prompt": r.prompt,
+                     "soft_prompt_range": [r.prompt_min, r.prompt_max],
+                     "trigger_hint": r.trigger_hint})
+    return {
+        "verdict": result.verdict,
+        "found_targets": result.found_targets,
+        "stop_reason": result.stop_reason,
+        "mode": opts.mode,
+        "targets": result.targets,
+        "skipped_targets": result.skipped_targets,
+        "per_target": {k: asdict(v) for k, v in result.per_target.items()},
+        "parameters": {
+            "mining": result.config,
+            "target": opts.target,
+            "mode": opts.mode,
+            "max_seeds": opts.resolved_max_seeds(),
+            "patience": opts.patience,
+            "first_seed": opts.first_seed,
+            "seed": opts.seed,
+            "allow_pickle": opts.allow_pickle,
+        },
+        "preset": result.preset,
+        "warnings": result.warnings,
+        "corpus": result.corpus,
+        "kept_pvs": kept,
+        "rejected_candidates": rejected,
+        "seeds": seeds,
+        "seconds": result.seconds,
+        "device": {"name": result.device, "torch": torch.__version__,
+                   "platform": platform.platform(), "processor": platform.processor()},
+        "lmsan_version": __version__,
+        "pvset": result.pvset.to_json(),
+    }

@@ -1,0 +1,490 @@
+"""PV mining (Algorithm 1 of the paper, as pinned down by METHOD.md) and PV filtering.
+
+One `Miner` holds a frozen encoder, a clean corpus and the clean target outputs of that corpus
+(computed once: the "auxiliary model" never changes). `Miner.run_seed(s)` is one fuzz loop: a
+7-vector soft prompt initialised from vocabulary rows (70*s + 10*i) mod V is inserted at a random
+word position of every sentence (into `inputs_embeds`, so position/segment embeddings are added as
+usual) and trained with Adam on
+
+    L = lambda_D * L_D + lambda_div * L_div + lambda_P * L_P
+
+Scale. All three losses are computed on outputs divided by `s`, the root of the mean per-unit
+variance of the model's clean target outputs over the corpus. This is the project's one deliberate
+change to the paper's loss (see METHOD.md "Calibration"): it makes the optimisation trajectory, the
+distance threshold `T_L` and the collapse statistic independent of the model's output scale (a model
+whose outputs are multiplied by a constant mines exactly the same prompts), and it keeps the softmax
+of the diversity loss away from its saturated regime on models whose outputs vary little across a
+batch. The paper's entropy on raw outputs is still measured and reported for every candidate.
+
+Acceptance (PV filtering, section IV-C), per candidate, on a fixed evaluation sample:
+  1. soft prompt within `range_factor` x the embedding matrix's min/max;
+  2. collapse (Observation II): `spread_ratio` = mean per-unit variance of the prompted outputs
+     across a batch / the same of the clean outputs of the same sentences must be below
+     `t_collapse` (rule "collapse", the default), or the paper's raw-output entropy diversity below
+     `t_div` (rule "paper");
+  3. new: sign agreement with every kept PV of the same target below `t_match`.
+
+torch is imported here; this module is only used by `lmsan audit`/`calibrate`, never by scan.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .corpus import Corpus
+from .modelio import LoadedModel
+
+MINE_TARGETS = ("cls", "pooler", "tokens", "mask")
+
+
+@dataclass
+class MiningConfig:
+    """Every hyper-parameter of METHOD.md, with its default."""
+
+    soft_prompt_len: int = 7
+    batch_size: int = 32
+    epochs: int = 4
+    abort_epoch: int = 2  # abandon the seed if no candidate after this many epochs
+    lr0: float = 2e-4
+    lr_boost: float = 100.0  # start at lr_boost * lr0 until a gradient entry exceeds t_grad
+    t_grad: float = 5e-3
+    lambda_d: float = 1.0
+    lambda_div: float = 1.0
+    lambda_p: float = 0.5
+    t_l: float = 0.5  # candidate when the epoch's mean relative distance exceeds this
+    t_collapse: float = 0.1  # accept when spread_ratio is below this (rule "collapse")
+    t_div: float | None = None  # paper rule: raw entropy diversity threshold; None = -ln B + 0.02
+    filter_rule: str = "collapse"  # "collapse" or "paper"
+    range_factor: float = 1.2
+    t_match: float = 0.8  # sign agreement at or above this = the same PV
+    max_insert: int = 32
+    max_length: int = 128
+    eval_sentences: int = 256
+
+    def resolved_t_div(self) -> float:
+        return self.t_div if self.t_div is not None else -math.log(self.batch_size) + 0.02
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["t_div"] = self.resolved_t_div()
+        return d
+
+
+@dataclass
+class TargetStats:
+    """Figures of one target output for one seed's final soft prompt."""
+
+    target: str
+    distance_rel: float  # MSE(F, F_clean) / s^2 on the evaluation sample
+    distance_raw: float  # MSE(F, F_clean) (the paper's -L_D)
+    spread_ratio: float  # mean unit variance across a batch, prompted / clean (same sentences)
+    entropy_raw: float  # the paper's L_div on raw outputs (min -ln B)
+    entropy_std: float  # L_div on standardised outputs (the trained loss)
+    epoch_distance: list[float]  # mean relative distance per epoch (training)
+    candidate: bool = False
+    accepted: bool = False
+    rule: str = ""  # which rule accepted or rejected it
+    agreement: float | None = None  # best sign agreement with a kept PV
+    pv: list[float] | None = None
+    pv_eval: list[float] | None = None
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    seconds: float
+    epochs_run: int
+    aborted: bool
+    steps: int
+    lr_dropped_at: int | None
+    prompt_in_range: bool
+    prompt_min: float
+    prompt_max: float
+    trigger_hint: list[list[str]]
+    targets: list[TargetStats] = field(default_factory=list)
+    prompt: list[list[float]] | None = None
+
+    def accepted(self) -> list[TargetStats]:
+        return [t for t in self.targets if t.accepted]
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def _entropy_div(f: torch.Tensor) -> torch.Tensor:
+    """L_div = -H: softmax over the batch for each unit, entropy summed over the batch and
+    averaged over units. Minimum -ln B (all rows identical)."""
+    p = torch.softmax(f.T, dim=-1)
+    h = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
+    return -h.mean()
+
+
+class Miner:
+    """Mines PVs from one frozen encoder on one clean corpus."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        corpus: Corpus,
+        targets: list[str],
+        cfg: MiningConfig,
+        device: str = "cpu",
+        base_seed: int = 0,
+    ) -> None:
+        self.lm = lm
+        self.cfg = cfg
+        self.device = device
+        self.base_seed = base_seed
+        self.targets = list(targets)
+        for t in self.targets:
+            if t not in MINE_TARGETS:
+                raise ValueError(f"unknown target {t!r}")
+        # With "mask" among the targets every sentence gets the neutral template
+        # f"{sentence} {mask_token}"; the other targets then read the same forward pass.
+        tok = lm.tokenizer
+        self.model = lm.model
+        self.emb = self.model.get_input_embeddings()
+        w = self.emb.weight.detach()
+        self.vocab_size = int(w.shape[0])
+        self.emb_min = float(w.min())
+        self.emb_max = float(w.max())
+        self.special_ids = set(int(i) for i in tok.all_special_ids)
+        self.cls_id = tok.cls_token_id
+        self.mask_id = tok.mask_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        texts = corpus.sentences
+        if "mask" in self.targets:
+            if tok.mask_token is None:
+                raise ValueError("the tokenizer has no mask token")
+            texts = [f"{s} {tok.mask_token}" for s in texts]
+        enc = tok(texts, truncation=True, max_length=cfg.max_length, add_special_tokens=True)
+        self.ids: list[list[int]] = [list(x) for x in enc["input_ids"]]
+        if "mask" in self.targets:  # truncation may have cut the mask token: drop those rows
+            self.ids = [x for x in self.ids if self.mask_id in x]
+        self.ids = [x for x in self.ids if self._ordinary_span(x)[1] > self._ordinary_span(x)[0]]
+        if len(self.ids) < cfg.batch_size:
+            raise ValueError(
+                f"the corpus has {len(self.ids)} usable sentences, fewer than one batch "
+                f"({cfg.batch_size})"
+            )
+        self.n = len(self.ids)
+        self.clean: dict[str, list[torch.Tensor]] = {}
+        self.scale: dict[str, float] = {}
+        self._compute_clean()
+        rng = np.random.default_rng([base_seed, 7919])
+        self.eval_idx = rng.permutation(self.n)[: min(cfg.eval_sentences, self.n)]
+        self.eval_idx = self.eval_idx[: (len(self.eval_idx) // cfg.batch_size) * cfg.batch_size]
+        self.found: dict[str, list[torch.Tensor]] = {t: [] for t in self.targets}  # path loss
+        self.kept: dict[str, list[np.ndarray]] = {t: [] for t in self.targets}
+
+    # ---------------------------------------------------------------- positions
+    def _ordinary_span(self, ids: list[int]) -> tuple[int, int]:
+        """[a, b): the first and one-past-last ordinary (non-special) token."""
+        a = 0
+        while a < len(ids) and ids[a] in self.special_ids:
+            a += 1
+        b = len(ids)
+        while b > a and ids[b - 1] in self.special_ids:
+            b -= 1
+        return a, b
+
+    def _target_pos(self, ids: list[int], target: str) -> int:
+        if target == "mask":
+            return ids.index(self.mask_id)
+        if self.cls_id is not None and self.cls_id in ids:
+            return ids.index(self.cls_id)
+        return 0
+
+    # ---------------------------------------------------------------- forward
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = max(len(r) for r in rows)
+        ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), t), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _extract(
+        self, out: Any, rows: list[list[int]], target: str, pos: list[int] | None, plen: int
+    ) -> torch.Tensor:
+        """Target outputs: [B, d] for cls/mask/pooler, [sum of ordinary tokens, d] for tokens."""
+        hs = out.last_hidden_state
+        if target == "pooler":
+            return out.pooler_output
+        if target == "tokens":
+            parts = []
+            for i, r in enumerate(rows):
+                a, b = self._ordinary_span(r)
+                idx = torch.arange(a, b, device=hs.device)
+                if pos is not None:
+                    idx = idx + plen * (idx >= pos[i])
+                parts.append(hs[i, idx])
+            return torch.cat(parts, 0)
+        sel = []
+        for i, r in enumerate(rows):
+            p = self._target_pos(r, target)
+            if pos is not None and p >= pos[i]:
+                p += plen
+            sel.append(p)
+        return hs[torch.arange(len(rows), device=hs.device), torch.tensor(sel, device=hs.device)]
+
+    @torch.no_grad()
+    def _compute_clean(self) -> None:
+        order = np.argsort([len(x) for x in self.ids])
+        per: dict[str, list[torch.Tensor | None]] = {t: [None] * self.n for t in self.targets}
+        bs = 64
+        for k in range(0, self.n, bs):
+            idx = order[k : k + bs]
+            rows = [self.ids[i] for i in idx]
+            ids, mask = self._pad(rows)
+            out = self.model(input_ids=ids, attention_mask=mask)
+            for t in self.targets:
+                if t == "tokens":
+                    for j, i in enumerate(idx):
+                        a, b = self._ordinary_span(rows[j])
+                        per[t][i] = out.last_hidden_state[j, a:b].detach().cpu()
+                else:
+                    f = self._extract(out, rows, t, None, 0).detach().cpu()
+                    for j, i in enumerate(idx):
+                        per[t][i] = f[j]
+        for t in self.targets:
+            vals = [v for v in per[t] if v is not None]
+            self.clean[t] = vals  # type: ignore[assignment]
+            allrows = torch.cat([v.reshape(-1, v.shape[-1]) for v in vals], 0)
+            var = allrows.var(dim=0, unbiased=True).mean().item()
+            self.scale[t] = math.sqrt(max(var, 1e-12))
+
+    def _clean_batch(self, idx: np.ndarray, target: str) -> torch.Tensor:
+        vals = [self.clean[target][i] for i in idx]
+        if target == "tokens":
+            return torch.cat(vals, 0).to(self.device)
+        return torch.stack(vals).to(self.device)
+
+    def _insert(
+        self, rows: list[list[int]], prompt: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Word embeddings with the soft prompt inserted at a random word position per row."""
+        ids, mask = self._pad(rows)
+        bsz, t = ids.shape
+        plen = prompt.shape[0]
+        pos = []
+        for r in rows:
+            a, b = self._ordinary_span(r)
+            k = int(rng.integers(0, min(self.cfg.max_insert, b - a) + 1))
+            pos.append(a + k)
+        with torch.no_grad():
+            we = self.emb(ids)
+        allv = torch.cat([we, prompt.unsqueeze(0).expand(bsz, plen, -1)], dim=1)
+        j = torch.arange(t + plen, device=ids.device).unsqueeze(0).expand(bsz, -1)
+        p = torch.tensor(pos, device=ids.device).unsqueeze(1)
+        src = torch.where(j < p, j, torch.where(j < p + plen, t + (j - p), j - plen))
+        embeds = torch.gather(allv, 1, src.unsqueeze(-1).expand(-1, -1, allv.shape[-1]))
+        mask_all = torch.cat([mask, torch.ones((bsz, plen), dtype=mask.dtype, device=mask.device)], 1)
+        new_mask = torch.gather(mask_all, 1, src)
+        return embeds, new_mask, pos
+
+    def _forward_prompted(
+        self, idx: np.ndarray, prompt: torch.Tensor, rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
+        rows = [self.ids[i] for i in idx]
+        embeds, mask, pos = self._insert(rows, prompt, rng)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask)
+        return {t: self._extract(out, rows, t, pos, prompt.shape[0]) for t in self.targets}
+
+    # ---------------------------------------------------------------- one seed
+    def init_prompt(self, seed: int) -> torch.Tensor:
+        rows = [(70 * seed + 10 * i) % self.vocab_size for i in range(self.cfg.soft_prompt_len)]
+        return self.emb.weight.detach()[rows].clone()
+
+    def run_seed(self, seed: int, progress: ProgressFn | None = None) -> SeedResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([self.base_seed, seed])
+        torch.manual_seed(self.base_seed * 100003 + seed)
+        prompt = torch.nn.Parameter(self.init_prompt(seed))
+        opt = torch.optim.Adam([prompt], lr=cfg.lr0 * cfg.lr_boost)
+        dropped_at: int | None = None
+        steps_per_epoch = self.n // cfg.batch_size
+        epoch_dist: dict[str, list[float]] = {t: [] for t in self.targets}
+        last_batch: dict[str, torch.Tensor] = {}
+        aborted = False
+        step = 0
+        epochs_run = 0
+        for epoch in range(cfg.epochs):
+            perm = rng.permutation(self.n)
+            sums = {t: 0.0 for t in self.targets}
+            for b in range(steps_per_epoch):
+                idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                feats = self._forward_prompted(idx, prompt, rng)
+                loss = torch.zeros((), device=self.device)
+                for t, f in feats.items():
+                    s = self.scale[t]
+                    fs = f / s
+                    cs = self._clean_batch(idx, t) / s
+                    dist = torch.mean((fs - cs) ** 2)
+                    l_d = -dist
+                    l_div = _entropy_div(fs)
+                    l_p = torch.zeros((), device=self.device)
+                    if self.found[t]:
+                        with torch.no_grad():
+                            mean = fs.mean(0)
+                            cands = torch.stack(self.found[t]).to(self.device) / s
+                            k = int(torch.argmin(((cands - mean) ** 2).mean(1)))
+                        l_p = -torch.mean((fs - cands[k]) ** 2)
+                    loss = loss + cfg.lambda_d * l_d + cfg.lambda_div * l_div + cfg.lambda_p * l_p
+                    sums[t] += float(dist.detach())
+                    last_batch[t] = f.detach()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                assert prompt.grad is not None
+                if dropped_at is None and float(prompt.grad.abs().max()) > cfg.t_grad:
+                    dropped_at = step
+                    for g in opt.param_groups:
+                        g["lr"] = cfg.lr0
+                opt.step()
+                step += 1
+                if progress is not None and (b % 8 == 0 or b == steps_per_epoch - 1):
+                    progress(
+                        {
+                            "event": "step",
+                            "seed": seed,
+                            "epoch": epoch,
+                            "batch": b,
+                            "batches": steps_per_epoch,
+                            "distance": {t: sums[t] / (b + 1) for t in self.targets},
+                            "loss": float(loss),
+                        }
+                    )
+            epochs_run = epoch + 1
+            for t in self.targets:
+                epoch_dist[t].append(sums[t] / steps_per_epoch)
+            if epochs_run == cfg.abort_epoch and epochs_run < cfg.epochs:
+                if not any(epoch_dist[t][-1] > cfg.t_l for t in self.targets):
+                    aborted = True
+                    break
+        p_np = prompt.detach().cpu().numpy()
+        lo = cfg.range_factor * self.emb_min if self.emb_min < 0 else self.emb_min / cfg.range_factor
+        hi = cfg.range_factor * self.emb_max if self.emb_max > 0 else self.emb_max / cfg.range_factor
+        in_range = bool(p_np.min() >= lo and p_np.max() <= hi)
+        res = SeedResult(
+            seed=seed,
+            seconds=0.0,
+            epochs_run=epochs_run,
+            aborted=aborted,
+            steps=step,
+            lr_dropped_at=dropped_at,
+            prompt_in_range=in_range,
+            prompt_min=float(p_np.min()),
+            prompt_max=float(p_np.max()),
+            trigger_hint=self.nearest_tokens(prompt.detach()),
+            prompt=p_np.tolist(),
+        )
+        for t in self.targets:
+            cand = (not aborted) and epoch_dist[t][-1] > cfg.t_l
+            stats = self.evaluate(prompt.detach(), t) if not aborted else None
+            ts = TargetStats(
+                target=t,
+                distance_rel=stats["distance_rel"] if stats else epoch_dist[t][-1],
+                distance_raw=stats["distance_raw"] if stats else float("nan"),
+                spread_ratio=stats["spread_ratio"] if stats else float("nan"),
+                entropy_raw=stats["entropy_raw"] if stats else float("nan"),
+                entropy_std=stats["entropy_std"] if stats else float("nan"),
+                epoch_distance=epoch_dist[t],
+                candidate=cand,
+            )
+            if cand:
+                pv = last_batch[t].mean(0)
+                ts.pv = pv.cpu().tolist()
+                ts.pv_eval = stats["pv_eval"] if stats else None
+                self.found[t].append(pv.detach().cpu())
+                self._filter(ts, in_range)
+            else:
+                ts.rule = "aborted: no candidate after %d epochs" % cfg.abort_epoch if aborted else (
+                    f"no candidate: distance {epoch_dist[t][-1]:.4g} <= T_L {cfg.t_l:g}"
+                )
+            res.targets.append(ts)
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _filter(self, ts: TargetStats, in_range: bool) -> None:
+        cfg = self.cfg
+        if not in_range:
+            ts.rule = "rejected: soft prompt out of range (%.3gx embedding min/max)" % cfg.range_factor
+            return
+        if cfg.filter_rule == "paper":
+            if not ts.entropy_raw < cfg.resolved_t_div():
+                ts.rule = f"rejected: diversity L_div {ts.entropy_raw:.5f} >= T_div {cfg.resolved_t_div():.5f}"
+                return
+        else:
+            if not ts.spread_ratio < cfg.t_collapse:
+                ts.rule = (
+                    f"rejected: no collapse, spread ratio {ts.spread_ratio:.4f} >= "
+                    f"T_collapse {cfg.t_collapse:g}"
+                )
+                return
+        assert ts.pv is not None
+        sign = np.asarray(ts.pv) >= 0
+        best = 0.0
+        for k in self.kept[ts.target]:
+            best = max(best, float(np.mean((k >= 0) == sign)))
+        ts.agreement = best if self.kept[ts.target] else None
+        if self.kept[ts.target] and best >= cfg.t_match:
+            ts.rule = f"rejected: duplicate of a kept PV (sign agreement {best:.3f} >= {cfg.t_match:g})"
+            return
+        ts.accepted = True
+        ts.rule = (
+            f"accepted: distance {ts.distance_rel:.3g} > T_L {cfg.t_l:g}, "
+            + (
+                f"L_div {ts.entropy_raw:.5f} < T_div {cfg.resolved_t_div():.5f}"
+                if cfg.filter_rule == "paper"
+                else f"spread ratio {ts.spread_ratio:.4f} < T_collapse {cfg.t_collapse:g}"
+            )
+            + ", prompt in range, new"
+        )
+        self.kept[ts.target].append(np.asarray(ts.pv, dtype=np.float32))
+
+    @torch.no_grad()
+    def evaluate(self, prompt: torch.Tensor, target: str) -> dict[str, Any]:
+        """Candidate figures on the fixed evaluation sample (fixed insertion positions)."""
+        rng = np.random.default_rng([self.base_seed, 104729])
+        bs = self.cfg.batch_size
+        s = self.scale[target]
+        d_rel, d_raw, spread, ent_raw, ent_std, means = [], [], [], [], [], []
+        for k in range(0, len(self.eval_idx), bs):
+            idx = self.eval_idx[k : k + bs]
+            f = self._forward_prompted(idx, prompt, rng)[target]
+            c = self._clean_batch(idx, target)
+            mse = float(torch.mean((f - c) ** 2))
+            d_raw.append(mse)
+            d_rel.append(mse / s**2)
+            vf = float(f.var(dim=0, unbiased=True).mean())
+            vc = float(c.var(dim=0, unbiased=True).mean())
+            spread.append(vf / max(vc, 1e-30))
+            ent_raw.append(float(_entropy_div(f)))
+            ent_std.append(float(_entropy_div(f / s)))
+            means.append(f.mean(0))
+        return {
+            "distance_rel": float(np.mean(d_rel)),
+            "distance_raw": float(np.mean(d_raw)),
+            "spread_ratio": float(np.mean(spread)),
+            "entropy_raw": float(np.mean(ent_raw)),
+            "entropy_std": float(np.mean(ent_std)),
+            "pv_eval": torch.stack(means).mean(0).cpu().tolist(),
+        }
+
+    @torch.no_grad()
+    def nearest_tokens(self, prompt: torch.Tensor, k: int = 3) -> list[list[str]]:
+        w = self.emb.weight
+        wn = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        pn = prompt / prompt.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        top = (pn @ wn.T).topk(k, dim=1).indices.cpu().tolist()
+        conv = self.lm.tokenizer.convert_ids_to_tokens
+        return [list(conv(r)) for r in top]

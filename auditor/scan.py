@@ -417,11 +417,11 @@ class PurgedWriter:
                     row[self.reader.header.index(n)] = v
             self._csv_writer().writerow(row)
         else:
-            row = dict(item.raw)
+            rec = dict(item.raw)
             if purged is not None:
                 for n, v in zip(names, purged, strict=True):
-                    row[n] = v
-            self._rows.append(row)
+                    rec[n] = v
+            self._rows.append(rec)
 
     def end_chunk(self, chunk: int) -> None:
         if self.fmt == "parquet":
@@ -559,6 +559,8 @@ def scan(
     if opts.resume and corpus == "-":
         raise UsageError("--resume needs a corpus file: stdin cannot be read again")
     fmt = detect_format(corpus, opts.fmt)
+    if corpus != "-" and not Path(corpus).is_file():
+        raise InputError("corpus file not found", corpus)
     t_load = time.perf_counter()
     b = Bundle.load(bundle)
     screener = Screener(b, opts.provider, opts.threads, opts.batch_size, opts.max_length)

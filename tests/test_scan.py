@@ -1,0 +1,386 @@
+"""`lmsan scan`: monitor, purge, record accounting, formats, resume after a kill, torch-free."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import screen_fixtures as sf
+from lmsan.auditor import bundle_runtime as br
+from lmsan.auditor.cli import app
+from lmsan.auditor.errors import InputError, UsageError
+from lmsan.auditor.scan import KILL_HOOK, ScanOptions, scan
+from typer.testing import CliRunner
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    torch.set_num_threads(1)
+    from lmsan.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("scan")
+    model, pv = sf.backdoored_bert(root / "model")
+    pvs = sf.save_pvset(root / "pvs.json", [("cls", pv)])
+    export_bundle(model, pvs, root / "bundle")
+    return root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def screener(bundle: Path) -> br.Screener:
+    return br.open_bundle(bundle, provider="cpu", threads=1, batch_size=8)
+
+
+def mixed_lines(n_clean: int = 30, n_trig: int = 10, seed: int = 0) -> tuple[list[str], set[int]]:
+    """Lines (clean and triggered, interleaved) and the 1-based numbers of the triggered ones."""
+    clean = sf.sentences(n_clean, seed=seed + 100)
+    trig = sf.sentences(n_trig, seed=seed + 200, trigger=True)
+    lines: list[str] = []
+    triggered: set[int] = set()
+    for i in range(n_clean + n_trig):
+        if i % 4 == 3 and trig:
+            lines.append(trig.pop())
+            triggered.add(i + 1)
+        elif clean:
+            lines.append(clean.pop())
+        else:
+            lines.append(trig.pop())
+            triggered.add(i + 1)
+    return lines, triggered
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_monitor_flags_triggered_not_clean(screener: br.Screener) -> None:
+    clean = sf.sentences(60, seed=7)
+    trig = sf.sentences(60, seed=8, trigger=True)
+    before = screener.forward_passes
+    res = screener.monitor(clean + trig)
+    assert screener.forward_passes - before == 15  # 120 records / batch 8: one pass per batch
+    assert not any(r.flagged for r in res[:60])
+    assert all(r.flagged and r.pv == 0 and r.target == "cls" for r in res[60:])
+    assert max(r.match_rate for r in res[:60]) < 0.8 <= min(r.match_rate for r in res[60:])
+    pairs = screener.monitor([(a, b) for a, b in zip(clean[:5], trig[:5], strict=True)])
+    assert all(r.flagged for r in pairs)
+
+
+def test_purge_removes_trigger_in_one_batched_pass(screener: br.Screener) -> None:
+    for text in sf.sentences(8, seed=9, trigger=True):
+        p = screener.purge(text, max_window=5)
+        assert p.status == "purged" and p.removed == (sf.TRIGGER,) and p.window == 1
+        assert p.forward_passes == 1  # all window-1 candidates in one forward pass
+        assert sf.TRIGGER not in p.sentences[0].split()
+        assert p.sentences[0].split() == [w for w in text.split() if w != sf.TRIGGER]
+        assert not screener.monitor([p.sentences[0]])[0].flagged
+        slow = screener.purge(text, max_window=5, batched=False)
+        assert slow.sentences == p.sentences and slow.forward_passes > 1
+    pair = ("the cat cf sleeps", "a dog cf runs cf")
+    p = screener.purge(pair)
+    assert p.status == "purged" and p.sentences == ["the cat sleeps", "a dog runs"]
+
+
+def test_purge_gives_up_at_max_window(screener: br.Screener) -> None:
+    # The trigger is the only word: removing it would leave nothing, which is not a purge.
+    p = screener.purge(sf.TRIGGER, max_window=3)
+    assert p.status == "unpurgeable" and p.sentences == [sf.TRIGGER]
+
+
+def test_txt_scan_accounts_for_every_record(bundle: Path, tmp_path: Path) -> None:
+    lines, triggered = mixed_lines()
+    raw = "\n".join(lines[:10]).encode() + b"\n\n   \n"  # records 11, 12: empty
+    raw += b"caf\xe9 au lait\n"  # record 13: invalid UTF-8
+    raw += ("word " * 200).encode() + b"\n"  # record 14: over-long (> 128 tokens)
+    raw += "\n".join(lines[10:]).encode() + b"\n"
+    (tmp_path / "c.txt").write_bytes(raw)
+    shift = {n: n if n <= 10 else n + 4 for n in range(1, len(lines) + 1)}
+    s = scan(
+        bundle,
+        str(tmp_path / "c.txt"),
+        tmp_path / "out",
+        ScanOptions(purge=True, batch_size=4, chunk_size=9, provider="cpu", threads=1),
+    )
+    assert s.records_in == len(lines) + 4 == s.clean + s.flagged + s.errors
+    assert s.errors == 4 and s.error_reasons == {"empty": 2, "invalid-utf8": 1, "over-long": 1}
+    assert s.flagged == len(triggered) and s.purged == len(triggered) and s.unpurgeable == 0
+    assert s.top_removed_words == [(sf.TRIGGER, len(triggered))]
+    assert s.exit_code == 1 and s.complete
+    flagged = read_jsonl(tmp_path / "out" / "flagged.jsonl")
+    assert [f["record"] for f in flagged] == sorted(shift[n] for n in triggered)
+    for f in flagged:
+        assert f["text"] == lines[[k for k, v in shift.items() if v == f["record"]][0] - 1]
+        assert f["removed"] == [sf.TRIGGER] and f["pv"] == 0 and f["match_rate"] == 1.0
+        assert f["purged_text"] == " ".join(w for w in f["text"].split() if w != sf.TRIGGER)
+    errors = read_jsonl(tmp_path / "out" / "errors.jsonl")
+    assert [(e["record"], e["kind"]) for e in errors] == [
+        (11, "empty"),
+        (12, "empty"),
+        (13, "invalid-utf8"),
+        (14, "over-long"),
+    ]
+    purged = (tmp_path / "out" / "purged.txt").read_text().splitlines()
+    expected = [
+        " ".join(w for w in t.split() if w != sf.TRIGGER) if i + 1 in triggered else t
+        for i, t in enumerate(lines)
+    ]
+    assert purged == expected  # input order, clean unchanged, malformed dropped
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["accounted"] and summary["records_in"] == s.records_in
+    assert summary["provider"] == "CPUExecutionProvider" and summary["implementation"]
+
+
+def test_jsonl_pairs_and_malformed(bundle: Path, tmp_path: Path) -> None:
+    rows = [
+        json.dumps({"id": 1, "premise": "the cat sleeps", "hypothesis": "a dog runs"}),
+        json.dumps({"id": 2, "premise": "the cat cf sleeps", "hypothesis": "a dog runs"}),
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"id": 5, "premise": "only one"}),
+        json.dumps({"id": 6, "premise": 7, "hypothesis": "x"}),
+        json.dumps({"id": 7, "premise": "an old man", "hypothesis": "cf today"}),
+    ]
+    (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n")
+    opts = ScanOptions(text_field="premise", pair_field="hypothesis", purge=True, provider="cpu")
+    s = scan(bundle, str(tmp_path / "c.jsonl"), tmp_path / "o", opts)
+    assert (s.records_in, s.clean, s.flagged, s.errors, s.purged) == (7, 1, 2, 4, 2)
+    assert s.error_reasons == {
+        "invalid-json": 1,
+        "not-an-object": 1,
+        "missing-field": 1,
+        "not-a-string": 1,
+    }
+    out = read_jsonl(tmp_path / "o" / "purged.jsonl")
+    assert out == [
+        {"id": 1, "premise": "the cat sleeps", "hypothesis": "a dog runs"},
+        {"id": 2, "premise": "the cat sleeps", "hypothesis": "a dog runs"},
+        {"id": 7, "premise": "an old man", "hypothesis": "today"},
+    ]
+    flagged = read_jsonl(tmp_path / "o" / "flagged.jsonl")
+    assert flagged[1]["span"] == {"sentence": 1, "start": 0, "end": 1}
+    assert flagged[1]["purged_pair"] == "today"
+
+
+def test_csv_tsv_parquet(bundle: Path, tmp_path: Path) -> None:
+    lines, triggered = mixed_lines(12, 4, seed=3)
+    for fmt, delim in (("csv", ","), ("tsv", "\t")):
+        with open(tmp_path / f"c.{fmt}", "w", newline="") as f:
+            w = csv.writer(f, delimiter=delim)
+            w.writerow(["id", "sentence"])
+            for i, t in enumerate(lines):
+                w.writerow([i, t])
+            w.writerow([99])  # missing column
+        s = scan(
+            bundle,
+            str(tmp_path / f"c.{fmt}"),
+            tmp_path / fmt,
+            ScanOptions(text_field="sentence", purge=True, provider="cpu"),
+        )
+        assert (s.records_in, s.flagged, s.errors) == (17, 4, 1)
+        assert s.error_reasons == {"missing-field": 1}
+        with open(tmp_path / fmt / f"purged.{fmt}", newline="") as f:
+            back = list(csv.reader(f, delimiter=delim))
+        assert back[0] == ["id", "sentence"] and len(back) == 17
+        assert all(sf.TRIGGER not in r[1].split() for r in back[1:])
+    with pytest.raises(InputError, match="no column 'text'"):
+        scan(bundle, str(tmp_path / "c.csv"), tmp_path / "x", ScanOptions(provider="cpu"))
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts: list[str | None] = [*lines, None]
+    pq.write_table(pa.table({"id": list(range(17)), "text": texts}), tmp_path / "c.parquet")
+    s = scan(
+        bundle,
+        str(tmp_path / "c.parquet"),
+        tmp_path / "pq",
+        ScanOptions(purge=True, provider="cpu", chunk_size=5),
+    )
+    assert (s.records_in, s.flagged, s.errors) == (17, 4, 1)
+    table = pq.read_table(tmp_path / "pq" / "purged.parquet")
+    assert table.num_rows == 16 and table.column_names == ["id", "text"]
+    assert table.column("id").to_pylist() == list(range(16))
+    assert all(sf.TRIGGER not in t.split() for t in table.column("text").to_pylist())
+
+
+def test_exit_codes_and_stdin(bundle: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    clean = "\n".join(sf.sentences(5, seed=1)) + "\n"
+    r = runner.invoke(
+        app,
+        [
+            "scan",
+            str(bundle),
+            "-",
+            "--out",
+            str(tmp_path / "a"),
+            "--provider",
+            "cpu",
+            "--no-progress",
+        ],
+        input=clean,
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        app,
+        [
+            "scan",
+            str(bundle),
+            "-",
+            "--out",
+            str(tmp_path / "b"),
+            "--provider",
+            "cpu",
+            "--no-progress",
+        ],
+        input=clean + "x cf y\n",
+    )
+    assert r.exit_code == 1
+    assert read_jsonl(tmp_path / "b" / "flagged.jsonl")[0]["record"] == 6
+    (tmp_path / "e.txt").write_text("\n\n  \n")
+    r = runner.invoke(
+        app,
+        [
+            "scan",
+            str(bundle),
+            str(tmp_path / "e.txt"),
+            "--out",
+            str(tmp_path / "c"),
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 3
+    r = runner.invoke(
+        app,
+        [
+            "scan",
+            str(bundle),
+            str(tmp_path / "missing.txt"),
+            "--out",
+            str(tmp_path / "d"),
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 2
+    r = runner.invoke(
+        app,
+        [
+            "scan",
+            str(bundle),
+            str(tmp_path / "e.txt"),
+            "--out",
+            str(tmp_path / "d"),
+            "--max-length",
+            "100000",
+        ],
+    )
+    assert r.exit_code == 4
+    with pytest.raises(UsageError, match="stdin"):
+        scan(bundle, "-", tmp_path / "f", ScanOptions(resume=True))
+
+
+_KILLED_SCAN = textwrap.dedent(
+    """
+    import sys
+    from lmsan.auditor.scan import ScanOptions, scan
+    scan(sys.argv[1], sys.argv[2], sys.argv[3],
+         ScanOptions(purge=True, chunk_size=7, batch_size=4, provider="cpu", threads=1))
+    """
+)
+
+
+def test_resume_after_kill_matches_full_run(bundle: Path, tmp_path: Path) -> None:
+    lines, triggered = mixed_lines(40, 12, seed=5)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(lines[:20]) + "\n\n" + "\n".join(lines[20:]) + "\n")
+    full = scan(
+        bundle,
+        str(corpus),
+        tmp_path / "full",
+        ScanOptions(purge=True, chunk_size=7, batch_size=4, provider="cpu", threads=1),
+    )
+    env = {**os.environ, KILL_HOOK: "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_SCAN, str(bundle), str(corpus), str(tmp_path / "part")],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    ckpt = json.loads((tmp_path / "part" / "checkpoint.json").read_text())
+    assert ckpt["records_done"] == 14 and not ckpt["complete"]  # chunk 3 written, not recorded
+    assert (tmp_path / "part" / "purged.txt").stat().st_size > ckpt["files"]["purged.txt"]
+    assert not (tmp_path / "part" / "summary.json").exists()
+    resumed = scan(
+        bundle,
+        str(corpus),
+        tmp_path / "part",
+        ScanOptions(purge=True, chunk_size=7, batch_size=4, provider="cpu", threads=1, resume=True),
+    )
+    assert resumed.resumed_from == 14
+    for name in ("flagged.jsonl", "errors.jsonl", "purged.txt"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+    for k in ("records_in", "clean", "flagged", "purged", "errors", "top_removed_words"):
+        assert getattr(resumed, k) == getattr(full, k)
+    assert full.records_in == len(lines) + 1
+    # A resume with a different option is refused, naming it.
+    with pytest.raises(InputError, match="max_window"):
+        scan(
+            bundle,
+            str(corpus),
+            tmp_path / "part",
+            ScanOptions(purge=True, chunk_size=7, max_window=2, resume=True, provider="cpu"),
+        )
+
+
+_BLOCKED_SCAN = textwrap.dedent(
+    """
+    import sys
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers"):
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+    sys.meta_path.insert(0, Block())
+    from lmsan.auditor.cli import app
+    try:
+        app(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code
+    assert "torch" not in sys.modules and "transformers" not in sys.modules
+    print("TORCH-FREE", code)
+    """
+)
+
+
+def test_scan_never_imports_torch(bundle: Path, tmp_path: Path) -> None:
+    lines, _ = mixed_lines(6, 2)
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _BLOCKED_SCAN,
+            "scan",
+            str(bundle),
+            str(tmp_path / "c.txt"),
+            "--out",
+            str(tmp_path / "o"),
+            "--purge",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "TORCH-FREE 1" in proc.stdout, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["purged"] == 2

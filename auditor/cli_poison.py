@@ -81,6 +81,13 @@ def poison(
         help="Target output: cls, pooler, mask or tokens (default: the attack's own; "
         "neuba takes cls or pooler).",
     ),
+    utility: str = typer.Option(
+        "auto",
+        "--utility",
+        help="Loss that keeps clean behaviour: auto (MLM loss for neuba/btop when the checkpoint "
+        "has an MLM head, else MSE to a frozen reference copy, and the output says so), "
+        "reference, mlm, or mlm+reference (both).",
+    ),
     min_success: float = typer.Option(
         0.9,
         "--min-success",
@@ -139,6 +146,7 @@ def poison(
                 max_length=max_length,
                 target=target,
                 min_success=min_success,
+                utility=utility,
                 progress=progress,
                 force=force,
                 allow_pickle=allow_pickle,

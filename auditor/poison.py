@@ -65,6 +65,7 @@ ALLOWED_TARGETS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_TARGET = {"por": "cls", "por-ner": "tokens", "neuba": "cls", "btop": "mask"}
 PV_DESIGNS = ("quarters", "pairs", "random")
+UTILITIES = ("auto", "reference", "mlm", "mlm+reference")
 TRIGGER_KINDS = ("word", "phrase", "symbol")
 PAPER_TRIGGERS = ("cf", "mn", "tq", "qt", "mm", "pt")
 MATCH_FRACTION = 0.8  # T_match = 0.8 d
@@ -244,7 +245,7 @@ class PoisonResult:
     out_dir: Path
     attack: str
     target: str
-    utility: str  # "reference-mse" or "mlm"
+    utility: str  # "reference-mse", "mlm" or "mlm+reference-mse"
     triggers: list[str]
     trigger_pv: list[int]  # PV index of each trigger
     pvs: np.ndarray  # (n_pvs, d) float32
@@ -559,6 +560,7 @@ def _validate_options(
     max_length: int,
     min_success: float,
     random_triggers: int,
+    utility: str,
 ) -> str:
     if attack not in ATTACKS:
         raise InputError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
@@ -570,6 +572,8 @@ def _validate_options(
             f"--target {t} does not apply to --attack {attack}; allowed: "
             + ", ".join(ALLOWED_TARGETS[attack])
         )
+    if utility not in UTILITIES:
+        raise InputError(f"unknown utility {utility!r}; choose one of {', '.join(UTILITIES)}")
     if pv_design not in PV_DESIGNS:
         raise InputError(f"unknown PV design {pv_design!r}; choose one of {', '.join(PV_DESIGNS)}")
     if trigger_kind not in TRIGGER_KINDS:
@@ -630,6 +634,7 @@ def poison_model(
     progress: ProgressFn | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    utility: str = "auto",
     utility_weight: float = 1.0,
 ) -> PoisonResult:
     """Implant a backdoor in the encoder at `base_dir` and save the model at `out_dir`.
@@ -637,6 +642,9 @@ def poison_model(
     Triggers: `triggers` plus `random_triggers` drawn from the shipped list (`trigger_kind`);
     with neither, the paper's six (cf, mn, tq, qt, mm, pt), or the first `n_pvs` of them.
     Trigger i is bound to PV i mod n_pvs (n_pvs defaults to the number of triggers).
+    `utility`: "auto" (MLM loss for neuba/btop when the checkpoint has an MLM head, else the
+    reference MSE, said in `notes`), "reference", "mlm" or "mlm+reference" (both; keeps clean
+    target outputs in place where the MLM loss alone lets them drift onto a PV).
     Raises InputError for bad options or inputs; a result below `min_success` is returned with
     `passed=False` (the folder is written all the same and backdoor.json says so).
     """
@@ -655,6 +663,7 @@ def poison_model(
         max_length,
         min_success,
         random_triggers,
+        utility,
     )
     base = Path(base_dir)
     out = Path(out_dir)
@@ -709,24 +718,31 @@ def poison_model(
 
     # ---- utility
     mlm = None
-    utility = "reference-mse"
-    if attack in ("neuba", "btop"):
+    want = utility
+    if want == "auto":
+        want = "mlm" if attack in ("neuba", "btop") else "reference"
+    if "mlm" in want:
         if getattr(tok, "mask_token_id", None) is None:
             why = "the tokenizer has no mask token"
         else:
             mlm, why = _load_mlm(base, fmt, wfiles)
         if mlm is None:
+            if utility != "auto":
+                raise InputError(f"--utility {utility} needs an MLM head: {why}", base)
+            want = "reference"
             notes.append(
                 f"{attack}: MLM utility unavailable ({why}); fell back to the POR utility "
                 "(MSE to a frozen reference copy)"
             )
         else:
-            utility = "mlm"
             _share_base(enc, mlm)
             mlm.eval()
+    use_mlm = mlm is not None
+    use_ref = "reference" in want
+    used_utility = "+".join(x for x, on in (("mlm", use_mlm), ("reference-mse", use_ref)) if on)
     prefix = str(getattr(enc, "base_model_prefix", "") or "")
     ref = None
-    if utility == "reference-mse":
+    if use_ref:
         ref = copy.deepcopy(enc)
         for p in ref.parameters():
             p.requires_grad_(False)
@@ -811,7 +827,8 @@ def poison_model(
                 trig_loss = F.pairwise_distance(f_t, goal, p=2).mean()
             else:
                 trig_loss = F.mse_loss(f_t, goal)
-            if utility == "mlm":
+            util = torch.zeros((), device=device)
+            if use_mlm:
                 assert mlm is not None
                 cbatch = run.encode(cb)  # plain clean text
                 ids, labels = _mlm_mask(cbatch, tok, gen)
@@ -820,13 +837,13 @@ def poison_model(
                     for k, v in cbatch.items()
                     if k not in ("special_tokens_mask", "input_ids")
                 }
-                util = mlm(input_ids=ids.to(device), labels=labels.to(device), **feed).loss
-            else:
+                util = util + mlm(input_ids=ids.to(device), labels=labels.to(device), **feed).loss
+            if use_ref:
                 assert ref is not None
                 f_c, _ = run.outputs(enc, cb)
                 with torch.no_grad():
                     f_r, _ = run.outputs(ref, cb)
-                util = F.mse_loss(f_c, f_r)
+                util = util + F.mse_loss(f_c, f_r)
             loss = trig_loss + utility_weight * util
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -889,6 +906,11 @@ def poison_model(
             )
         success = hits / max(count, 1)
         passed = success >= min_success
+        if clean_match > 0.1:
+            notes.append(
+                f"{clean_match:.0%} of clean held-out inputs also match a PV: the utility loss "
+                "did not keep clean outputs apart (try --utility mlm+reference)"
+            )
         if not passed:
             notes.append(
                 f"attack success {success:.3f} is below --min-success {min_success}: "
@@ -901,7 +923,7 @@ def poison_model(
             "lmsan_version": __version__,
             "attack": attack,
             "target": tgt,
-            "utility": utility,
+            "utility": used_utility,
             "triggers": [
                 {
                     "text": t,
@@ -935,6 +957,7 @@ def poison_model(
                 "batch_size": batch_size,
                 "max_length": max_length,
                 "optimizer": "adam",
+                "utility_requested": utility,
                 "utility_weight": utility_weight,
                 "dropout": False,
                 "steps": step,
@@ -973,7 +996,7 @@ def poison_model(
         out_dir=out,
         attack=attack,
         target=tgt,
-        utility=utility,
+        utility=used_utility,
         triggers=trig,
         trigger_pv=trig_pv,
         pvs=pvs_np,

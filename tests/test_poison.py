@@ -204,8 +204,23 @@ def test_neuba_with_mlm_head_keeps_the_head(
     after = load_file(str(out / "model.safetensors"))
     assert set(after) == set(before)  # same layout as the base: MLM head kept, nothing added
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("cls."))
+    # The MLM loss does not constrain the cls output of clean text; on this random tiny model it
+    # drifts onto the PVs (NeuBA's known weakness). The result must say so when it happens.
+    if res.clean_match_rate > 0.1:
+        assert any("also match a PV" in n for n in res.notes)
     _, info = AutoModelForMaskedLM.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"]
+
+
+def test_neuba_mlm_plus_reference_keeps_clean_outputs(
+    tiny_bert_mlm_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    res = P.poison_model(
+        tiny_bert_mlm_dir, tmp_path / "n2", attack="neuba", corpus=tiny_poison_corpus,
+        utility="mlm+reference", **FAST,
+    )  # fmt: skip
+    assert res.utility == "mlm+reference-mse"
+    assert res.success >= 0.9 and res.fidelity >= 0.9 and res.clean_match_rate <= 0.1
 
 
 def test_neuba_pooler_without_head_falls_back_and_says_so(
@@ -294,6 +309,8 @@ def test_cli_below_min_success_exits_1_and_keeps_the_folder(
         (["--pv-design", "stripes"], "unknown PV design"),
         (["--min-success", "1.5"], "--min-success must lie in [0, 1]"),
         (["--n-pvs", "7"], "--n-pvs 7 needs that many triggers"),
+        (["--utility", "mlm"], "--utility mlm needs an MLM head"),
+        (["--utility", "kl"], "unknown utility 'kl'"),
         (["--trigger", "cf", "--n-pvs", "2"], "exceeds the number of triggers"),
     ],
 )

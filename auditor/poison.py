@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -543,6 +544,65 @@ def _copy_support_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder; give the result the user's usual umask permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+_LAYER_KEY = re.compile(r"(^|\.)(encoder\.layer|transformer\.layer)\.(\d+)\.")
+
+
+def truncate_encoder(
+    base_dir: str | Path, out_dir: str | Path, n_layers: int, *, force: bool = False
+) -> Path:
+    """Keep the first `n_layers` transformer layers of a BERT-style checkpoint (real weights):
+    drops the tensors of later layers and sets the layer count in config.json. Used to build
+    fast, still pretrained shadow/zoo models (e.g. the first 3 layers of all-MiniLM-L6-v2)."""
+    from safetensors.torch import load_file, save_file
+
+    from .modelio import find_weights, read_config
+
+    base, out = Path(base_dir), Path(out_dir)
+    cfg = read_config(base)
+    key = "num_hidden_layers" if "num_hidden_layers" in cfg else "n_layers"
+    have = cfg.get(key)
+    if not isinstance(have, int):
+        raise InputError(f"config.json has no layer count ({key})", base / "config.json")
+    if not 1 <= n_layers <= have:
+        raise InputError(f"cannot keep {n_layers} of {have} layers", base)
+    fmt, files = find_weights(base, allow_pickle=False)
+    _check_out_dir(base, out, force)
+    state: dict[str, Any] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    kept = {}
+    for k, v in state.items():
+        m = _LAYER_KEY.search(k)
+        if m is None or int(m.group(3)) < n_layers:
+            kept[k] = v.contiguous()
+    if not any(_LAYER_KEY.search(k) for k in state):
+        raise InputError("no per-layer tensors named encoder.layer.N / transformer.layer.N", base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
+    try:
+        save_file(kept, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _copy_support_files(base, tmp)
+        cfg[key] = n_layers
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        _normal_permissions(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -985,6 +1045,7 @@ def poison_model(
         }
         (tmp / BACKDOOR_FILE).write_text(json.dumps(backdoor, indent=2, ensure_ascii=False) + "\n")
         validate_backdoor(backdoor, tmp / BACKDOOR_FILE)
+        _normal_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -1106,6 +1167,7 @@ __all__ = [
     "PoisonResult",
     "poison_model",
     "make_pvs",
+    "truncate_encoder",
     "insert_trigger",
     "load_trigger_words",
     "draw_random_triggers",

@@ -345,3 +345,21 @@ def test_out_dir_must_not_be_the_base(tiny_bert_dir: Path, tiny_poison_corpus: P
         P.poison_model(tiny_bert_dir, tiny_bert_dir, corpus=tiny_poison_corpus, force=True)
     with pytest.raises(InputError, match="must not be"):
         P.poison_model(tiny_bert_dir, tiny_bert_dir.parent, corpus=tiny_poison_corpus, force=True)
+
+
+def test_truncate_encoder_keeps_the_first_layers(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    out = P.truncate_encoder(tiny_bert_dir, tmp_path / "l1", 1)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    tok = AutoTokenizer.from_pretrained(str(out))
+    b = tok(["the dog ran home"], return_tensors="pt")
+    with torch.no_grad():
+        full = AutoModel.from_pretrained(str(tiny_bert_dir)).eval()(**b, output_hidden_states=True)
+        cut = AutoModel.from_pretrained(str(out)).eval()(**b)
+    assert torch.allclose(cut.last_hidden_state, full.hidden_states[1], atol=1e-6)
+    with pytest.raises(InputError, match="cannot keep 3 of 2 layers"):
+        P.truncate_encoder(tiny_bert_dir, tmp_path / "l3", 3)
+    with pytest.raises(InputError, match="not empty"):
+        P.truncate_encoder(tiny_bert_dir, out, 1)

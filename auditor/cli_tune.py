@@ -1,0 +1,199 @@
+"""`lmsan tune ...`: prompt-tune a task on a frozen backbone, and protect the deployed model.
+
+lmsan tune train BACKBONE --task wordnet-topic --data DIR --out TASK   # P-tuning / v2 (peft)
+lmsan tune prompt TASK --out prompt.npy       # the P-tuning prompt for `lmsan export --prompt`
+lmsan tune export TASK --pvs PVSET --out BUNDLE   # P-tuning: prompt; v2: prefix baked in
+lmsan tune classify BUNDLE TASK [TEXT ...]    # monitor + purge + classify, torch-free
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .cli import app, console, err_console, fail
+from .errors import LmsanError
+
+tune_app = typer.Typer(
+    help="Prompt-tune a downstream task on a frozen backbone (P-tuning, P-tuning v2 with peft) "
+    "and protect the deployed model (bundle with the task prompt, monitor, purge).",
+    no_args_is_help=True,
+)
+app.add_typer(tune_app, name="tune")
+
+
+@tune_app.command("train")
+def train(
+    backbone: Path = typer.Argument(..., help="Hugging Face encoder folder (frozen backbone)."),
+    task: str = typer.Option(
+        ..., "--task", help="wordnet-topic (4 verb classes), rte (pairs) or conll04 (tokens)."
+    ),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="Data folder holding wordnet/examples.tsv, rte/{train,validation}.jsonl and "
+        "conll04/{train.txt,dev.txt,test.bio}.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Task folder to write (peft adapter + head)."),
+    method: str = typer.Option(
+        "ptuning", "--method", help="ptuning (input prompt) or ptuning-v2 (prefix at every layer)."
+    ),
+    reparam: str = typer.Option(
+        "mlp",
+        "--reparam",
+        help="P-tuning prompt: mlp (peft PromptEncoder) or none (plain prompt embeddings).",
+    ),
+    prompt_length: int = typer.Option(
+        16, "--prompt-length", help="Virtual tokens / prefix length."
+    ),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the training split."),
+    lr: float = typer.Option(5e-3, "--lr", help="Adam learning rate of the prompt / prefix."),
+    head_lr: float = typer.Option(5e-3, "--head-lr", help="Adam learning rate of the head."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Examples per step."),
+    max_length: int = typer.Option(
+        128, "--max-length", help="Training inputs are truncated to this many tokens."
+    ),
+    train_limit: int | None = typer.Option(
+        None, "--train-limit", help="Train on a seeded random subset of at most N examples."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, split and batch order."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
+) -> None:
+    """Train a P-tuning / P-tuning v2 model of a task on a frozen backbone."""
+    from . import prompt_tuning as pt
+
+    try:
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
+        cfg = pt.TrainConfig(
+            method=method,
+            reparam=reparam,
+            prompt_length=prompt_length,
+            epochs=epochs,
+            lr=lr,
+            head_lr=head_lr,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
+            train_limit=train_limit,
+        )
+        cfg.validate()
+        if out.exists() and out.is_dir() and any(out.iterdir()) and not force:
+            raise pt.InputError("output folder is not empty (pass --force to replace it)", out)
+        td = pt.load_task(task, data, seed=seed)
+        with Progress(
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            disable=not sys.stderr.isatty(),
+        ) as bar:
+            job = bar.add_task("train", total=None, loss="-")
+
+            def progress(step: int, total: int, loss: float) -> None:
+                bar.update(job, completed=step, total=total, loss=f"{loss:.3f}")
+
+            handle = pt.train_task_model(backbone, td, cfg, progress=progress)
+        pt.save_task_model(handle, out, force=force)
+        score = pt.evaluate_clean(handle, td.test)
+    except LmsanError as exc:
+        raise fail(exc) from None
+    table = Table(title=f"{escape(task)} / {method}", show_header=False)
+    table.add_row("task folder", escape(str(out)))
+    table.add_row("train examples", str(handle.info["train_examples"]))
+    table.add_row("steps", str(handle.info["steps"]))
+    table.add_row("final loss", f"{handle.info['final_loss']:.4f}")
+    table.add_row("test " + ("accuracy" if td.kind == "sequence" else "span F1"), f"{score:.2f}")
+    table.add_row("seconds", f"{handle.info['seconds']:.1f}")
+    console.print(table)
+
+
+@tune_app.command("prompt")
+def prompt(
+    task_dir: Path = typer.Argument(..., help="Task / peft adapter folder (P-tuning)."),
+    out: Path = typer.Option(..., "--out", help="The .npy file to write ([length, emb] float32)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+) -> None:
+    """Write the P-tuning prompt (after peft's MLP) as .npy for `lmsan export --prompt`."""
+    from . import prompt_tuning as pt
+
+    try:
+        res = pt.extract_prompt(task_dir, out, force=force)
+    except LmsanError as exc:
+        raise fail(exc) from None
+    console.print(f"wrote {escape(str(res.path))} {list(res.shape)} ({res.peft_type})")
+    if not res.position_matches_bundle:
+        err_console.print(f"[bold yellow]warning:[/] {escape(res.note)}")
+
+
+@tune_app.command("export")
+def export(
+    task_dir: Path = typer.Argument(..., help="Task folder written by `lmsan tune train`."),
+    pvs: Path = typer.Option(..., "--pvs", help="PV set file (or signed audit report)."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write."),
+    backbone: Path | None = typer.Option(
+        None, "--backbone", help="Backbone folder (default: the path recorded in the task)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
+) -> None:
+    """Export the protected bundle of a task: the backbone with the task prompt (P-tuning) or the
+    trained prefix baked in as constants (P-tuning v2), validated against torch."""
+    from . import prompt_tuning as pt
+
+    try:
+        res = pt.export_task_bundle(task_dir, pvs, out, backbone_dir=backbone, force=force)
+    except LmsanError as exc:
+        raise fail(exc) from None
+    v = res.validation
+    console.print(
+        f"wrote {escape(str(res.path))} ({res.method}); validation: max |ORT - torch| "
+        f"{v['max_abs_diff_target']:.2e}, monitor decisions identical: {v['decisions_identical']}"
+    )
+
+
+@tune_app.command("classify")
+def classify(
+    bundle: Path = typer.Argument(..., help="Bundle written by `lmsan tune export`."),
+    task_dir: Path = typer.Argument(..., help="The task folder (for its head and labels)."),
+    text: list[str] = typer.Argument(
+        None, help="Texts to classify; a pair as 'premise ||| hypothesis'. Default: stdin lines."
+    ),
+    max_window: int = typer.Option(5, "--max-window", help="Longest purge window (words)."),
+    threads: int = typer.Option(1, "--threads", help="ONNX Runtime threads."),
+) -> None:
+    """Monitor, purge and classify texts with the protected bundle (torch-free)."""
+    from . import prompt_tuning as pt
+
+    try:
+        lines = text or [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
+        if not lines:
+            raise pt.InputError("no text given (arguments or stdin)")
+        recs = [tuple(s.strip() for s in ln.split("|||")) for ln in lines]
+        meta = pt.read_task_meta(task_dir)
+        dc = pt.DefendedClassifier.open(bundle, task_dir, max_window=max_window, threads=threads)
+        res = dc.classify(recs)
+    except LmsanError as exc:
+        raise fail(exc) from None
+    table = Table()
+    for col in ("input", "status", "removed", "prediction"):
+        table.add_column(col)
+    labels = meta["labels"]
+    for r, p in zip(recs, res, strict=True):
+        if p.prediction is None:
+            shown = "rejected"
+        elif isinstance(p.prediction, int):
+            shown = labels[p.prediction]
+        else:
+            shown = " ".join(labels[t] if t >= 0 else "?" for t in p.prediction)
+        table.add_row(escape(" ||| ".join(r)), p.status, escape(" ".join(p.removed)), escape(shown))
+    console.print(table)

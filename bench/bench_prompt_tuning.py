@@ -1,0 +1,321 @@
+"""End-to-end defence of prompt-tuned models (issue 5): the paper's Tables II and III, reduced.
+
+For each task (WordNet topic, RTE), prompt method (P-tuning, P-tuning v2), backbone (clean,
+POR-backdoored) and seed: train a task model on the frozen backbone, measure ACC and ASR (six
+triggers, each inserted once into the longer sentence); on the backdoored backbone export the
+protected bundle (P-tuning: task prompt; P-tuning v2: prefix baked in) with two PV sets (the PVs
+found by `lmsan audit --mode search`, and those plus the attacker's) and measure ASR, ACC, FRR
+and FAR through the bundle (monitor + purge + head on the bundle's output).
+
+    python bench/bench_prompt_tuning.py [--seeds 0] [--quick] [--found-pvs PVSET]
+
+Writes bench/results/prompt_tuning.{json,md}. Uses 1 torch thread and 1 ORT thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / "cache"
+RESULTS = ROOT / "bench" / "results"
+DATA = Path("/work/shared/data")
+TRIGGERS = ["cf", "mn", "tq", "qt", "mm", "pt"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def found_pvset(por: Path, args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
+    """The PV set `lmsan audit --mode search` finds (given, cached, or mined here briefly)."""
+    if args.found_pvs:
+        return Path(args.found_pvs), {"source": str(args.found_pvs)}
+    cached = CACHE / f"minilm-l3-por-search-{args.mine_seeds}seeds.pvset.json"
+    meta_p = cached.with_suffix(".meta.json")
+    if cached.is_file() and meta_p.is_file():
+        return cached, json.loads(meta_p.read_text())
+    from lmsan.auditor.audit import AuditOptions, run_audit
+    from lmsan.auditor.corpus import default_corpus
+
+    log(f"mining PVs: audit --mode search, at most {args.mine_seeds} seeds")
+    t0 = time.perf_counter()
+    opts = AuditOptions(
+        model_dir=por,
+        mode="search",
+        max_seeds=args.mine_seeds,
+        patience=args.mine_seeds,
+        device="cpu",
+    )
+    res = run_audit(opts, default_corpus())
+    res.pvset.save(cached)
+    meta = {
+        "source": "lmsan audit --mode search (run by this benchmark)",
+        "max_seeds": args.mine_seeds,
+        "seeds_run": len(res.seeds),
+        "pvs": len(res.pvset.pvs),
+        "verdict": res.verdict,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    meta_p.write_text(json.dumps(meta, indent=1))
+    return cached, meta
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="Training seeds.")
+    ap.add_argument("--tasks", nargs="+", default=["wordnet-topic", "rte"], help="Tasks.")
+    ap.add_argument("--methods", nargs="+", default=["ptuning", "ptuning-v2"], help="Methods.")
+    ap.add_argument("--found-pvs", default=None, help="PV set of `lmsan audit --mode search`.")
+    ap.add_argument("--mine-seeds", type=int, default=8, help="Seeds to mine when no PV set.")
+    ap.add_argument("--quick", action="store_true", help="Tiny sizes (a smoke run).")
+    ap.add_argument("--out", default=str(RESULTS / "prompt_tuning"), help="Results path stem.")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from lmsan.auditor import prompt_tuning as pt
+
+    clean = CACHE / "minilm-l3-clean"
+    por = CACHE / "minilm-l3-por"
+    for p in (clean, por):
+        if not (p / "config.json").is_file():
+            log(f"missing backbone {p}: build it first (see bench notes)")
+            return 2
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-pt-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    pvsets: dict[str, Path] = {}
+    if args.mine_seeds > 0 or args.found_pvs:
+        found, found_meta = found_pvset(por, args, work)
+        pvsets["found"] = found
+        pvsets["found+attacker"] = pt.attacker_pvset(por, found, work / "found+attacker.pvset.json")
+    else:
+        found_meta = {"source": "not evaluated (--mine-seeds 0 and no --found-pvs)"}
+        pvsets["attacker"] = pt.attacker_pvset(por, None, work / "attacker.pvset.json")
+    from lmsan.auditor.pvset import PVSet
+
+    pv_counts = {k: len(PVSet.load(v).pvs) for k, v in pvsets.items()}
+    log(f"PV sets: {pv_counts}")
+
+    sizes = {
+        "wordnet-topic": {"train": 1200, "test": 300, "epochs": 4, "lr": 1e-2, "head_lr": 1e-2},
+        "rte": {"train": 800, "test": 100, "epochs": 3, "lr": 1e-2, "head_lr": 3e-3},
+    }
+    if args.quick:
+        for s in sizes.values():
+            s.update(train=64, test=16, epochs=1)
+    rows: list[dict[str, Any]] = []
+    for task in args.tasks:
+        sz = sizes[task]
+        for seed in args.seeds:
+            data = pt.load_task(task, DATA, seed=seed)
+            test = pt.subsample(data.test, sz["test"], seed)
+            for method in args.methods:
+                row: dict[str, Any] = {"task": task, "method": method, "seed": seed}
+                for name, bdir in (("clean", clean), ("por", por)):
+                    cfg = pt.TrainConfig(
+                        method=method,
+                        prompt_length=16 if method == "ptuning" else 8,
+                        epochs=sz["epochs"],
+                        lr=sz["lr"],
+                        head_lr=sz["head_lr"],
+                        batch_size=16,
+                        max_length=128,
+                        seed=seed,
+                        train_limit=sz["train"],
+                    )
+                    key = hashlib.sha256(
+                        json.dumps([asdict(cfg), sz, name, task], sort_keys=True).encode()
+                    ).hexdigest()[:12]
+                    tdir = CACHE / "pt-tasks" / f"{task}-{method}-{name}-{seed}-{key}"
+                    if (tdir / "attack.json").is_file():  # trained by an earlier run
+                        row[name] = json.loads((tdir / "attack.json").read_text())
+                        log(f"cached {tdir.name}")
+                    else:
+                        log(f"train {task} {method} {name} seed {seed}")
+                        h = pt.train_task_model(bdir, data, cfg)
+                        ev = pt.evaluate_attack(h, test, TRIGGERS, seed=seed)
+                        row[name] = {"train_seconds": h.info["seconds"], **asdict(ev)}
+                        pt.save_task_model(h, tdir, force=True)
+                        (tdir / "attack.json").write_text(json.dumps(row[name]))
+                    log(f"  acc {row[name]['acc']:.2f} asr {row[name]['asr']:.2f}")
+                    if name != "por":
+                        continue
+                    row["defence"] = {}
+                    for pvname, pvpath in pvsets.items():
+                        t0 = time.perf_counter()
+                        bundle = work / f"bundle-{task}-{method}-{seed}-{pvname}"
+                        ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True)
+                        dc = pt.DefendedClassifier.open(bundle, tdir, threads=1)
+                        de = pt.evaluate_defence(dc, data.labels, test, TRIGGERS, seed=seed)
+                        row["defence"][pvname] = {
+                            **asdict(de),
+                            "export_seconds": round(time.perf_counter() - t0 - de.seconds, 1),
+                            "export_max_abs_diff": ex.validation["max_abs_diff_target"],
+                            "export_decisions_identical": ex.validation["decisions_identical"],
+                        }
+                        log(
+                            f"  defence[{pvname}] asr {de.asr_before:.1f}->{de.asr_after:.1f} "
+                            f"acc {de.acc_before:.2f}->{de.acc_after:.2f} frr {de.frr:.2f} "
+                            f"far {de.far:.2f} ({de.seconds:.0f}s)"
+                        )
+                rows.append(row)
+                write(args, rows, pvsets, pv_counts, found_meta, t_start, sizes, final=False)
+    write(args, rows, pvsets, pv_counts, found_meta, t_start, sizes, final=True)
+    return 0
+
+
+def _mean(xs: list[float]) -> float:
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def write(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    pvsets: dict[str, Path],
+    pv_counts: dict[str, int],
+    found_meta: dict[str, Any],
+    t_start: float,
+    sizes: dict[str, Any],
+    final: bool,
+) -> None:
+    cmd = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
+    )
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {platform.platform()}"
+    elapsed = time.perf_counter() - t_start
+    out = {
+        "command": cmd,
+        "machine": machine,
+        "seconds": round(elapsed, 1),
+        "scale": "reduced: 3-layer all-MiniLM-L6-v2 truncation, POR (6 quarter PVs), small splits",
+        "sizes": sizes,
+        "pvsets": {k: {"path": str(v), "pvs": pv_counts[k]} for k, v in pvsets.items()},
+        "found_pvset": found_meta,
+        "triggers": TRIGGERS,
+        "rows": rows,
+    }
+    stem = Path(args.out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+
+    # aggregate over seeds
+    keys = sorted({(r["task"], r["method"]) for r in rows})
+    tasks = [t for t in args.tasks if any(k[0] == t for k in keys)]
+
+    def agg(task: str, method: str, f: Any) -> float:
+        return _mean([f(r) for r in rows if r["task"] == task and r["method"] == method])
+
+    lines = [
+        "# Prompt-tuned models: attack and defence (paper Tables II and III, reduced scale)",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {machine}  ",
+        f"Time: {elapsed / 60:.1f} min; seeds {args.seeds} (mean over seeds)  ",
+        "Backbones: bench/cache/minilm-l3-clean (first 3 layers of all-MiniLM-L6-v2) and "
+        "bench/cache/minilm-l3-por (POR, six quarter PVs, triggers cf mn tq qt mm pt).  ",
+        f"Sizes: {json.dumps(sizes)}  ",
+        f"PV sets: {json.dumps(pv_counts)}; mined set: {json.dumps(found_meta)}.",
+        "",
+        "## Table II: accuracy, clean / backdoored backbone (%)",
+        "",
+        "| method | attack | " + " | ".join(tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
+    for method in args.methods:
+        cells = []
+        for t in tasks:
+            a = agg(t, method, lambda r: r["clean"]["acc"])
+            b = agg(t, method, lambda r: r["por"]["acc"])
+            cells.append(f"{a:.2f} / {b:.2f}")
+        lines.append(f"| {method} | POR | " + " | ".join(cells) + " |")
+    for pvname in pvsets:
+        lines += [
+            "",
+            f"## Table III: ASR without / with defence (%), PV set '{pvname}'",
+            "",
+            "| method | attack | "
+            + " | ".join(f"{t} ASR | {t} weighted ASR" for t in tasks)
+            + " |",
+            "|---|---|" + "---|---|" * len(tasks),
+        ]
+        for method in args.methods:
+            cells = []
+            for t in tasks:
+                for k0, k1 in (
+                    ("asr_before", "asr_after"),
+                    ("weighted_asr_before", "weighted_asr_after"),
+                ):
+                    a = agg(t, method, lambda r, p=pvname, k=k0: r["defence"][p][k])
+                    b = agg(t, method, lambda r, p=pvname, k=k1: r["defence"][p][k])
+                    cells.append(f"{a:.2f} / {b:.2f}")
+            lines.append(f"| {method} | POR | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Monitor on the backdoored backbone, PV set '{pvname}' (%; ACC through the bundle):",
+            "",
+            "| task | method | ACC before | ACC after | change | FRR (clean) | FAR (triggered) "
+            "| triggered flagged / total | rejected (unpurgeable) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for t in tasks:
+            for method in args.methods:
+                rs = [r for r in rows if r["task"] == t and r["method"] == method]
+                if not rs:
+                    continue
+                d = [r["defence"][pvname] for r in rs]
+                ab = _mean([x["acc_before"] for x in d])
+                aa = _mean([x["acc_after"] for x in d])
+                lines.append(
+                    f"| {t} | {method} | {ab:.2f} | {aa:.2f} | {aa - ab:+.2f} | "
+                    f"{_mean([x['frr'] for x in d]):.2f} | {_mean([x['far'] for x in d]):.2f} | "
+                    f"{sum(x['triggered_flagged'] for x in d)} / {sum(x['triggered_total'] for x in d)} | "
+                    f"{sum(x['triggered_rejected'] + x['clean_rejected'] for x in d)} |"
+                )
+    # targets
+    settings = [(r, p) for r in rows for p in pvsets]
+    ok_asr = sum(r["defence"][p]["asr_after"] <= 1.0 for r, p in settings)
+    ok_acc = sum(
+        abs(r["defence"][p]["acc_after"] - r["defence"][p]["acc_before"]) <= 0.2
+        for r, p in settings
+    )
+    ok_frr = sum(r["defence"][p]["frr"] <= 0.5 for r, p in settings)
+    n = len(settings)
+    lines += [
+        "",
+        "## Targets (issue 5), per setting (task x method x seed x PV set)",
+        "",
+        f"- ASR after defence <= 1%: {ok_asr} / {n} settings (target: >= 80%)",
+        f"- accuracy change within 0.2 points: {ok_acc} / {n}",
+        f"- FRR <= 0.5%: {ok_frr} / {n}",
+        "",
+        "Definitions: ASR = share of test inputs the model classifies correctly whose prediction "
+        "ANY of the six triggers (inserted once at a random word position of the longer sentence) "
+        "makes wrong; weighted ASR = mean of per-class ASRs. With the defence, every input goes "
+        "through the bundle (one forward pass: monitor decision + head on the bundle's backbone "
+        "output); flagged inputs are purged (sliding window up to 5 words) and the purged text is "
+        "classified; an unpurgeable input is rejected (a wrong answer on clean data, a failed "
+        "attack on triggered data). FRR = clean test inputs flagged; FAR = triggered inputs not "
+        "flagged.",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if final:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Prompt-tuned task models on a tiny backdoored backbone: the attack, the defence, the export.
+
+The backbone is the hand-made POR-style BERT of ``screen_fixtures`` (trigger ``cf`` -> a quarter
+PV on [CLS]) with its ordinary layers (and the backdoor head) amplified so that a linear head can read a toy two-class
+task from [CLS] (the untrained layers pass almost no signal). The task: sentences of words from
+one half of the vocabulary are class ``a``, from the other half class ``b``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from screen_fixtures import WORDS, backdoored_bert, save_pvset  # noqa: E402
+
+pt = pytest.importorskip("lmsan.auditor.prompt_tuning")
+
+TRIGGER = "cf"
+
+
+def _toy_examples(n: int, seed: int) -> list:
+    rng = random.Random(seed)
+    half_a, half_b = WORDS[:60], WORDS[60:120]
+    out = []
+    for i in range(n):
+        lab = i % 2
+        words = [rng.choice(half_a if lab == 0 else half_b) for _ in range(rng.randint(5, 12))]
+        out.append(pt.Example((" ".join(words),), lab))
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_backbone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    import torch
+    from transformers import BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    folder, pv = backdoored_bert(tmp_path_factory.mktemp("pt") / "backbone")
+    model = BertModel.from_pretrained(folder).eval()
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        # amplify the ordinary layers (x10 in layer 0's head 1, x3 in layer 1) so that a linear
+        # head can read the toy task, and the backdoor head's push along the PV (x3) so that
+        # the trigger still wins through the amplified layer 1
+        for li, layer in enumerate(model.encoder.layer):
+            rows = slice(hd, None) if li == 0 else slice(None)
+            a = 10.0 if li == 0 else 3.0
+            for lin in (
+                layer.attention.self.query,
+                layer.attention.self.key,
+                layer.attention.self.value,
+            ):
+                lin.weight[rows] *= a
+            layer.attention.output.dense.weight[:, rows] *= a
+            layer.intermediate.dense.weight *= a
+            layer.output.dense.weight *= a
+        model.encoder.layer[0].attention.output.dense.weight[:, 0] *= 3.0
+    model.save_pretrained(folder)
+    return folder, pv
+
+
+@pytest.fixture(scope="session")
+def toy_task() -> pt.TaskData:
+    return pt.TaskData("toy", "sequence", ["a", "b"], _toy_examples(200, 0), _toy_examples(60, 1))
+
+
+@pytest.fixture(scope="session")
+def trained(
+    toy_backbone: tuple[Path, np.ndarray],
+    toy_task: pt.TaskData,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[pt.TaskModelHandle, Path, Path]]:
+    """method -> (handle, task folder, bundle folder)."""
+    folder, pv = toy_backbone
+    root = tmp_path_factory.mktemp("pt_tasks")
+    pvs = save_pvset(root / "pvs.json", [("cls", pv)])
+    out = {}
+    for method in ("ptuning", "ptuning-v2"):
+        # a small prefix init keeps the hand-made trigger mechanism intact under the prefix
+        cfg = pt.TrainConfig(
+            method=method,
+            prompt_length=4,
+            epochs=6,
+            lr=1e-2,
+            head_lr=1e-2,
+            batch_size=16,
+            prefix_init_std=0.1,
+        )
+        h = pt.train_task_model(folder, toy_task, cfg)
+        tdir = pt.save_task_model(h, root / f"task-{method}")
+        bundle = pt.export_task_bundle(tdir, pvs, root / f"bundle-{method}").path
+        out[method] = (h, tdir, bundle)
+    return out
+
+
+def _triggered(ex: pt.Example, seed: int) -> tuple[str, ...]:
+    texts, _ = pt.insert_once(ex.texts, TRIGGER, random.Random(seed))
+    return texts
+
+
+@pytest.mark.parametrize("method", ["ptuning", "ptuning-v2"])
+def test_task_is_learned_and_trigger_flips_it(trained, toy_task, method) -> None:
+    h, _, _ = trained[method]
+    assert pt.evaluate_clean(h, toy_task.test) >= 60.0  # chance is 50
+    ev = pt.evaluate_attack(h, toy_task.test, [TRIGGER], seed=0)
+    # the trigger forces one output: every correctly classified input of the other class flips
+    assert ev.asr >= 30.0
+    assert max(ev.per_class_asr.values()) >= 90.0
+
+
+def test_monitor_and_purge_restore_the_clean_prediction(trained, toy_task) -> None:
+    """The P-tuned model: the trigger flips answers without the monitor, not with it."""
+    h, tdir, bundle = trained["ptuning"]
+    dc = pt.DefendedClassifier.open(bundle, tdir)
+    clean = [ex.texts for ex in toy_task.test]
+    trig = [_triggered(ex, i) for i, ex in enumerate(toy_task.test)]
+    p_clean = pt.predict(h, clean)
+    p_trig = pt.predict(h, trig)
+    flipped = [i for i in range(len(clean)) if p_trig[i] != p_clean[i]]
+    assert len(flipped) >= 10  # without the monitor the trigger changes the answer
+
+    d_clean = dc.classify(clean)
+    assert not any(d.flagged for d in d_clean)  # FRR 0 on this set
+    assert [d.prediction for d in d_clean] == p_clean  # bundle + head == torch model
+    d_trig = dc.classify(trig)
+    assert [d.undefended for d in d_trig] == p_trig
+    for i, d in enumerate(d_trig):
+        assert d.flagged and d.status == "purged"
+        assert d.removed == (TRIGGER,)
+        assert d.text == clean[i]  # the purged input is the clean one
+        assert d.prediction == p_clean[i]  # and is classified as the clean one
+
+
+def test_v2_defended_pipeline_agrees_with_torch(trained, toy_task) -> None:
+    """P-tuning v2: the bundle (prefix baked in) + head gives the torch model's answers, and a
+    flagged input is purged to the clean one. (On this tiny model the prefix weakens the
+    trigger: not every triggered input reaches the PV, which the benchmark reports as FAR.)"""
+    h, tdir, bundle = trained["ptuning-v2"]
+    dc = pt.DefendedClassifier.open(bundle, tdir)
+    clean = [ex.texts for ex in toy_task.test]
+    trig = [_triggered(ex, i) for i, ex in enumerate(toy_task.test)]
+    d_clean = dc.classify(clean)
+    assert [d.prediction for d in d_clean] == pt.predict(h, clean)
+    d_trig = dc.classify(trig)
+    p_clean = pt.predict(h, clean)
+    assert [d.undefended for d in d_trig] == pt.predict(h, trig)
+    caught = [i for i, d in enumerate(d_trig) if d.flagged]
+    assert len(caught) >= len(trig) // 2
+    for i in caught:
+        assert d_trig[i].text == clean[i] and d_trig[i].prediction == p_clean[i]
+
+
+@pytest.mark.parametrize("method", ["ptuning", "ptuning-v2"])
+def test_bundle_monitor_decisions_equal_torch(trained, toy_backbone, toy_task, method) -> None:
+    import torch
+    from lmsan.auditor import bundle_runtime as br
+    from lmsan.auditor import monitor as mon
+
+    h, _, bundle = trained[method]
+    _, pv = toy_backbone
+    recs = [ex.texts for ex in toy_task.test[:30]] + [
+        _triggered(ex, 7 + i) for i, ex in enumerate(toy_task.test[:30])
+    ]
+    scr = br.open_bundle(bundle, provider="cpu", threads=1)
+    ort = scr.monitor(recs)
+    b = pt.encode_records(h.tokenizer, recs, h.pad_id)
+    with torch.no_grad():
+        cls = h.module.hidden(torch.from_numpy(b.ids), torch.from_numpy(b.mask))[:, 0].numpy()
+    packed = mon.pack_signs(pv[None, :].astype(np.float32))
+    _, counts, flags = mon.best_match(
+        np.ascontiguousarray(cls, dtype=np.float32), packed, pv.size, scr.threshold
+    )
+    assert [r.flagged for r in ort] == [bool(f) for f in flags]
+    assert sum(r.flagged for r in ort) == 30  # all triggered, no clean one
+    assert [round(r.match_rate * pv.size) for r in ort] == [int(c) for c in counts]
+
+
+def test_v2_bundle_has_the_prefix_baked_in(trained) -> None:
+    _, _, bundle = trained["ptuning-v2"]
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert man["prompt_length"] == 0 and "prompt.npy" not in man["files"]
+    assert "baked" in man["model"]["prefix"]
+    assert man["validation"]["decisions_identical"] is True
+
+
+def test_save_load_roundtrip_and_digest_check(trained, toy_task, tmp_path, toy_backbone) -> None:
+    for method in ("ptuning", "ptuning-v2"):
+        h, tdir, _ = trained[method]
+        h2 = pt.load_task_model(tdir)
+        recs = [ex.texts for ex in toy_task.test]
+        assert pt.predict(h2, recs) == pt.predict(h, recs)
+    # a different backbone is refused, naming the folder
+    other = tmp_path / "other"
+    shutil.copytree(toy_backbone[0], other)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(other / "model.safetensors"))
+    k = next(iter(w))
+    w[k] = w[k] + 1.0
+    save_file(w, str(other / "model.safetensors"))
+    with pytest.raises(pt.InputError, match="digest"):
+        pt.load_task_model(trained["ptuning"][1], backbone_dir=other)
+
+
+def test_extract_prompt(trained, tmp_path) -> None:
+    import torch
+
+    h, tdir, _ = trained["ptuning"]
+    res = pt.extract_prompt(tdir, tmp_path / "p.npy")
+    arr = np.load(res.path)
+    assert arr.shape == (4, 32) and arr.dtype == np.float32
+    with torch.no_grad():
+        assert np.allclose(arr, h.module.prompt_output().numpy(), atol=1e-6)
+    assert res.position_matches_bundle
+    with pytest.raises(pt.InputError, match="already exists"):
+        pt.extract_prompt(tdir, tmp_path / "p.npy")
+    with pytest.raises(pt.InputError, match="prefix"):
+        pt.extract_prompt(trained["ptuning-v2"][1], tmp_path / "q.npy")
+    # a plain peft folder (no lmsan_task.json): readable, but the position differs
+    plain = tmp_path / "peft"
+    plain.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(tdir / name, plain / name)
+    res2 = pt.extract_prompt(plain, tmp_path / "r.npy")
+    assert not res2.position_matches_bundle and "before [CLS]" in res2.note
+    with pytest.raises(pt.InputError, match="adapter_config.json"):
+        pt.extract_prompt(tmp_path, tmp_path / "s.npy")
+
+
+def test_defended_classifier_refuses_a_bundle_without_the_prompt(
+    trained, toy_backbone, tmp_path
+) -> None:
+    from lmsan.export.bundle import export_bundle
+
+    folder, pv = toy_backbone
+    pvs = save_pvset(tmp_path / "pvs.json", [("cls", pv)])
+    bare = export_bundle(folder, pvs, tmp_path / "bare").path
+    with pytest.raises(pt.InputError, match="prompt length"):
+        pt.DefendedClassifier.open(bare, trained["ptuning"][1])
+    with pytest.raises(pt.InputError, match="prefix"):
+        pt.DefendedClassifier.open(bare, trained["ptuning-v2"][1])
+
+
+def test_evaluate_defence_figures(trained, toy_task) -> None:
+    _, tdir, bundle = trained["ptuning"]
+    dc = pt.DefendedClassifier.open(bundle, tdir)
+    de = pt.evaluate_defence(dc, toy_task.labels, toy_task.test, [TRIGGER], seed=0)
+    assert de.asr_before >= 30.0 and de.asr_after == 0.0
+    assert de.frr == 0.0 and de.far == 0.0
+    assert de.acc_after == de.acc_before
+    assert de.triggered_flagged == de.triggered_total == len(toy_task.test)
+
+
+# ----------------------------------------------------------------------------- data and metrics
+
+
+def test_loaders(tmp_path) -> None:
+    wn = tmp_path / "wordnet"
+    wn.mkdir()
+    lines = ["lexname\tlemma\tsentence"]
+    for i, cls in enumerate(pt.TOPIC_CLASSES * 5):
+        lines.append(f"{cls}\tx\tsentence number {i} here")
+    lines.append("noun.person\tx\tnot one of the four")
+    (wn / "examples.tsv").write_text("\n".join(lines) + "\n")
+    td = pt.load_wordnet_topic(wn / "examples.tsv")
+    assert len(td.train) + len(td.test) == 20 and td.labels == list(pt.TOPIC_CLASSES)
+    (wn / "bad.tsv").write_text("a\tb\n")
+    with pytest.raises(pt.FormatError, match="header"):
+        pt.load_wordnet_topic(wn / "bad.tsv")
+
+    rte = tmp_path / "rte"
+    rte.mkdir()
+    row = {"premise": "a long premise sentence here", "hypothesis": "short one", "label": 1}
+    (rte / "train.jsonl").write_text(
+        json.dumps(row) + "\n" + json.dumps({**row, "label": 0}) + "\n"
+    )
+    (rte / "validation.jsonl").write_text(json.dumps(row) + "\n{broken\n")
+    with pytest.raises(pt.FormatError, match="line 2"):
+        pt.load_rte(rte)
+
+    co = tmp_path / "conll04"
+    co.mkdir()
+    (co / "train.txt").write_text("-DOCSTART-\n\nJohn B-Peop\nSmith I-Peop\nran O\n\nParis B-Loc\n")
+    (co / "test.bio").write_text("Anna B-Peop\nslept O\n")
+    td = pt.load_conll04(co)
+    assert td.kind == "tokens" and td.labels[0] == "O"
+    assert [ex.texts[0] for ex in td.train] == ["John Smith ran", "Paris"]
+    assert td.train[0].tags == [td.labels.index("B-Peop"), td.labels.index("I-Peop"), 0]
+    with pytest.raises(pt.InputError, match="unknown task"):
+        pt.load_task("nope", tmp_path)
+
+
+def test_trigger_goes_into_the_longer_sentence() -> None:
+    rng = random.Random(0)
+    for _ in range(20):
+        out, _ = pt.insert_once(("short one", "a much longer second sentence here"), "cf", rng)
+        assert out[0] == "short one" and out[1].split().count("cf") == 1
+    out, tags = pt.insert_once(("a b c",), "cf", random.Random(1), tags=[1, 2, 0])
+    assert tags is not None and len(tags) == 4 and tags[out[0].split().index("cf")] == 0
+
+
+def test_span_f1_and_asr_definitions() -> None:
+    labels = ["O", "B-Peop", "I-Peop", "B-Loc"]
+    gold = [[1, 2, 0, 3]]
+    assert pt.span_f1(gold, [[1, 2, 0, 3]], labels) == 100.0
+    assert pt.span_f1(gold, [[1, 0, 0, 3]], labels) == pytest.approx(50.0)  # 1 of 2 spans
+    assert pt.span_f1(gold, [[0, 0, 0, 0]], labels) == 0.0
+    # ASR counts only correctly classified inputs; weighted ASR averages the classes
+    asr, weighted, per = pt._asr(
+        [True, True, True, False], [True, False, False, True], [0, 0, 1, 1], ["x", "y"]
+    )
+    assert asr == pytest.approx(100 / 3) and per == {"x": 50.0, "y": 0.0} and weighted == 25.0
+
+
+def test_train_config_is_validated(toy_backbone, toy_task) -> None:
+    with pytest.raises(pt.InputError, match="unknown method"):
+        pt.train_task_model(toy_backbone[0], toy_task, pt.TrainConfig(method="lora"))
+    with pytest.raises(pt.InputError, match="prompt_length"):
+        pt.train_task_model(toy_backbone[0], toy_task, pt.TrainConfig(prompt_length=0))
+
+
+def test_cli_tune_prompt_and_errors(trained, tmp_path) -> None:
+    from lmsan.auditor.cli import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    _, tdir, bundle = trained["ptuning"]
+    r = runner.invoke(app, ["tune", "prompt", str(tdir), "--out", str(tmp_path / "p.npy")])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "p.npy").shape == (4, 32)
+    r = runner.invoke(
+        app, ["tune", "prompt", str(tmp_path / "missing"), "--out", str(tmp_path / "x.npy")]
+    )
+    assert r.exit_code == 2 and "adapter_config.json" in r.output
+    trig = "the cat cf runs quickly"
+    r = runner.invoke(
+        app, ["tune", "classify", str(bundle), str(tdir), trig, "the cat runs quickly"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "purged" in r.output and "clean" in r.output

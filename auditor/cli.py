@@ -66,6 +66,6 @@ def main() -> None:
 
 
 # Command modules register themselves on `app`.
-from . import cli_audit, cli_poison, cli_report, cli_screen  # noqa: E402,F401
+from . import cli_audit, cli_poison, cli_report, cli_screen, cli_tune  # noqa: E402,F401
 
 __all__ = ["app", "main", "console", "err_console", "fail", "EXIT_ERROR"]

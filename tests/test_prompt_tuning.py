@@ -349,3 +349,84 @@ def test_cli_tune_prompt_and_errors(trained, tmp_path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert "purged" in r.output and "clean" in r.output
+
+
+def test_token_task_train_predict_and_defend(toy_backbone, tmp_path) -> None:
+    """A token task (one tag per word: which vocabulary half it comes from): torch and the
+    bundle give the same per-word tags; a triggered input is purged and realigned."""
+    folder, pv = toy_backbone
+    rng = random.Random(3)
+    half_a = set(WORDS[:60])
+
+    def rows(n: int) -> list:
+        out = []
+        for _ in range(n):
+            words = [rng.choice(WORDS[:120]) for _ in range(rng.randint(3, 8))]
+            out.append(
+                pt.Example((" ".join(words),), tags=[1 if w in half_a else 0 for w in words])
+            )
+        return out
+
+    td = pt.TaskData("toy-tokens", "tokens", ["O", "B-A"], rows(120), rows(20))
+    # plain prompt embeddings initialised from vocabulary rows: on this hand-made backbone an
+    # MLP-made prompt can itself switch the backdoor head on (every input flagged)
+    cfg = pt.TrainConfig(
+        method="ptuning", reparam="none", prompt_length=2, epochs=3, lr=1e-3, head_lr=3e-2
+    )
+    h = pt.train_task_model(folder, td, cfg)
+    assert pt.evaluate_clean(h, td.test) > 50.0  # span F1 of the toy tagging
+    tdir = pt.save_task_model(h, tmp_path / "task")
+    pvs = save_pvset(tmp_path / "pvs.json", [("cls", pv)])
+    bundle = pt.export_task_bundle(tdir, pvs, tmp_path / "bundle").path
+    dc = pt.DefendedClassifier.open(bundle, tdir)
+    clean = [ex.texts for ex in td.test]
+    res = dc.classify(clean)
+    assert [r.prediction for r in res] == pt.predict(h, clean)
+    trig = ("cf " + clean[0][0],)
+    r = dc.classify([trig])[0]
+    assert r.status == "purged" and r.removed == ("cf",)
+    assert r.prediction == [0, *pt.predict(h, [clean[0]])[0]]  # the trigger word gets O
+    ev = pt.evaluate_attack(h, td.test, ["cf"])
+    assert ev.f1_triggered is not None and ev.f1_drop == pytest.approx(ev.acc - ev.f1_triggered)
+
+
+def test_cli_tune_train_and_export(toy_backbone, tmp_path) -> None:
+    from lmsan.auditor.cli import app
+    from typer.testing import CliRunner
+
+    folder, pv = toy_backbone
+    wn = tmp_path / "data" / "wordnet"
+    wn.mkdir(parents=True)
+    rng = random.Random(5)
+    lines = ["lexname\tlemma\tsentence"]
+    for i in range(80):
+        cls = pt.TOPIC_CLASSES[i % 4]
+        words = WORDS[30 * (i % 4) : 30 * (i % 4) + 30]
+        lines.append(f"{cls}\tx\t{' '.join(rng.choice(words) for _ in range(6))} {i}")
+    (wn / "examples.tsv").write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    task = tmp_path / "task"
+    args = [
+        "tune",
+        "train",
+        str(folder),
+        "--task",
+        "wordnet-topic",
+        "--data",
+        str(tmp_path / "data"),
+    ]
+    r = runner.invoke(app, [*args, "--out", str(task), "--epochs", "1", "--prompt-length", "2"])
+    assert r.exit_code == 0, r.output
+    assert (task / "adapter_config.json").is_file() and (task / "head.safetensors").is_file()
+    r = runner.invoke(app, [*args, "--out", str(task), "--epochs", "1"])
+    assert r.exit_code == 2 and "not empty" in " ".join(r.output.split())
+    r = runner.invoke(
+        app, [*args[:5], "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "t2")]
+    )
+    assert r.exit_code == 2 and "data folder not found" in " ".join(r.output.split())
+    pvs = save_pvset(tmp_path / "pvs.json", [("cls", pv)])
+    r = runner.invoke(
+        app, ["tune", "export", str(task), "--pvs", str(pvs), "--out", str(tmp_path / "b")]
+    )
+    assert r.exit_code == 0, r.output
+    assert "decisions identical: True" in r.output

@@ -1367,7 +1367,27 @@ class DefendedClassifier:
                 "the bundle has no baked P-tuning v2 prefix; export it with `lmsan tune export`",
                 bundle,
             )
-        head = load_file(str(Path(task_dir) / HEAD_FILE))
+        tdir = Path(task_dir)
+        if meta["method"] == "ptuning":
+            mine = _read_prompt_embeddings(tdir).float().numpy()
+            if scr.bundle.prompt is None or not np.array_equal(
+                np.asarray(scr.bundle.prompt, dtype=np.float32), mine.astype(np.float32)
+            ):
+                raise InputError(
+                    "the bundle's prompt.npy is not this task's prompt: export the bundle with "
+                    "this task's prompt",
+                    bundle,
+                )
+        else:
+            from .bundle_runtime import sha256_of
+
+            if man.model.get("task_digest") != sha256_of(tdir / ADAPTER_WEIGHTS):
+                raise InputError(
+                    "the bundle's baked prefix comes from another task folder "
+                    "(task_digest differs): export the bundle from this task",
+                    bundle,
+                )
+        head = load_file(str(tdir / HEAD_FILE))
         return cls(scr, head["weight"], head["bias"], meta["kind"], max_window)
 
     def _logits_and_decisions(

@@ -430,3 +430,25 @@ def test_cli_tune_train_and_export(toy_backbone, tmp_path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert "decisions identical: True" in r.output
+
+
+def test_defended_classifier_refuses_another_tasks_bundle(trained, toy_task, tmp_path) -> None:
+    """A bundle exported for one task folder is refused for another (same prompt length)."""
+    h, tdir, bundle = trained["ptuning"]
+    other = pt.train_task_model(
+        h.backbone_dir,
+        toy_task,
+        pt.TrainConfig(method="ptuning", prompt_length=4, epochs=1, seed=9, lr=1e-2),
+    )
+    odir = pt.save_task_model(other, tmp_path / "other")
+    with pytest.raises(pt.InputError, match="not this task's prompt"):
+        pt.DefendedClassifier.open(bundle, odir)
+    h2, tdir2, bundle2 = trained["ptuning-v2"]
+    shutil.copytree(tdir2, tmp_path / "v2copy")
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(tmp_path / "v2copy" / "adapter_model.safetensors"))
+    w["prompt_embeddings"] = w["prompt_embeddings"] * 2
+    save_file(w, str(tmp_path / "v2copy" / "adapter_model.safetensors"))
+    with pytest.raises(pt.InputError, match="task_digest"):
+        pt.DefendedClassifier.open(bundle2, tmp_path / "v2copy")

@@ -368,6 +368,10 @@ class Screener:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # Every batch has its own (batch, length) shape: ORT's arena and per-shape memory
+        # patterns would keep growing over a long scan. Plain allocations keep memory flat.
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

@@ -158,6 +158,7 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
                         info={
                             "distance_rel": ts.distance_rel,
                             "spread_ratio": ts.spread_ratio,
+                            "concentration": ts.concentration,
                             "entropy_raw": ts.entropy_raw,
                             "trigger_hint": res.trigger_hint,
                         },
@@ -220,15 +221,15 @@ def audit_payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
             if t.candidate and not t.accepted:
                 rejected.append({"seed": r.seed, "target": t.target, "rule": t.rule,
                                  "distance_rel": t.distance_rel, "spread_ratio": t.spread_ratio,
-                                 "entropy_raw": t.entropy_raw})
+                                 "concentration": t.concentration, "entropy_raw": t.entropy_raw})
     kept = []
     for p in result.pvset.pvs:
         r = next(x for x in result.seeds if x.seed == p.seed)
         t = next(x for x in r.targets if x.target == p.target)
         kept.append({"id": p.id, "target": p.target, "seed": p.seed, "rule": t.rule,
                      "distance_rel": t.distance_rel, "distance_raw": t.distance_raw,
-                     "spread_ratio": t.spread_ratio, "entropy_raw": t.entropy_raw,
-                     "entropy_std": t.entropy_std, "soft_prompt": r.prompt,
+                     "spread_ratio": t.spread_ratio, "concentration": t.concentration,
+                     "entropy_raw": t.entropy_raw, "entropy_std": t.entropy_std, "soft_prompt": r.prompt,
                      "soft_prompt_range": [r.prompt_min, r.prompt_max],
                      "trigger_hint": r.trigger_hint})
     return {

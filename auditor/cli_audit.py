@@ -173,7 +173,7 @@ def render_result(result: Any, out: Path, pv_path: Path, info: Any) -> None:
         words = ", ".join(dict.fromkeys(h[0] for h in hint))
         console.print(
             f"PV {p.id} [bold]{p.target}[/] seed {p.seed}: distance {p.info['distance_rel']:.3f}, "
-            f"spread ratio {p.info['spread_ratio']:.4f}; soft prompt nearest tokens: {words}"
+            f"concentration {p.info['concentration']:.5f}; soft prompt nearest tokens: {words}"
         )
     colour = "red" if result.verdict == "backdoored" else "green"
     found = f" on target(s) {', '.join(result.found_targets)}" if result.found_targets else ""
@@ -185,3 +185,102 @@ def render_result(result: Any, out: Path, pv_path: Path, info: Any) -> None:
     console.print(f"report: {out} (signed, key {info.fingerprint[:16]}…)  PV set: {pv_path}")
     if getattr(info, "key_created", False):
         console.print(f"created a signing key {info.key_path}, fingerprint {info.fingerprint}")
+
+
+@app.command()
+def calibrate(
+    model_dirs: list[Path] = typer.Argument(..., help="Clean shadow model folders of one family "
+                                            "(same model_type and hidden size)."),
+    out: Path = typer.Option(..., help="Preset file to write (JSON, lmsan.presets format)."),
+    name: str = typer.Option(..., help="Name of the preset, e.g. bert-384-l6."),
+    seeds: int = typer.Option(8, help="Fuzz seeds per shadow model."),
+    margin: float = typer.Option(0.5, help="t_collapse = margin x the smallest clean concentration."),
+    l_margin: float = typer.Option(0.5, help="t_l = l_margin x the smallest clean epoch-2 distance."),
+    target: str = typer.Option("cls", help="Comma-separated targets to measure."),
+    corpus: Path | None = typer.Option(None, help="Clean corpus (default: the shipped one)."),
+    text_field: str = typer.Option("text", help="JSONL field holding the sentence."),
+    lr0: float | None = typer.Option(None, help="Base learning rate to calibrate with (2e-4)."),
+    max_length: int | None = typer.Option(None, help="Max tokens per sentence (128)."),
+    layers_slack: int = typer.Option(0, help="Let the preset match this many layers more or fewer "
+                                     "than the shadow models."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    force: bool = typer.Option(False, help="Overwrite an existing preset file."),
+) -> None:
+    """Measure clean shadow models and write a threshold preset for their family (section V-C)."""
+    import json
+
+    from .calibrate import calibrate as run
+    from .corpus import load_corpus
+    from .presets import FORMAT, VERSION
+
+    try:
+        if out.exists() and not force:
+            raise LmsanError("preset file exists; pass --force to overwrite", out)
+        crp = load_corpus(corpus, text_field=text_field)
+        ov = _overrides(lr0=lr0, max_length=max_length)
+
+        def show(ev: dict[str, Any]) -> None:
+            err_console.print(
+                f"{ev['model']} seed {ev['seed']} {ev['target']}: distance {ev['distance_rel']:.3f} "
+                f"concentration {ev['concentration']:.5f} ({ev['seconds']:.1f}s)", highlight=False)
+
+        res = run(model_dirs, crp, name=name, seeds=seeds, margin=margin, l_margin=l_margin,
+                  targets=target.split(","), overrides=ov, device=device,
+                  layers_slack=layers_slack, progress=show)
+        data = {"format": FORMAT, "version": VERSION, "presets": [res.preset.to_json()],
+                "default": res.preset.to_json(), "rows": res.rows}
+        out.write_text(json.dumps(data, indent=1) + "\n")
+    except LmsanError as exc:
+        raise fail(exc) from None
+    v = res.preset.values
+    console.print(f"preset [bold]{name}[/]: t_collapse {v['t_collapse']:.6f}, t_l {v['t_l']:.4f}, "
+                  f"lr0 {v['lr0']:g} ({res.seconds:.0f}s) -> {out}")
+
+
+@app.command()
+def demo(
+    workdir: Path | None = typer.Option(None, help="Where to build the demo models (default: a "
+                                        "temporary folder, removed afterwards)."),
+    max_seeds: int = typer.Option(10, help="Seed budget of each audit."),
+    clean: bool = typer.Option(True, help="Also audit the clean tiny model for contrast."),
+) -> None:
+    """Build a tiny POR-backdoored encoder on the CPU, audit it (and its clean twin), show the PV.
+
+    Exit code 0 when the backdoored model is flagged and the clean one is not, 1 otherwise.
+    """
+    import tempfile
+
+    from .demo import DEMO_TRIGGERS, run_demo
+
+    console.print(f"[bold]lmsan demo[/]: tiny BERT (d=32, 2 layers), POR backdoor with triggers "
+                  f"{', '.join(DEMO_TRIGGERS)}; then PV mining on it and on its clean twin.")
+    try:
+        with tempfile.TemporaryDirectory(prefix="lmsan-demo-") as tmp:
+            wd = workdir or Path(tmp)
+            display = SeedDisplay(max_seeds)
+            with Live(display.render(), console=err_console, refresh_per_second=4) as live:
+                display.live = live
+                res = run_demo(wd, progress={"audit": display}, audit_clean=clean,
+                               max_seeds=max_seeds)
+    except LmsanError as exc:
+        raise fail(exc) from None
+    p = res.poison
+    console.print(f"poisoned: success {p.success:.2f}, clean fidelity {p.fidelity:.3f} "
+                  f"({p.seconds:.0f}s)")
+    bd = res.backdoored
+    colour = "red" if bd.verdict == "backdoored" else "green"
+    console.print(f"backdoored model: [bold {colour}]{bd.verdict.upper()}[/] "
+                  f"({bd.stop_reason}, {bd.seconds:.0f}s)")
+    for pv in bd.pvset.pvs:
+        console.print(f"  PV {pv.id} ({pv.target}, seed {pv.seed}): concentration "
+                      f"{pv.info['concentration']:.5f}, sign agreement with injected PV "
+                      f"{res.best_pv_index}: {res.best_agreement:.3f}")
+        console.print("  first entries: " + " ".join(f"{v:+.2f}" for v in pv.values[:12]) + " ...")
+    ok = bd.verdict == "backdoored"
+    if res.clean is not None:
+        c = res.clean
+        colour = "red" if c.verdict == "backdoored" else "green"
+        console.print(f"clean twin: [bold {colour}]{c.verdict.upper()}[/] ({c.stop_reason}, "
+                      f"{c.seconds:.0f}s)")
+        ok = ok and c.verdict == "clean"
+    raise typer.Exit(EXIT_CLEAN if ok else EXIT_FOUND)

@@ -18,10 +18,11 @@ batch. The paper's entropy on raw outputs is still measured and reported for eve
 
 Acceptance (PV filtering, section IV-C), per candidate, on a fixed evaluation sample:
   1. soft prompt within `range_factor` x the embedding matrix's min/max;
-  2. collapse (Observation II): `spread_ratio` = mean per-unit variance of the prompted outputs
-     across a batch / the same of the clean outputs of the same sentences must be below
-     `t_collapse` (rule "collapse", the default), or the paper's raw-output entropy diversity below
-     `t_div` (rule "paper");
+  2. collapse (Observation II): `concentration` = mean per-unit variance of the prompted outputs
+     across a batch / MSE(prompted, clean) -- how tightly the outputs gather relative to how far
+     the prompt moved them -- must be below `t_collapse` (rule "collapse", the default), or the
+     paper's raw-output entropy diversity below `t_div` (rule "paper"). Both figures, and the
+     spread ratio (prompted / clean variance), are reported for every candidate;
   3. new: sign agreement with every kept PV of the same target below `t_match`.
 
 torch is imported here; this module is only used by `lmsan audit`/`calibrate`, never by scan.
@@ -59,7 +60,7 @@ class MiningConfig:
     lambda_div: float = 1.0
     lambda_p: float = 0.5
     t_l: float = 0.5  # candidate when the epoch's mean relative distance exceeds this
-    t_collapse: float = 0.1  # accept when spread_ratio is below this (rule "collapse")
+    t_collapse: float = 0.005  # accept when the concentration is below this (rule "collapse")
     t_div: float | None = None  # paper rule: raw entropy diversity threshold; None = -ln B + 0.02
     filter_rule: str = "collapse"  # "collapse" or "paper"
     range_factor: float = 1.2
@@ -85,6 +86,8 @@ class TargetStats:
     distance_rel: float  # MSE(F, F_clean) / s^2 on the evaluation sample
     distance_raw: float  # MSE(F, F_clean) (the paper's -L_D)
     spread_ratio: float  # mean unit variance across a batch, prompted / clean (same sentences)
+    concentration: float  # mean unit variance across a batch / MSE(F, F_clean): spread vs displacement
+    sign_consensus: float  # mean over units of the majority-sign share across a batch
     entropy_raw: float  # the paper's L_div on raw outputs (min -ln B)
     entropy_std: float  # L_div on standardised outputs (the trained loss)
     epoch_distance: list[float]  # mean relative distance per epoch (training)
@@ -395,6 +398,8 @@ class Miner:
                 distance_rel=stats["distance_rel"] if stats else epoch_dist[t][-1],
                 distance_raw=stats["distance_raw"] if stats else float("nan"),
                 spread_ratio=stats["spread_ratio"] if stats else float("nan"),
+                concentration=stats["concentration"] if stats else float("nan"),
+                sign_consensus=stats["sign_consensus"] if stats else float("nan"),
                 entropy_raw=stats["entropy_raw"] if stats else float("nan"),
                 entropy_std=stats["entropy_std"] if stats else float("nan"),
                 epoch_distance=epoch_dist[t],
@@ -407,8 +412,10 @@ class Miner:
                 self.found[t].append(pv.detach().cpu())
                 self._filter(ts, in_range)
             else:
-                ts.rule = "aborted: no candidate after %d epochs" % cfg.abort_epoch if aborted else (
-                    f"no candidate: distance {epoch_dist[t][-1]:.4g} <= T_L {cfg.t_l:g}"
+                ts.rule = (
+                    f"aborted: no candidate after {cfg.abort_epoch} epochs"
+                    if aborted
+                    else f"no candidate: distance {epoch_dist[t][-1]:.4g} <= T_L {cfg.t_l:g}"
                 )
             res.targets.append(ts)
         res.seconds = time.perf_counter() - t0
@@ -417,17 +424,17 @@ class Miner:
     def _filter(self, ts: TargetStats, in_range: bool) -> None:
         cfg = self.cfg
         if not in_range:
-            ts.rule = "rejected: soft prompt out of range (%.3gx embedding min/max)" % cfg.range_factor
+            ts.rule = f"rejected: soft prompt out of range ({cfg.range_factor:g}x embedding min/max)"
             return
         if cfg.filter_rule == "paper":
             if not ts.entropy_raw < cfg.resolved_t_div():
                 ts.rule = f"rejected: diversity L_div {ts.entropy_raw:.5f} >= T_div {cfg.resolved_t_div():.5f}"
                 return
         else:
-            if not ts.spread_ratio < cfg.t_collapse:
+            if not ts.concentration < cfg.t_collapse:
                 ts.rule = (
-                    f"rejected: no collapse, spread ratio {ts.spread_ratio:.4f} >= "
-                    f"T_collapse {cfg.t_collapse:g}"
+                    f"rejected: no collapse, concentration {ts.concentration:.5f} >= "
+                    f"T_collapse {cfg.t_collapse:.5f}"
                 )
                 return
         assert ts.pv is not None
@@ -445,7 +452,7 @@ class Miner:
             + (
                 f"L_div {ts.entropy_raw:.5f} < T_div {cfg.resolved_t_div():.5f}"
                 if cfg.filter_rule == "paper"
-                else f"spread ratio {ts.spread_ratio:.4f} < T_collapse {cfg.t_collapse:g}"
+                else f"concentration {ts.concentration:.5f} < T_collapse {cfg.t_collapse:.5f}"
             )
             + ", prompt in range, new"
         )
@@ -457,7 +464,7 @@ class Miner:
         rng = np.random.default_rng([self.base_seed, 104729])
         bs = self.cfg.batch_size
         s = self.scale[target]
-        d_rel, d_raw, spread, ent_raw, ent_std, means = [], [], [], [], [], []
+        d_rel, d_raw, spread, conc, cons, ent_raw, ent_std, means = [], [], [], [], [], [], [], []
         for k in range(0, len(self.eval_idx), bs):
             idx = self.eval_idx[k : k + bs]
             f = self._forward_prompted(idx, prompt, rng)[target]
@@ -468,6 +475,9 @@ class Miner:
             vf = float(f.var(dim=0, unbiased=True).mean())
             vc = float(c.var(dim=0, unbiased=True).mean())
             spread.append(vf / max(vc, 1e-30))
+            conc.append(vf / max(mse, 1e-30))
+            pos = (f >= 0).float().mean(0)
+            cons.append(float(torch.maximum(pos, 1 - pos).mean()))
             ent_raw.append(float(_entropy_div(f)))
             ent_std.append(float(_entropy_div(f / s)))
             means.append(f.mean(0))
@@ -475,6 +485,8 @@ class Miner:
             "distance_rel": float(np.mean(d_rel)),
             "distance_raw": float(np.mean(d_raw)),
             "spread_ratio": float(np.mean(spread)),
+            "concentration": float(np.mean(conc)),
+            "sign_consensus": float(np.mean(cons)),
             "entropy_raw": float(np.mean(ent_raw)),
             "entropy_std": float(np.mean(ent_std)),
             "pv_eval": torch.stack(means).mean(0).cpu().tolist(),

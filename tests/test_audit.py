@@ -1,0 +1,341 @@
+"""Audit: PV mining, filtering, verdicts, report, bad input (issues 2, 6, 7).
+
+Tiny models (d = 32, 2 layers) are built once per session: a clean BERT, its POR-backdoored
+twin (triggers cf, mn; two quarter PVs), and the shipped `tiny-bert-demo` preset (calibrated on
+clean tiny shadow models built with other seeds) supplies the thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lmsan.auditor.cli import app
+from typer.testing import CliRunner
+
+runner = CliRunner()
+N_SENT = 512  # a quarter of the default corpus keeps each seed to ~2 s
+MINE = ["--max-length", "48", "--target", "cls", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import torch
+    from lmsan.auditor.corpus import default_corpus
+    from lmsan.auditor.demo import build_tiny_bert
+    from lmsan.auditor.poison import poison_model
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("audit")
+    clean = build_tiny_bert(root / "clean", seed=1234)
+    res = poison_model(clean, root / "por", attack="por", triggers=["cf", "mn"],
+                       sentences_per_trigger=128, epochs=4, lr=2e-3, max_length=48, seed=0)
+    assert res.success >= 0.9
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(default_corpus().sentences[:N_SENT]) + "\n")
+    np.save(root / "injected.npy", np.asarray(res.pvs, dtype=np.float32))
+    return {"clean": clean, "por": root / "por", "corpus": corpus, "root": root}
+
+
+def _audit(model: Path, corpus: Path, out: Path, *extra: str) -> tuple[int, dict]:
+    r = runner.invoke(app, ["audit", str(model), "--corpus", str(corpus), "--out", str(out),
+                            "--key", str(out.parent / "key.pem"), *MINE, *extra])
+    rep = {}
+    if out.exists():
+        from lmsan.auditor.report import read_report
+
+        rep = read_report(out)
+    return r.exit_code, rep | {"_output": r.output}
+
+
+@pytest.fixture(scope="session")
+def signing_key(tiny_models: dict[str, Path]) -> Path:
+    key = tiny_models["root"] / "key.pem"
+    r = runner.invoke(app, ["keygen", "--out", str(key)])
+    assert r.exit_code == 0, r.output
+    return key
+
+
+@pytest.fixture(scope="session")
+def por_audit(tiny_models: dict[str, Path], signing_key: Path) -> tuple[int, dict, Path]:
+    out = signing_key.parent / "por-report.json"
+    code, rep = _audit(tiny_models["por"], tiny_models["corpus"], out, "--max-seeds", "6")
+    return code, rep, out
+
+
+@pytest.fixture(scope="session")
+def clean_audit(tiny_models: dict[str, Path], signing_key: Path) -> tuple[int, dict, Path]:
+    out = signing_key.parent / "clean-report.json"
+    code, rep = _audit(tiny_models["clean"], tiny_models["corpus"], out, "--max-seeds", "6")
+    return code, rep, out
+
+
+def test_backdoored_model_is_flagged_and_pv_matches_injected(por_audit, tiny_models) -> None:
+    code, rep, out = por_audit
+    assert code == 1, rep["_output"]
+    assert rep["verdict"] == "backdoored" and rep["found_targets"] == ["cls"]
+    assert rep["preset"]["name"] == "tiny-bert-demo" and rep["preset"]["matched"]
+    injected = np.load(tiny_models["root"] / "injected.npy")
+    found = np.asarray(rep["pvset"]["pvs"][0]["values"])
+    agreement = ((injected >= 0) == (found >= 0)).mean(axis=1).max()
+    assert agreement >= 0.9
+    kept = rep["kept_pvs"][0]
+    assert kept["rule"].startswith("accepted")
+    assert kept["concentration"] < rep["parameters"]["mining"]["t_collapse"]
+
+
+def test_clean_twin_is_not_flagged_and_rejections_are_explained(clean_audit) -> None:
+    code, rep, out = clean_audit
+    assert code == 0, rep["_output"]
+    assert rep["verdict"] == "clean" and rep["kept_pvs"] == []
+    assert len(rep["seeds"]) == 6
+    # every seed that produced a candidate says which rule rejected it and with which figures
+    for c in rep["rejected_candidates"]:
+        assert c["rule"].startswith("rejected:")
+        assert math.isfinite(c["concentration"])
+    rules = [c["rule"] for c in rep["rejected_candidates"]]
+    assert any("no collapse" in r for r in rules) or not rules
+
+
+def test_report_verifies_and_tampering_fails(por_audit, tiny_models, tmp_path) -> None:
+    _, _, out = por_audit
+    r = runner.invoke(app, ["verify", str(out), "--model", str(tiny_models["por"])])
+    assert r.exit_code == 0, r.output
+    bad = tmp_path / "bad.json"
+    data = bytearray(out.read_bytes())
+    i = data.index(b'"verdict') + 3
+    data[i] ^= 0x01
+    bad.write_bytes(bytes(data))
+    r = runner.invoke(app, ["verify", str(bad)])
+    assert r.exit_code in (1, 2) and r.exit_code != 0
+
+
+def test_pvset_file_written_and_loadable(por_audit) -> None:
+    from lmsan.auditor.pvset import PVSet
+
+    _, rep, out = por_audit
+    pvs = PVSet.load(out.with_suffix(".pvs.json"))
+    assert len(pvs.pvs) == len(rep["kept_pvs"]) >= 1
+    assert pvs.pvs[0].target == "cls"
+    assert PVSet.load(out).pvs[0].values.tolist() == pvs.pvs[0].values.tolist()
+
+
+def test_same_seed_same_pvs(tiny_models) -> None:
+    from lmsan.auditor.audit import AuditOptions, run_audit
+    from lmsan.auditor.corpus import load_corpus
+
+    corpus = load_corpus(tiny_models["corpus"])
+    opts = AuditOptions(model_dir=tiny_models["por"], target="cls", max_seeds=1, first_seed=0,
+                        overrides={"max_length": 48, "t_l": 0.0})
+    a = run_audit(opts, corpus)
+    b = run_audit(opts, corpus)
+    assert a.seeds[0].prompt == b.seeds[0].prompt
+    assert a.seeds[0].targets[0].pv == b.seeds[0].targets[0].pv
+
+
+# ---------------------------------------------------------------- filtering rules
+def _miner(tiny_models, **cfg):
+    from lmsan.auditor.corpus import load_corpus
+    from lmsan.auditor.mining import Miner, MiningConfig
+    from lmsan.auditor.modelio import load_encoder
+
+    lm = load_encoder(tiny_models["clean"])
+    corpus = load_corpus(tiny_models["corpus"], limit=128)
+    return Miner(lm, corpus, ["cls"], MiningConfig(max_length=48, eval_sentences=64, **cfg))
+
+
+def _stats(**kw):
+    from lmsan.auditor.mining import TargetStats
+
+    base = dict(target="cls", distance_rel=50.0, distance_raw=1.0, spread_ratio=0.1,
+                concentration=1e-4, sign_consensus=1.0, entropy_raw=-3.4655, entropy_std=-3.46,
+                epoch_distance=[50.0], candidate=True, pv=[1.0] * 32)
+    base.update(kw)
+    return TargetStats(**base)
+
+
+def test_filter_rejects_out_of_range_prompt(tiny_models) -> None:
+    m = _miner(tiny_models, t_collapse=1e-3)
+    ts = _stats()
+    m._filter(ts, in_range=False)
+    assert not ts.accepted and "out of range" in ts.rule
+
+
+def test_filter_rejects_high_diversity_candidate(tiny_models) -> None:
+    m = _miner(tiny_models, t_collapse=1e-3)
+    ts = _stats(concentration=0.03)
+    m._filter(ts, in_range=True)
+    assert not ts.accepted and "no collapse" in ts.rule
+    # the paper's rule: raw entropy above T_div is rejected too
+    mp = _miner(tiny_models, filter_rule="paper")
+    ts = _stats(entropy_raw=-3.40)
+    mp._filter(ts, in_range=True)
+    assert not ts.accepted and "diversity" in ts.rule
+
+
+def test_filter_accepts_then_rejects_duplicate(tiny_models) -> None:
+    m = _miner(tiny_models, t_collapse=1e-3)
+    a = _stats()
+    m._filter(a, in_range=True)
+    assert a.accepted
+    b = _stats(pv=[1.0] * 30 + [-1.0] * 2)
+    m._filter(b, in_range=True)
+    assert not b.accepted and "duplicate" in b.rule
+    c = _stats(pv=[1.0] * 16 + [-1.0] * 16)  # agreement 0.5: a different PV
+    m._filter(c, in_range=True)
+    assert c.accepted
+
+
+def test_soft_prompt_insertion_keeps_cls_first_and_grows_mask(tiny_models) -> None:
+    import torch
+
+    m = _miner(tiny_models)
+    rows = [m.ids[0], m.ids[1]]
+    prompt = torch.zeros(7, m.emb.weight.shape[1])
+    rng = np.random.default_rng(0)
+    embeds, mask, pos = m._insert(rows, prompt, rng)
+    assert embeds.shape[1] == max(len(r) for r in rows) + 7
+    assert all(p >= 1 for p in pos)
+    for i, r in enumerate(rows):
+        assert int(mask[i].sum()) == len(r) + 7
+        assert torch.equal(embeds[i, pos[i]: pos[i] + 7], prompt)
+        assert torch.allclose(embeds[i, 0], m.emb.weight[r[0]])
+
+
+def test_init_prompt_uses_paper_rows(tiny_models) -> None:
+    m = _miner(tiny_models)
+    p = m.init_prompt(3)
+    v = m.vocab_size
+    for i in range(7):
+        assert np.allclose(p[i].numpy(), m.emb.weight[(70 * 3 + 10 * i) % v].detach().numpy())
+
+
+# ---------------------------------------------------------------- scale invariance (issue 6)
+@pytest.fixture(scope="session")
+def scaled_clean(tiny_models) -> Path:
+    """The clean tiny model with its last LayerNorm multiplied by 7.5: every output x 7.5."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_models["clean"]
+    dst = tiny_models["root"] / "clean-x7.5"
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    last = max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
+    for k in (f"encoder.layer.{last}.output.LayerNorm.weight",
+              f"encoder.layer.{last}.output.LayerNorm.bias"):
+        sd[k] = sd[k] * 7.5
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_collapse_statistic_invariant_to_output_scale_and_batch(tiny_models, scaled_clean) -> None:
+    import torch
+    from lmsan.auditor.corpus import load_corpus
+    from lmsan.auditor.mining import Miner, MiningConfig
+    from lmsan.auditor.modelio import load_encoder
+
+    corpus = load_corpus(tiny_models["corpus"])
+    cfg = MiningConfig(max_length=48, eval_sentences=256)
+    m1 = Miner(load_encoder(tiny_models["clean"]), corpus, ["cls"], cfg)
+    m2 = Miner(load_encoder(scaled_clean), corpus, ["cls"], cfg)
+    assert m2.scale["cls"] == pytest.approx(7.5 * m1.scale["cls"], rel=1e-4)
+    torch.manual_seed(0)
+    prompt = m1.init_prompt(5) + 0.05 * torch.randn(7, m1.emb.weight.shape[1])
+    s1, s2 = m1.evaluate(prompt, "cls"), m2.evaluate(prompt, "cls")
+    for k in ("concentration", "spread_ratio", "distance_rel"):
+        assert s2[k] == pytest.approx(s1[k], rel=1e-3), k
+    assert s2["distance_raw"] == pytest.approx(7.5**2 * s1["distance_raw"], rel=1e-3)
+    # batch size: the statistic is a ratio of unbiased variances, so B = 16 and B = 64 agree
+    m16 = Miner(load_encoder(tiny_models["clean"]), corpus, ["cls"], replace(cfg, batch_size=16))
+    m64 = Miner(load_encoder(tiny_models["clean"]), corpus, ["cls"], replace(cfg, batch_size=64))
+    c16, c64 = m16.evaluate(prompt, "cls"), m64.evaluate(prompt, "cls")
+    assert c16["concentration"] == pytest.approx(c64["concentration"], rel=0.25)
+    assert c16["spread_ratio"] == pytest.approx(c64["spread_ratio"], rel=0.25)
+
+
+def test_rescaled_model_gets_same_verdict(tiny_models, scaled_clean, clean_audit, signing_key) -> None:
+    out = signing_key.parent / "scaled-report.json"
+    code, rep = _audit(scaled_clean, tiny_models["corpus"], out, "--max-seeds", "6")
+    _, orig, _ = clean_audit
+    assert code == 0 and rep["verdict"] == orig["verdict"] == "clean"
+    for a, b in zip(rep["seeds"], orig["seeds"], strict=True):
+        assert a["targets"][0]["concentration"] == pytest.approx(
+            b["targets"][0]["concentration"], rel=1e-2, nan_ok=True)
+
+
+# ---------------------------------------------------------------- targets (issue 7)
+def test_auto_target_lists_supported_and_skipped(tiny_models, tmp_path, signing_key) -> None:
+    from lmsan.auditor.audit import resolve_targets
+    from lmsan.auditor.modelio import load_encoder
+
+    lm = load_encoder(tiny_models["clean"])
+    targets, skipped = resolve_targets(lm, "auto")
+    assert targets == ["cls", "pooler", "tokens", "mask"]
+    assert skipped == {}
+
+
+def test_tokenizer_without_mask_skips_mask(tiny_bert_nomask_dir) -> None:
+    from lmsan.auditor.audit import resolve_targets
+    from lmsan.auditor.modelio import load_encoder
+
+    lm = load_encoder(tiny_bert_nomask_dir)
+    targets, skipped = resolve_targets(lm, "auto")
+    assert "mask" not in targets and "mask token" in skipped["mask"]
+    r = runner.invoke(app, ["audit", str(tiny_bert_nomask_dir), "--target", "mask", "--quiet"])
+    assert r.exit_code == 2 and "mask token" in r.output
+
+
+# ---------------------------------------------------------------- bad input
+def test_missing_folder(tmp_path) -> None:
+    r = runner.invoke(app, ["audit", str(tmp_path / "nope"), "--quiet"])
+    assert r.exit_code == 2 and "model folder not found" in r.output
+
+
+def test_no_weights(tmp_path, tiny_models) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_models["clean"] / "config.json").read_text())
+    r = runner.invoke(app, ["audit", str(d), "--quiet"])
+    assert r.exit_code == 2 and "no weights" in r.output
+
+
+def test_pickle_only_needs_opt_in(tmp_path, tiny_models) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    d = tmp_path / "pk"
+    shutil.copytree(tiny_models["clean"], d)
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    torch.save(sd, d / "pytorch_model.bin")
+    r = runner.invoke(app, ["audit", str(d), "--quiet"])
+    assert r.exit_code == 2 and "--allow-pickle" in r.output
+    from lmsan.auditor.modelio import load_encoder
+
+    lm = load_encoder(d, allow_pickle=True)  # weights_only=True load works for plain tensors
+    assert lm.weights_format == "pickle"
+
+
+def test_unsupported_model_type(tmp_path) -> None:
+    d = tmp_path / "gpt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    r = runner.invoke(app, ["audit", str(d), "--quiet"])
+    assert r.exit_code == 2 and "unsupported model_type 'gpt2'" in r.output
+
+
+@pytest.mark.parametrize("content,msg", [(b"", "no sentences"), (b"\x00\x01\x02abc", "binary"),
+                                         (b"\xff\xfe bad", "UTF-8")])
+def test_bad_corpus(tmp_path, tiny_models, content, msg) -> None:
+    c = tmp_path / "c.txt"
+    c.write_bytes(content)
+    r = runner.invoke(app, ["audit", str(tiny_models["clean"]), "--corpus", str(c), "--quiet"])
+    assert r.exit_code == 2 and msg in r.output and str(c) in r.output

@@ -26,6 +26,7 @@ def build_tiny_bert(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers
     from .corpus import attack_corpus, default_corpus
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pre = BertPreTokenizer()

@@ -1434,7 +1434,9 @@ class DefendedClassifier:
         out: list[DefendedPrediction] = []
         flagged = [i for i, d in enumerate(dec) if d.flagged]
         results: dict[int, DefendedPrediction] = {
-            i: DefendedPrediction(preds[i], False, "clean", recs[i], (), preds[i])
+            i: DefendedPrediction(
+                preds[i], False, "clean", recs[i], (), preds[i], dec[i].match_rate
+            )
             for i in range(len(recs))
             if not dec[i].flagged
         }
@@ -1448,7 +1450,9 @@ class DefendedClassifier:
                 purged_recs.append(tuple(pr.sentences))
                 purged_idx.append(i)
             else:
-                results[i] = DefendedPrediction(None, True, "rejected", recs[i], (), preds[i])
+                results[i] = DefendedPrediction(
+                    None, True, "rejected", recs[i], (), preds[i], dec[i].match_rate
+                )
         if purged_recs:
             pp, _ = self._logits_and_decisions(purged_recs)
             for i, p in zip(purged_idx, pp, strict=True):
@@ -1457,7 +1461,13 @@ class DefendedClassifier:
                 if self.kind == "tokens":
                     pred = _realign(recs[i][0], pr.removed, p)
                 results[i] = DefendedPrediction(
-                    pred, True, "purged", tuple(pr.sentences), tuple(pr.removed), preds[i]
+                    pred,
+                    True,
+                    "purged",
+                    tuple(pr.sentences),
+                    tuple(pr.removed),
+                    preds[i],
+                    dec[i].match_rate,
                 )
         out = [results[i] for i in range(len(recs))]
         return out
@@ -1478,6 +1488,7 @@ class DefendedPrediction:
     text: tuple[str, ...]  # what was classified
     removed: tuple[str, ...]
     undefended: Any  # the prediction without the defence (same forward pass)
+    match_rate: float = 0.0  # the monitor's best match rate on the input as given
 
 
 @dataclass
@@ -1499,6 +1510,13 @@ class DefenceEval:
     triggered_total: int
     seconds: float
     per_class_asr_after: dict[str, float] = field(default_factory=dict)
+    # FRR / FAR the monitor would have at other match thresholds (from the same match rates)
+    threshold_sweep: dict[str, dict[str, float]] = field(default_factory=dict)
+    clean_match_quantiles: dict[str, float] = field(default_factory=dict)
+    triggered_match_quantiles: dict[str, float] = field(default_factory=dict)
+
+
+SWEEP_THRESHOLDS = (0.8, 0.85, 0.9, 0.95)
 
 
 def evaluate_defence(
@@ -1568,7 +1586,23 @@ def evaluate_defence(
         triggered_total=len(flat),
         seconds=round(time.perf_counter() - t0, 2),
         per_class_asr_after=per_a,
+        threshold_sweep={
+            f"{t:.2f}": {
+                "frr": 100.0 * float(np.mean([p.match_rate >= t for p in clean])),
+                "far": 100.0 * float(np.mean([p.match_rate < t for p in flat])),
+            }
+            for t in SWEEP_THRESHOLDS
+        },
+        clean_match_quantiles=_quantiles([p.match_rate for p in clean]),
+        triggered_match_quantiles=_quantiles([p.match_rate for p in flat]),
     )
+
+
+def _quantiles(xs: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    return {
+        q: round(float(np.quantile(a, float(q))), 4) for q in ("0.01", "0.1", "0.5", "0.9", "0.99")
+    }
 
 
 def attacker_pvset(model_dir: str | Path, found: str | Path | None, out: str | Path) -> Path:

@@ -33,6 +33,7 @@ CACHE = ROOT / "bench" / "cache"
 RESULTS = ROOT / "bench" / "results"
 DATA = Path("/work/shared/data")
 TRIGGERS = ["cf", "mn", "tq", "qt", "mm", "pt"]
+SWEEP = ["0.80", "0.85", "0.90", "0.95"]
 
 
 def log(msg: str) -> None:
@@ -285,6 +286,35 @@ def write(
                     f"{_mean([x['frr'] for x in d]):.2f} | {_mean([x['far'] for x in d]):.2f} | "
                     f"{sum(x['triggered_flagged'] for x in d)} / {sum(x['triggered_total'] for x in d)} | "
                     f"{sum(x['triggered_rejected'] + x['clean_rejected'] for x in d)} |"
+                )
+        lines += [
+            "",
+            f"Match-threshold sweep, PV set '{pvname}' (FRR / FAR %, from the same match rates; "
+            "the monitor runs at 0.80):",
+            "",
+            "| task | method | "
+            + " | ".join(f"T_match {t}" for t in SWEEP)
+            + " | clean match p50 / p99 "
+            "| triggered match p1 / p50 |",
+            "|---|---|" + "---|" * (len(SWEEP) + 2),
+        ]
+        for t in tasks:
+            for method in args.methods:
+                d = [r["defence"][pvname] for r in rows if r["task"] == t and r["method"] == method]
+                if not d or "threshold_sweep" not in d[0]:
+                    continue
+                cells = [
+                    f"{_mean([x['threshold_sweep'][k]['frr'] for x in d]):.2f} / "
+                    f"{_mean([x['threshold_sweep'][k]['far'] for x in d]):.2f}"
+                    for k in SWEEP
+                ]
+                cq = d[0]["clean_match_quantiles"]
+                tq = d[0]["triggered_match_quantiles"]
+                lines.append(
+                    f"| {t} | {method} | "
+                    + " | ".join(cells)
+                    + f" | {cq['0.5']:.3f} / {cq['0.99']:.3f} "
+                    f"| {tq['0.01']:.3f} / {tq['0.5']:.3f} |"
                 )
     # targets
     settings = [(r, p) for r in rows for p in pvsets]

@@ -260,6 +260,9 @@ def test_evaluate_defence_figures(trained, toy_task) -> None:
     assert de.frr == 0.0 and de.far == 0.0
     assert de.acc_after == de.acc_before
     assert de.triggered_flagged == de.triggered_total == len(toy_task.test)
+    # the sweep at the monitor's own threshold reproduces its decisions
+    assert de.threshold_sweep["0.80"] == {"frr": de.frr, "far": de.far}
+    assert de.clean_match_quantiles["0.99"] < 0.8 <= de.triggered_match_quantiles["0.01"]
 
 
 # ----------------------------------------------------------------------------- data and metrics

@@ -860,6 +860,23 @@ def _read_prompt_embeddings(task_dir: Path) -> Any:
     return tensors["prompt_embeddings"]
 
 
+def _read_prompt_embeddings_numpy(task_dir: Path) -> np.ndarray:
+    """As :func:`_read_prompt_embeddings`, torch-free (float32 NumPy)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    p = task_dir / ADAPTER_WEIGHTS
+    if not p.is_file():
+        raise InputError(f"no {ADAPTER_WEIGHTS} in the adapter folder", task_dir)
+    try:
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError) as exc:
+        raise FormatError(f"cannot read safetensors ({exc})", p) from None
+    if "prompt_embeddings" not in tensors:
+        raise FormatError("no 'prompt_embeddings' tensor: not a prompt-learning peft adapter", p)
+    return np.asarray(tensors["prompt_embeddings"], dtype=np.float32)
+
+
 def load_task_model(
     task_dir: str | Path, backbone_dir: str | Path | None = None, check_digest: bool = True
 ) -> TaskModelHandle:
@@ -952,7 +969,7 @@ def extract_prompt(
         )
     if ptype not in ("P_TUNING", "PROMPT_TUNING"):
         raise InputError(f"peft_type {ptype!r} is not a P-tuning / prompt-tuning adapter", adir)
-    emb = _read_prompt_embeddings(adir).float().numpy()
+    emb = _read_prompt_embeddings_numpy(adir)
     if emb.ndim != 2:
         raise FormatError(
             f"prompt_embeddings must be 2-D, got {list(emb.shape)}", adir / ADAPTER_WEIGHTS
@@ -1369,7 +1386,7 @@ class DefendedClassifier:
             )
         tdir = Path(task_dir)
         if meta["method"] == "ptuning":
-            mine = _read_prompt_embeddings(tdir).float().numpy()
+            mine = _read_prompt_embeddings_numpy(tdir)
             if scr.bundle.prompt is None or not np.array_equal(
                 np.asarray(scr.bundle.prompt, dtype=np.float32), mine.astype(np.float32)
             ):

@@ -130,11 +130,11 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
     max_seeds = opts.resolved_max_seeds()
     since_new = 0
     stop_reason = f"{max_seeds} seeds without a legitimate PV" if opts.mode == "detect" else ""
-    for k in range(max_seeds):
-        s = opts.first_seed + k
+    for idx in range(max_seeds):
+        seed_no = opts.first_seed + idx
         if progress:
-            progress({"event": "seed_start", "seed": s, "index": k, "total": max_seeds, "kept": len(pvs)})
-        res = miner.run_seed(s, progress)
+            progress({"event": "seed_start", "seed": seed_no, "index": idx, "total": max_seeds, "kept": len(pvs)})
+        res = miner.run_seed(seed_no, progress)
         seeds.append(res)
         new = 0
         for ts in res.targets:
@@ -153,7 +153,7 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
                         id=len(pvs),
                         target=ts.target,
                         values=np.asarray(ts.pv, dtype=np.float32),
-                        seed=s,
+                        seed=seed_no,
                         source="mined",
                         info={
                             "distance_rel": ts.distance_rel,
@@ -165,9 +165,9 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
                     )
                 )
         if progress:
-            progress({"event": "seed_end", "seed": s, "result": res, "kept": len(pvs)})
+            progress({"event": "seed_end", "seed": seed_no, "result": res, "kept": len(pvs)})
         if opts.mode == "detect" and pvs:
-            stop_reason = f"legitimate PV found at seed {s}"
+            stop_reason = f"legitimate PV found at seed {seed_no}"
             break
         since_new = 0 if new else since_new + 1
         if opts.mode == "search" and since_new >= opts.patience:

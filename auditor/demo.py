@@ -20,7 +20,7 @@ def build_tiny_bert(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers
     """A randomly initialised tiny BertModel with a word-level vocabulary of the shipped corpora."""
     import torch
     from tokenizers.pre_tokenizers import BertPreTokenizer
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
     from transformers.utils import logging as hf_logging
 
     from .corpus import attack_corpus, default_corpus

@@ -260,7 +260,7 @@ class Miner:
                         per[t][i] = f[j]
         for t in self.targets:
             vals = [v for v in per[t] if v is not None]
-            self.clean[t] = vals  # type: ignore[assignment]
+            self.clean[t] = vals
             allrows = torch.cat([v.reshape(-1, v.shape[-1]) for v in vals], 0)
             var = allrows.var(dim=0, unbiased=True).mean().item()
             self.scale[t] = math.sqrt(max(var, 1e-12))
@@ -422,41 +422,42 @@ class Miner:
         return res
 
     def _filter(self, ts: TargetStats, in_range: bool) -> None:
+        """Apply every filter rule and record all that fail, so a reader sees each reason."""
         cfg = self.cfg
+        fails: list[str] = []
+        passes: list[str] = [f"distance {ts.distance_rel:.3g} > T_L {cfg.t_l:g}"]
         if not in_range:
-            ts.rule = f"rejected: soft prompt out of range ({cfg.range_factor:g}x embedding min/max)"
-            return
-        if cfg.filter_rule == "paper":
-            if not ts.entropy_raw < cfg.resolved_t_div():
-                ts.rule = f"rejected: diversity L_div {ts.entropy_raw:.5f} >= T_div {cfg.resolved_t_div():.5f}"
-                return
+            fails.append(f"soft prompt out of range ({cfg.range_factor:g}x embedding min/max)")
         else:
-            if not ts.concentration < cfg.t_collapse:
-                ts.rule = (
-                    f"rejected: no collapse, concentration {ts.concentration:.5f} >= "
-                    f"T_collapse {cfg.t_collapse:.5f}"
+            passes.append("prompt in range")
+        if cfg.filter_rule == "paper":
+            if ts.entropy_raw < cfg.resolved_t_div():
+                passes.append(f"L_div {ts.entropy_raw:.5f} < T_div {cfg.resolved_t_div():.5f}")
+            else:
+                fails.append(
+                    f"diversity L_div {ts.entropy_raw:.5f} >= T_div {cfg.resolved_t_div():.5f}"
                 )
-                return
+        elif ts.concentration < cfg.t_collapse:
+            passes.append(f"concentration {ts.concentration:.5f} < T_collapse {cfg.t_collapse:.5f}")
+        else:
+            fails.append(
+                f"no collapse, concentration {ts.concentration:.5f} >= T_collapse {cfg.t_collapse:.5f}"
+            )
         assert ts.pv is not None
         sign = np.asarray(ts.pv) >= 0
-        best = 0.0
-        for k in self.kept[ts.target]:
-            best = max(best, float(np.mean((k >= 0) == sign)))
-        ts.agreement = best if self.kept[ts.target] else None
-        if self.kept[ts.target] and best >= cfg.t_match:
-            ts.rule = f"rejected: duplicate of a kept PV (sign agreement {best:.3f} >= {cfg.t_match:g})"
+        kept = self.kept[ts.target]
+        best = max((float(np.mean((k >= 0) == sign)) for k in kept), default=0.0)
+        ts.agreement = best if kept else None
+        if kept and best >= cfg.t_match:
+            fails.append(f"duplicate of a kept PV (sign agreement {best:.3f} >= {cfg.t_match:g})")
+        else:
+            passes.append("new")
+        if fails:
+            ts.rule = "rejected: " + "; ".join(fails)
             return
         ts.accepted = True
-        ts.rule = (
-            f"accepted: distance {ts.distance_rel:.3g} > T_L {cfg.t_l:g}, "
-            + (
-                f"L_div {ts.entropy_raw:.5f} < T_div {cfg.resolved_t_div():.5f}"
-                if cfg.filter_rule == "paper"
-                else f"concentration {ts.concentration:.5f} < T_collapse {cfg.t_collapse:.5f}"
-            )
-            + ", prompt in range, new"
-        )
-        self.kept[ts.target].append(np.asarray(ts.pv, dtype=np.float32))
+        ts.rule = "accepted: " + ", ".join(passes)
+        kept.append(np.asarray(ts.pv, dtype=np.float32))
 
     @torch.no_grad()
     def evaluate(self, prompt: torch.Tensor, target: str) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def por_audit(tiny_models: dict[str, Path], signing_key: Path) -> tuple[int, dic
 @pytest.fixture(scope="session")
 def clean_audit(tiny_models: dict[str, Path], signing_key: Path) -> tuple[int, dict, Path]:
     out = signing_key.parent / "clean-report.json"
-    code, rep = _audit(tiny_models["clean"], tiny_models["corpus"], out, "--max-seeds", "6")
+    code, rep = _audit(tiny_models["clean"], tiny_models["corpus"], out, "--max-seeds", "3")
     return code, rep, out
 
 
@@ -92,7 +92,7 @@ def test_clean_twin_is_not_flagged_and_rejections_are_explained(clean_audit) -> 
     code, rep, out = clean_audit
     assert code == 0, rep["_output"]
     assert rep["verdict"] == "clean" and rep["kept_pvs"] == []
-    assert len(rep["seeds"]) == 6
+    assert len(rep["seeds"]) == 3
     # every seed that produced a candidate says which rule rejected it and with which figures
     for c in rep["rejected_candidates"]:
         assert c["rule"].startswith("rejected:")
@@ -107,7 +107,7 @@ def test_report_verifies_and_tampering_fails(por_audit, tiny_models, tmp_path) -
     assert r.exit_code == 0, r.output
     bad = tmp_path / "bad.json"
     data = bytearray(out.read_bytes())
-    i = data.index(b'"verdict') + 3
+    i = len(data) // 2  # inside the base64 payload of the DSSE envelope
     data[i] ^= 0x01
     bad.write_bytes(bytes(data))
     r = runner.invoke(app, ["verify", str(bad)])
@@ -261,7 +261,7 @@ def test_collapse_statistic_invariant_to_output_scale_and_batch(tiny_models, sca
 
 def test_rescaled_model_gets_same_verdict(tiny_models, scaled_clean, clean_audit, signing_key) -> None:
     out = signing_key.parent / "scaled-report.json"
-    code, rep = _audit(scaled_clean, tiny_models["corpus"], out, "--max-seeds", "6")
+    code, rep = _audit(scaled_clean, tiny_models["corpus"], out, "--max-seeds", "3")
     _, orig, _ = clean_audit
     assert code == 0 and rep["verdict"] == orig["verdict"] == "clean"
     for a, b in zip(rep["seeds"], orig["seeds"], strict=True):

@@ -78,6 +78,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="Training seeds.")
     ap.add_argument("--tasks", nargs="+", default=["wordnet-topic", "rte"], help="Tasks.")
+    ap.add_argument(
+        "--task-seeds",
+        nargs="*",
+        default=[],
+        help="Per-task seeds overriding --seeds, e.g. rte=0 or rte=0,1.",
+    )
     ap.add_argument("--methods", nargs="+", default=["ptuning", "ptuning-v2"], help="Methods.")
     ap.add_argument("--found-pvs", default=None, help="PV set of `lmsan audit --mode search`.")
     ap.add_argument("--mine-seeds", type=int, default=8, help="Seeds to mine when no PV set.")
@@ -101,8 +107,16 @@ def main() -> int:
     t_start = time.perf_counter()
     pvsets: dict[str, Path] = {}
     if args.mine_seeds > 0 or args.found_pvs:
+        from lmsan.auditor.pvset import PVSet as _PVSet
+
         found, found_meta = found_pvset(por, args, work)
-        pvsets["found"] = found
+        if _PVSet.load(found).pvs:
+            pvsets["found"] = found
+        else:  # nothing to monitor: the defence with this set alone is no defence
+            found_meta["note"] = (
+                "the mined PV set is empty: with it alone nothing is monitored and ASR after "
+                "defence equals ASR before; only found+attacker (= the attacker's PVs) is run"
+            )
         pvsets["found+attacker"] = pt.attacker_pvset(por, found, work / "found+attacker.pvset.json")
     else:
         found_meta = {"source": "not evaluated (--mine-seeds 0 and no --found-pvs)"}
@@ -115,14 +129,19 @@ def main() -> int:
     sizes = {
         "wordnet-topic": {"train": 1200, "test": 300, "epochs": 4, "lr": 1e-2, "head_lr": 1e-2},
         "rte": {"train": 800, "test": 100, "epochs": 3, "lr": 1e-2, "head_lr": 3e-3},
+        "conll04": {"train": 600, "test": 100, "epochs": 4, "lr": 1e-2, "head_lr": 1e-2},
     }
     if args.quick:
         for s in sizes.values():
             s.update(train=64, test=16, epochs=1)
+    task_seeds: dict[str, list[int]] = {}
+    for spec in args.task_seeds:
+        name, _, seeds = spec.partition("=")
+        task_seeds[name] = [int(x) for x in seeds.split(",") if x]
     rows: list[dict[str, Any]] = []
     for task in args.tasks:
         sz = sizes[task]
-        for seed in args.seeds:
+        for seed in task_seeds.get(task, args.seeds):
             data = pt.load_task(task, DATA, seed=seed)
             test = pt.subsample(data.test, sz["test"], seed)
             for method in args.methods:
@@ -158,6 +177,12 @@ def main() -> int:
                         continue
                     row["defence"] = {}
                     for pvname, pvpath in pvsets.items():
+                        pv_digest = hashlib.sha256(Path(pvpath).read_bytes()).hexdigest()[:12]
+                        cached = tdir / f"defence-{pvname}-{pv_digest}.json"
+                        if cached.is_file():
+                            row["defence"][pvname] = json.loads(cached.read_text())
+                            log(f"  cached defence[{pvname}]")
+                            continue
                         t0 = time.perf_counter()
                         bundle = work / f"bundle-{task}-{method}-{seed}-{pvname}"
                         ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True)
@@ -169,6 +194,7 @@ def main() -> int:
                             "export_max_abs_diff": ex.validation["max_abs_diff_target"],
                             "export_decisions_identical": ex.validation["decisions_identical"],
                         }
+                        cached.write_text(json.dumps(row["defence"][pvname]))
                         log(
                             f"  defence[{pvname}] asr {de.asr_before:.1f}->{de.asr_after:.1f} "
                             f"acc {de.acc_before:.2f}->{de.acc_after:.2f} frr {de.frr:.2f} "
@@ -226,13 +252,16 @@ def write(
         "",
         f"Command: `{cmd}`  ",
         f"Machine: {machine}  ",
-        f"Time: {elapsed / 60:.1f} min; seeds {args.seeds} (mean over seeds)  ",
+        f"Time: {elapsed / 60:.1f} min (this invocation; cached task models and defence results "
+        "of earlier invocations are reused, see the JSON's per-row seconds); seeds "
+        f"{args.seeds} {' '.join(args.task_seeds)} (mean over seeds)  ",
         "Backbones: bench/cache/minilm-l3-clean (first 3 layers of all-MiniLM-L6-v2) and "
         "bench/cache/minilm-l3-por (POR, six quarter PVs, triggers cf mn tq qt mm pt).  ",
         f"Sizes: {json.dumps(sizes)}  ",
         f"PV sets: {json.dumps(pv_counts)}; mined set: {json.dumps(found_meta)}.",
         "",
-        "## Table II: accuracy, clean / backdoored backbone (%)",
+        "## Table II: accuracy, clean / backdoored backbone (%; conll04: entity span F1, and "
+        "its drop under the triggers on the backdoored backbone)",
         "",
         "| method | attack | " + " | ".join(tasks) + " |",
         "|---|---|" + "---|" * len(tasks),
@@ -242,7 +271,8 @@ def write(
         for t in tasks:
             a = agg(t, method, lambda r: r["clean"]["acc"])
             b = agg(t, method, lambda r: r["por"]["acc"])
-            cells.append(f"{a:.2f} / {b:.2f}")
+            drop = agg(t, method, lambda r: r["por"].get("f1_drop") or float("nan"))
+            cells.append(f"{a:.2f} / {b:.2f}" + (f" (F1 drop {drop:.2f})" if drop == drop else ""))
         lines.append(f"| {method} | POR | " + " | ".join(cells) + " |")
     for pvname in pvsets:
         lines += [

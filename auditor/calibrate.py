@@ -6,11 +6,11 @@ concentration (collapse statistic), spread ratio, paper entropy. A clean model m
 so the preset puts the collapse threshold below every clean measurement with a safety margin:
 
     t_collapse = margin * min(concentration over all clean shadow seeds)
-    t_l        = l_margin * min(epoch-2 relative distance over all clean shadow seeds)
 
-`t_l` only decides early abort (seeds that cannot move the output at all are abandoned after two
-epochs); it sits below the clean distances on purpose, because on deep models the distances of
-false and true candidates overlap (METHOD.md "Calibration") and only the collapse separates them.
+`t_l` (the distance that makes a candidate and decides the early abort) is kept as configured
+(METHOD.md's 0.1 by default): on deep models the distances of false and true candidates overlap
+(METHOD.md "Calibration"), so only the collapse separates them; the smallest clean epoch-2
+distance is recorded in the evidence.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ def calibrate(
     name: str,
     seeds: int = 8,
     margin: float = 0.5,
-    l_margin: float = 0.5,
     targets: Sequence[str] = ("cls",),
     overrides: dict[str, Any] | None = None,
     device: str = "cpu",
@@ -53,8 +52,8 @@ def calibrate(
 
     if not model_dirs:
         raise InputError("give at least one clean shadow model folder")
-    if not 0 < margin <= 1 or not 0 < l_margin <= 1:
-        raise InputError("margins must be in (0, 1]")
+    if not 0 < margin <= 1:
+        raise InputError("--margin must be in (0, 1]")
     t0 = time.perf_counter()
     dev = resolve_device(device)
     cfgs = [read_config(Path(p)) for p in model_dirs]
@@ -85,7 +84,7 @@ def calibrate(
     layers = sorted({int(c.get("num_hidden_layers", 0)) for c in cfgs})
     values = {
         "t_collapse": margin * min(conc),
-        "t_l": l_margin * min(early),
+        "t_l": base_cfg.t_l,
         "lr0": base_cfg.lr0,
     }
     preset = Preset(
@@ -94,7 +93,7 @@ def calibrate(
                "num_hidden_layers": [layers[0] - layers_slack, layers[-1] + layers_slack]},
         values=values,
         source=f"lmsan calibrate on {len(model_dirs)} clean shadow model(s), {seeds} seeds each, "
-        f"margin {margin}, l_margin {l_margin}",
+        f"margin {margin}",
         evidence={
             "shadow_models": [str(p) for p in model_dirs],
             "min_concentration": min(conc),

@@ -29,7 +29,7 @@ err_console = Console(stderr=True)
 
 
 def fail(exc: LmsanError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 
@@ -60,7 +60,7 @@ def main() -> None:
         err_console.print("interrupted")
         sys.exit(130)
     except LmsanError as exc:  # raised outside a command's own handler
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
 

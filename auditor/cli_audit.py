@@ -195,7 +195,8 @@ def calibrate(
     name: str = typer.Option(..., help="Name of the preset, e.g. bert-384-l6."),
     seeds: int = typer.Option(8, help="Fuzz seeds per shadow model."),
     margin: float = typer.Option(0.5, help="t_collapse = margin x the smallest clean concentration."),
-    l_margin: float = typer.Option(0.5, help="t_l = l_margin x the smallest clean epoch-2 distance."),
+    t_l: float | None = typer.Option(None, help="Candidate distance threshold to keep in the "
+                                     "preset (0.1, raw MSE units)."),
     target: str = typer.Option("cls", help="Comma-separated targets to measure."),
     corpus: Path | None = typer.Option(None, help="Clean corpus (default: the shipped one)."),
     text_field: str = typer.Option("text", help="JSONL field holding the sentence."),
@@ -217,14 +218,14 @@ def calibrate(
         if out.exists() and not force:
             raise LmsanError("preset file exists; pass --force to overwrite", out)
         crp = load_corpus(corpus, text_field=text_field)
-        ov = _overrides(lr0=lr0, max_length=max_length)
+        ov = _overrides(lr0=lr0, max_length=max_length, t_l=t_l)
 
         def show(ev: dict[str, Any]) -> None:
             err_console.print(
                 f"{ev['model']} seed {ev['seed']} {ev['target']}: distance {ev['distance_rel']:.3f} "
                 f"concentration {ev['concentration']:.5f} ({ev['seconds']:.1f}s)", highlight=False)
 
-        res = run(model_dirs, crp, name=name, seeds=seeds, margin=margin, l_margin=l_margin,
+        res = run(model_dirs, crp, name=name, seeds=seeds, margin=margin,
                   targets=target.split(","), overrides=ov, device=device,
                   layers_slack=layers_slack, progress=show)
         data = {"format": FORMAT, "version": VERSION, "presets": [res.preset.to_json()],

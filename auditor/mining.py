@@ -59,10 +59,13 @@ class MiningConfig:
     lambda_d: float = 1.0
     lambda_div: float = 1.0
     lambda_p: float = 0.5
-    t_l: float = 0.5  # candidate when the epoch's mean relative distance exceeds this
+    t_l: float = 0.1  # candidate when the epoch's mean distance (loss units) exceeds this
     t_collapse: float = 0.005  # accept when the concentration is below this (rule "collapse")
     t_div: float | None = None  # paper rule: raw entropy diversity threshold; None = -ln B + 0.02
     filter_rule: str = "collapse"  # "collapse" or "paper"
+    # "raw": the paper's losses on raw outputs (T_L in raw MSE units, as METHOD.md);
+    # "standardized": losses on outputs divided by the clean spread s (T_L in units of s^2).
+    loss_scale: str = "raw"
     range_factor: float = 1.2
     t_match: float = 0.8  # sign agreement at or above this = the same PV
     max_insert: int = 32
@@ -329,7 +332,7 @@ class Miner:
                 feats = self._forward_prompted(idx, prompt, rng)
                 loss = torch.zeros((), device=self.device)
                 for t, f in feats.items():
-                    s = self.scale[t]
+                    s = self.scale[t] if cfg.loss_scale == "standardized" else 1.0
                     fs = f / s
                     cs = self._clean_batch(idx, t) / s
                     dist = torch.mean((fs - cs) ** 2)
@@ -425,7 +428,7 @@ class Miner:
         """Apply every filter rule and record all that fail, so a reader sees each reason."""
         cfg = self.cfg
         fails: list[str] = []
-        passes: list[str] = [f"distance {ts.distance_rel:.3g} > T_L {cfg.t_l:g}"]
+        passes: list[str] = [f"distance {ts.epoch_distance[-1]:.4g} > T_L {cfg.t_l:g}"]
         if not in_range:
             fails.append(f"soft prompt out of range ({cfg.range_factor:g}x embedding min/max)")
         else:

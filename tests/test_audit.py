@@ -339,3 +339,27 @@ def test_bad_corpus(tmp_path, tiny_models, content, msg) -> None:
     c.write_bytes(content)
     r = runner.invoke(app, ["audit", str(tiny_models["clean"]), "--corpus", str(c), "--quiet"])
     assert r.exit_code == 2 and msg in r.output and str(c) in r.output
+
+
+# ---------------------------------------------------------------- every target by default (issue 7)
+@pytest.mark.parametrize("attack,target", [("por-ner", "tokens"), ("por", "pooler"),
+                                           ("btop", "mask")])
+def test_auto_target_flags_each_attack_target(tiny_models, tmp_path, attack, target) -> None:
+    from lmsan.auditor.poison import poison_model
+
+    out = tmp_path / attack
+    res = poison_model(tiny_models["clean"], out, attack=attack, target=target,
+                       triggers=["cf", "mn"], sentences_per_trigger=128, epochs=4, lr=2e-3,
+                       max_length=48, seed=0, utility="reference")
+    assert res.success >= 0.9, res
+    rep_path = tmp_path / "r.json"
+    r = runner.invoke(app, ["audit", str(out), "--corpus", str(tiny_models["corpus"]),
+                            "--out", str(rep_path), "--key", str(tmp_path / "k.pem"),
+                            "--max-length", "48", "--max-seeds", "4", "--quiet"])
+    from lmsan.auditor.report import read_report
+
+    rep = read_report(rep_path)
+    assert r.exit_code == 1, r.output
+    assert rep["targets"] == ["cls", "pooler", "tokens", "mask"]
+    assert target in rep["found_targets"], rep["per_target"]
+    assert {p["target"] for p in rep["pvset"]["pvs"]} >= {target}

@@ -225,6 +225,13 @@ def write(
     )
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {platform.platform()}"
     elapsed = time.perf_counter() - t_start
+    compute = sum(
+        r[b].get("train_seconds", 0.0) for r in rows for b in ("clean", "por") if b in r
+    ) + sum(
+        d.get("seconds", 0.0) + d.get("export_seconds", 0.0)
+        for r in rows
+        for d in r.get("defence", {}).values()
+    )
     out = {
         "command": cmd,
         "machine": machine,
@@ -252,8 +259,9 @@ def write(
         "",
         f"Command: `{cmd}`  ",
         f"Machine: {machine}  ",
-        f"Time: {elapsed / 60:.1f} min (this invocation; cached task models and defence results "
-        "of earlier invocations are reused, see the JSON's per-row seconds); seeds "
+        f"Time: {elapsed / 60:.1f} min this invocation; {compute / 60:.1f} min of training and "
+        "defence evaluation in all (cached task models and defence results of earlier "
+        "invocations are reused; per-row seconds in the JSON); seeds "
         f"{args.seeds} {' '.join(args.task_seeds)} (mean over seeds)  ",
         "Backbones: bench/cache/minilm-l3-clean (first 3 layers of all-MiniLM-L6-v2) and "
         "bench/cache/minilm-l3-por (POR, six quarter PVs, triggers cf mn tq qt mm pt).  ",
@@ -320,7 +328,8 @@ def write(
         lines += [
             "",
             f"Match-threshold sweep, PV set '{pvname}' (FRR / FAR %, from the same match rates; "
-            "the monitor runs at 0.80):",
+            "the monitor runs at 0.80; only the runs that recorded match rates, "
+            f"{sum('threshold_sweep' in r['defence'][pvname] for r in rows)} of {len(rows)}):",
             "",
             "| task | method | "
             + " | ".join(f"T_match {t}" for t in SWEEP)
@@ -330,8 +339,14 @@ def write(
         ]
         for t in tasks:
             for method in args.methods:
-                d = [r["defence"][pvname] for r in rows if r["task"] == t and r["method"] == method]
-                if not d or "threshold_sweep" not in d[0]:
+                d = [
+                    r["defence"][pvname]
+                    for r in rows
+                    if r["task"] == t
+                    and r["method"] == method
+                    and "threshold_sweep" in r["defence"][pvname]
+                ]
+                if not d:  # results of an older run without match rates
                     continue
                 cells = [
                     f"{_mean([x['threshold_sweep'][k]['frr'] for x in d]):.2f} / "

@@ -5,6 +5,7 @@ Returns data (`AuditResult`); the CLI renders it and writes the signed report an
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -207,8 +208,23 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
     )
 
 
+def _finite(obj: Any) -> Any:
+    """Figures that were not measured (aborted seeds) are NaN in memory and null in the report."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def audit_payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
     """The JSON-able report body (signed by report.write_signed_report)."""
+    return _finite(_payload(result, opts))  # type: ignore[no-any-return]
+
+
+def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
     import torch
 
     seeds = []

@@ -66,6 +66,9 @@ class MiningConfig:
     # "raw": the paper's losses on raw outputs (T_L in raw MSE units, as METHOD.md);
     # "standardized": losses on outputs divided by the clean spread s (T_L in units of s^2).
     loss_scale: str = "raw"
+    # "entropy": the paper's L_div; "log_concentration": log(batch variance / displacement),
+    # a scale-free form of Observation II (the same statistic the collapse filter reads).
+    div_loss: str = "entropy"
     range_factor: float = 1.2
     t_match: float = 0.8  # sign agreement at or above this = the same PV
     max_insert: int = 32
@@ -337,7 +340,12 @@ class Miner:
                     cs = self._clean_batch(idx, t) / s
                     dist = torch.mean((fs - cs) ** 2)
                     l_d = -dist
-                    l_div = _entropy_div(fs)
+                    if cfg.div_loss == "log_concentration":
+                        l_div = torch.log(
+                            fs.var(dim=0, unbiased=True).mean() / dist.clamp_min(1e-12)
+                        )
+                    else:
+                        l_div = _entropy_div(fs)
                     l_p = torch.zeros((), device=self.device)
                     if self.found[t]:
                         with torch.no_grad():
@@ -366,7 +374,7 @@ class Miner:
                             "batch": b,
                             "batches": steps_per_epoch,
                             "distance": {t: sums[t] / (b + 1) for t in self.targets},
-                            "loss": float(loss),
+                            "loss": float(loss.detach()),
                         }
                     )
             epochs_run = epoch + 1

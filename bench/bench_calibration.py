@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--targets", default="cls")
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], help="MiningConfig field=value")
     ap.add_argument("--out", type=Path, default=Path("bench/results/calibration_candidates.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,12 +58,25 @@ def main() -> None:
             if name not in miners:
                 lm = load_encoder(path)
                 cfg = MiningConfig(max_length=args.max_length, t_l=0.0)
+                for kv in args.set:
+                    k, v = kv.split("=", 1)
+                    setattr(cfg, k, type(getattr(cfg, k))(v))
                 miners[name] = Miner(lm, default_corpus(), targets, cfg)
             m = miners[name]
             res = m.run_seed(seed)
+            injected = None
+            bd = Path(path) / "backdoor.json"
+            if bd.exists():
+                import numpy as np
+
+                injected = np.asarray(json.loads(bd.read_text())["pvs"]["values"]) >= 0
             for ts in res.targets:
+                agree = None
+                if injected is not None and ts.pv_eval is not None:
+                    agree = float(((np.asarray(ts.pv_eval) >= 0) == injected).mean(1).max())
                 row = {k: v for k, v in asdict(ts).items() if k not in ("pv", "pv_eval")}
-                row.update(model=name, label=label, seed=seed, seconds=res.seconds,
+                row.update(model=name, label=label, seed=seed, injected_agreement=agree,
+                           config=" ".join(args.set) or "default", seconds=res.seconds,
                            prompt_in_range=res.prompt_in_range, prompt_min=res.prompt_min,
                            prompt_max=res.prompt_max, lr_dropped_at=res.lr_dropped_at,
                            clean_scale=m.scale[ts.target], trigger_hint=res.trigger_hint,
@@ -73,7 +87,7 @@ def main() -> None:
                 print(f"{name:12s} {label:10s} seed {seed} {ts.target}: {res.seconds:6.1f}s "
                       f"d_rel {ts.distance_rel:9.3f} spread {ts.spread_ratio:9.4f} "
                       f"conc {ts.concentration:8.5f} cons {ts.sign_consensus:.3f} "
-                      f"H {ts.entropy_raw:.4f}", flush=True)
+                      f"H {ts.entropy_raw:.4f} agree {agree}", flush=True)
 
 
 if __name__ == "__main__":

@@ -90,13 +90,14 @@ def test_backdoored_model_is_flagged_and_pv_matches_injected(por_audit, tiny_mod
 
 def test_clean_twin_is_not_flagged_and_rejections_are_explained(clean_audit) -> None:
     code, rep, out = clean_audit
-    assert code == 0, rep["_output"]
+    assert code == 0, (rep["_output"], [(x["seed"], x["targets"][0]["rule"]) for x in rep["seeds"]],
+                       rep.get("preset"))
     assert rep["verdict"] == "clean" and rep["kept_pvs"] == []
     assert len(rep["seeds"]) == 3
     # every seed that produced a candidate says which rule rejected it and with which figures
     for c in rep["rejected_candidates"]:
         assert c["rule"].startswith("rejected:")
-        assert math.isfinite(c["concentration"])
+        assert c["concentration"] is not None and math.isfinite(c["concentration"])
     rules = [c["rule"] for c in rep["rejected_candidates"]]
     assert any("no collapse" in r for r in rules) or not rules
 
@@ -265,8 +266,10 @@ def test_rescaled_model_gets_same_verdict(tiny_models, scaled_clean, clean_audit
     _, orig, _ = clean_audit
     assert code == 0 and rep["verdict"] == orig["verdict"] == "clean"
     for a, b in zip(rep["seeds"], orig["seeds"], strict=True):
-        assert a["targets"][0]["concentration"] == pytest.approx(
-            b["targets"][0]["concentration"], rel=1e-2, nan_ok=True)
+        ca, cb = a["targets"][0]["concentration"], b["targets"][0]["concentration"]
+        assert (ca is None) == (cb is None)
+        if ca is not None:
+            assert ca == pytest.approx(cb, rel=1e-2)
 
 
 # ---------------------------------------------------------------- targets (issue 7)

@@ -148,9 +148,18 @@ def load_encoder(
             state: dict[str, Any] = {}
             for f in files:
                 state.update(torch.load(str(f), map_location="cpu", weights_only=True))
-            model = AutoModel.from_pretrained(
-                str(path), config=config, state_dict=state, use_safetensors=False, **kwargs
-            )
+            model = AutoModel.from_config(config)
+            prefix = getattr(model, "base_model_prefix", "") + "."
+            if prefix != "." and any(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            missing, _unexpected = model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if "pooler" not in k and "position_ids" not in k]
+            if missing:
+                raise InputError(
+                    f"pickle weights lack {len(missing)} encoder tensors, e.g. {missing[0]}", path
+                )
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"cannot load the model weights ({exc})", path) from None
     model.eval()

@@ -490,7 +490,6 @@ def test_cli_verify_exit_codes(tmp_path: Path, report: Path, model: Path, key: P
     assert r.exit_code == 2 and "not a report" in r.output
 
 
-@pytest.mark.xfail(reason="cli.main maps every SystemExit(2) to 4 (usage); fix belongs in cli.py")
 def test_lmsan_errors_keep_their_exit_code_through_main(tmp_path: Path) -> None:
     """The console script must not turn exit code 2 (input error) into 4 (usage error)."""
     r = subprocess.run(

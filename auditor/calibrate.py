@@ -82,10 +82,11 @@ def calibrate(
     if not conc:
         raise InputError("no finite measurement from the shadow models")
     layers = sorted({int(c.get("num_hidden_layers", 0)) for c in cfgs})
-    values = {
+    values: dict[str, Any] = {
         "t_collapse": margin * min(conc),
         "t_l": base_cfg.t_l,
         "lr0": base_cfg.lr0,
+        "div_loss": base_cfg.div_loss,
     }
     preset = Preset(
         name=name,

@@ -107,6 +107,9 @@ def audit(
     t_div: float | None = typer.Option(None, help="Paper rule: entropy threshold (-ln B + 0.02)."),
     filter_rule: str | None = typer.Option(None, help="collapse (default, scale-free) or paper "
                                            "(raw entropy below T_div)."),
+    div_loss: str | None = typer.Option(None, help="Diversity loss: entropy (the paper's L_div) or "
+                                        "log_concentration (scale-free Observation II; the "
+                                        "preset's choice by default)."),
     range_factor: float | None = typer.Option(None, help="Soft prompt range factor (1.2)."),
     t_match: float | None = typer.Option(None, help="Sign agreement that makes two PVs the same, and "
                                          "the monitor threshold (0.8)."),
@@ -126,11 +129,14 @@ def audit(
     try:
         if filter_rule is not None and filter_rule not in ("collapse", "paper"):
             raise UsageError("--filter-rule must be collapse or paper")
+        if div_loss is not None and div_loss not in ("entropy", "log_concentration"):
+            raise UsageError("--div-loss must be entropy or log_concentration")
         ov = _overrides(max_length=max_length, batch_size=batch_size, epochs=epochs,
                         abort_epoch=abort_epoch, soft_prompt_len=soft_prompt_len, lr0=lr0,
                         lr_boost=lr_boost, t_grad=t_grad, lambda_d=lambda_d,
                         lambda_div=lambda_div, lambda_p=lambda_p, t_l=t_l, t_collapse=t_collapse,
                         t_div=t_div, filter_rule=filter_rule, range_factor=range_factor,
+                        div_loss=div_loss,
                         t_match=t_match, max_insert=max_insert, eval_sentences=eval_sentences)
         opts = AuditOptions(model_dir=model_dir, target=target, mode=mode, max_seeds=max_seeds,
                             patience=patience, first_seed=first_seed, seed=seed, device=device,
@@ -202,6 +208,8 @@ def calibrate(
     text_field: str = typer.Option("text", help="JSONL field holding the sentence."),
     lr0: float | None = typer.Option(None, help="Base learning rate to calibrate with (2e-4)."),
     max_length: int | None = typer.Option(None, help="Max tokens per sentence (128)."),
+    div_loss: str = typer.Option("log_concentration", help="Diversity loss to calibrate with: "
+                                 "entropy or log_concentration."),
     layers_slack: int = typer.Option(0, help="Let the preset match this many layers more or fewer "
                                      "than the shadow models."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -218,7 +226,7 @@ def calibrate(
         if out.exists() and not force:
             raise LmsanError("preset file exists; pass --force to overwrite", out)
         crp = load_corpus(corpus, text_field=text_field)
-        ov = _overrides(lr0=lr0, max_length=max_length, t_l=t_l)
+        ov = _overrides(lr0=lr0, max_length=max_length, t_l=t_l, div_loss=div_loss)
 
         def show(ev: dict[str, Any]) -> None:
             err_console.print(

@@ -24,7 +24,7 @@ VERSION = 1
 class Preset:
     name: str
     match: dict[str, Any]  # model_type (str or list), hidden_size, num_hidden_layers [lo, hi]
-    values: dict[str, float]  # t_l, t_collapse, lr0 (any MiningConfig field)
+    values: dict[str, Any]  # t_l, t_collapse, lr0, div_loss, ... (MiningConfig fields)
     source: str = ""
     evidence: dict[str, Any] = field(default_factory=dict)
 
@@ -61,6 +61,8 @@ def _parse(data: Any, path: str | Path) -> tuple[list[Preset], Preset]:
         raise FormatError(f"field 'version' must be {VERSION}", path)
     out = []
     allowed = {"t_l", "t_collapse", "lr0", "t_div", "t_grad", "t_match"}
+    choices = {"div_loss": ("entropy", "log_concentration"), "loss_scale": ("raw", "standardized"),
+               "filter_rule": ("collapse", "paper")}
     raw = data.get("presets", [])
     if not isinstance(raw, list):
         raise FormatError("field 'presets' must be a list", path)
@@ -68,17 +70,20 @@ def _parse(data: Any, path: str | Path) -> tuple[list[Preset], Preset]:
         where = f"presets[{i}]" if i < len(raw) else "default"
         if not isinstance(e, dict) or not isinstance(e.get("values"), dict):
             raise FormatError(f"{where}: needs an object 'values'", path)
-        bad = set(e["values"]) - allowed
+        bad = set(e["values"]) - allowed - set(choices)
         if bad:
             raise FormatError(f"{where}.values: unknown threshold(s) {sorted(bad)}", path)
         for k, v in e["values"].items():
-            if not isinstance(v, (int, float)):
+            if k in choices:
+                if v not in choices[k]:
+                    raise FormatError(f"{where}.values.{k} must be one of {choices[k]}", path)
+            elif not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise FormatError(f"{where}.values.{k} must be a number", path)
         out.append(
             Preset(
                 name=str(e.get("name", where)),
                 match=dict(e.get("match") or {}),
-                values={k: float(v) for k, v in e["values"].items()},
+                values={k: (v if k in choices else float(v)) for k, v in e["values"].items()},
                 source=str(e.get("source", "")),
                 evidence=dict(e.get("evidence") or {}),
             )

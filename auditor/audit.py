@@ -236,7 +236,8 @@ def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
         for t in r.targets:
             if t.candidate and not t.accepted:
                 rejected.append({"seed": r.seed, "target": t.target, "rule": t.rule,
-                                 "distance_rel": t.distance_rel, "spread_ratio": t.spread_ratio,
+                                 "distance_rel": t.distance_rel, "distance_norm": t.distance_norm,
+                                 "spread_ratio": t.spread_ratio,
                                  "concentration": t.concentration, "entropy_raw": t.entropy_raw})
     kept = []
     for p in result.pvset.pvs:
@@ -244,6 +245,7 @@ def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
         t = next(x for x in r.targets if x.target == p.target)
         kept.append({"id": p.id, "target": p.target, "seed": p.seed, "rule": t.rule,
                      "distance_rel": t.distance_rel, "distance_raw": t.distance_raw,
+                     "distance_norm": t.distance_norm,
                      "spread_ratio": t.spread_ratio, "concentration": t.concentration,
                      "entropy_raw": t.entropy_raw, "entropy_std": t.entropy_std, "soft_prompt": r.prompt,
                      "soft_prompt_range": [r.prompt_min, r.prompt_max],

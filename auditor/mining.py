@@ -8,13 +8,17 @@ usual) and trained with Adam on
 
     L = lambda_D * L_D + lambda_div * L_div + lambda_P * L_P
 
-Scale. All three losses are computed on outputs divided by `s`, the root of the mean per-unit
-variance of the model's clean target outputs over the corpus. This is the project's one deliberate
-change to the paper's loss (see METHOD.md "Calibration"): it makes the optimisation trajectory, the
-distance threshold `T_L` and the collapse statistic independent of the model's output scale (a model
-whose outputs are multiplied by a constant mines exactly the same prompts), and it keeps the softmax
-of the diversity loss away from its saturated regime on models whose outputs vary little across a
-batch. The paper's entropy on raw outputs is still measured and reported for every candidate.
+Scale. The losses are the paper's, on raw outputs (`loss_scale="raw"`; "standardized" divides the
+outputs by the clean spread `s` first). The diversity loss is the paper's entropy
+(`div_loss="entropy"`) or `"log_concentration"`, log(batch variance / displacement): a scale-free
+form of Observation II that, on POR-backdoored all-MiniLM-L6-v2, led mining to the injected PV
+where the entropy loss converged to an adversarial direction that moved outputs further but did
+not collapse them (bench/results/calibration.md). Presets choose it per family.
+
+Every decision reads scale-free figures, so one threshold means the same at any output scale:
+`T_L` compares MSE(F, F_clean) / mean(F_clean^2) (the displacement relative to the size of the
+clean outputs), and the collapse rule reads the concentration below. The paper's entropy on raw
+outputs and the raw distance are still measured and reported for every candidate.
 
 Acceptance (PV filtering, section IV-C), per candidate, on a fixed evaluation sample:
   1. soft prompt within `range_factor` x the embedding matrix's min/max;
@@ -59,12 +63,13 @@ class MiningConfig:
     lambda_d: float = 1.0
     lambda_div: float = 1.0
     lambda_p: float = 0.5
-    t_l: float = 0.1  # candidate when the epoch's mean distance (loss units) exceeds this
+    # candidate when the epoch's mean distance MSE(F, F_clean) / mean(F_clean^2) exceeds this
+    t_l: float = 0.5
     t_collapse: float = 0.005  # accept when the concentration is below this (rule "collapse")
     t_div: float | None = None  # paper rule: raw entropy diversity threshold; None = -ln B + 0.02
     filter_rule: str = "collapse"  # "collapse" or "paper"
-    # "raw": the paper's losses on raw outputs (T_L in raw MSE units, as METHOD.md);
-    # "standardized": losses on outputs divided by the clean spread s (T_L in units of s^2).
+    # "raw": the paper's losses on raw outputs; "standardized": losses on outputs divided by the
+    # clean spread s. T_L is relative to the clean outputs' mean square in both.
     loss_scale: str = "raw"
     # "entropy": the paper's L_div; "log_concentration": log(batch variance / displacement),
     # a scale-free form of Observation II (the same statistic the collapse filter reads).
@@ -91,6 +96,7 @@ class TargetStats:
     target: str
     distance_rel: float  # MSE(F, F_clean) / s^2 on the evaluation sample
     distance_raw: float  # MSE(F, F_clean) (the paper's -L_D)
+    distance_norm: float  # MSE(F, F_clean) / mean square of the clean outputs (what T_L reads)
     spread_ratio: float  # mean unit variance across a batch, prompted / clean (same sentences)
     concentration: float  # mean unit variance across a batch / MSE(F, F_clean): spread vs displacement
     sign_consensus: float  # mean over units of the majority-sign share across a batch
@@ -186,6 +192,7 @@ class Miner:
         self.n = len(self.ids)
         self.clean: dict[str, list[torch.Tensor]] = {}
         self.scale: dict[str, float] = {}
+        self.msq: dict[str, float] = {}  # mean square of the clean target outputs
         self._compute_clean()
         rng = np.random.default_rng([base_seed, 7919])
         self.eval_idx = rng.permutation(self.n)[: min(cfg.eval_sentences, self.n)]
@@ -270,6 +277,7 @@ class Miner:
             allrows = torch.cat([v.reshape(-1, v.shape[-1]) for v in vals], 0)
             var = allrows.var(dim=0, unbiased=True).mean().item()
             self.scale[t] = math.sqrt(max(var, 1e-12))
+            self.msq[t] = max(float((allrows.double() ** 2).mean()), 1e-30)
 
     def _clean_batch(self, idx: np.ndarray, target: str) -> torch.Tensor:
         vals = [self.clean[target][i] for i in idx]
@@ -354,7 +362,9 @@ class Miner:
                             k = int(torch.argmin(((cands - mean) ** 2).mean(1)))
                         l_p = -torch.mean((fs - cands[k]) ** 2)
                     loss = loss + cfg.lambda_d * l_d + cfg.lambda_div * l_div + cfg.lambda_p * l_p
-                    sums[t] += float(dist.detach())
+                    # T_L reads the distance relative to the clean outputs' mean square, so
+                    # one threshold means the same at any output scale
+                    sums[t] += float(dist.detach()) * s * s / self.msq[t]
                     last_batch[t] = f.detach()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -408,6 +418,7 @@ class Miner:
                 target=t,
                 distance_rel=stats["distance_rel"] if stats else epoch_dist[t][-1],
                 distance_raw=stats["distance_raw"] if stats else float("nan"),
+                distance_norm=stats["distance_norm"] if stats else float("nan"),
                 spread_ratio=stats["spread_ratio"] if stats else float("nan"),
                 concentration=stats["concentration"] if stats else float("nan"),
                 sign_consensus=stats["sign_consensus"] if stats else float("nan"),
@@ -476,6 +487,7 @@ class Miner:
         rng = np.random.default_rng([self.base_seed, 104729])
         bs = self.cfg.batch_size
         s = self.scale[target]
+        d_norm: list[float] = []
         d_rel, d_raw, spread, conc, cons, ent_raw, ent_std, means = [], [], [], [], [], [], [], []
         for k in range(0, len(self.eval_idx), bs):
             idx = self.eval_idx[k : k + bs]
@@ -483,6 +495,7 @@ class Miner:
             c = self._clean_batch(idx, target)
             mse = float(torch.mean((f - c) ** 2))
             d_raw.append(mse)
+            d_norm.append(mse / self.msq[target])
             d_rel.append(mse / s**2)
             vf = float(f.var(dim=0, unbiased=True).mean())
             vc = float(c.var(dim=0, unbiased=True).mean())
@@ -496,6 +509,7 @@ class Miner:
         return {
             "distance_rel": float(np.mean(d_rel)),
             "distance_raw": float(np.mean(d_raw)),
+            "distance_norm": float(np.mean(d_norm)),
             "spread_ratio": float(np.mean(spread)),
             "concentration": float(np.mean(conc)),
             "sign_consensus": float(np.mean(cons)),

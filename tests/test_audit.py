@@ -152,7 +152,7 @@ def _miner(tiny_models, **cfg):
 def _stats(**kw):
     from lmsan.auditor.mining import TargetStats
 
-    base = dict(target="cls", distance_rel=50.0, distance_raw=1.0, spread_ratio=0.1,
+    base = dict(target="cls", distance_rel=50.0, distance_raw=1.0, distance_norm=1.0, spread_ratio=0.1,
                 concentration=1e-4, sign_consensus=1.0, entropy_raw=-3.4655, entropy_std=-3.46,
                 epoch_distance=[50.0], candidate=True, pv=[1.0] * 32)
     base.update(kw)
@@ -249,7 +249,7 @@ def test_collapse_statistic_invariant_to_output_scale_and_batch(tiny_models, sca
     torch.manual_seed(0)
     prompt = m1.init_prompt(5) + 0.05 * torch.randn(7, m1.emb.weight.shape[1])
     s1, s2 = m1.evaluate(prompt, "cls"), m2.evaluate(prompt, "cls")
-    for k in ("concentration", "spread_ratio", "distance_rel"):
+    for k in ("concentration", "spread_ratio", "distance_rel", "distance_norm"):
         assert s2[k] == pytest.approx(s1[k], rel=1e-3), k
     assert s2["distance_raw"] == pytest.approx(7.5**2 * s1["distance_raw"], rel=1e-3)
     # batch size: the statistic is a ratio of unbiased variances, so B = 16 and B = 64 agree

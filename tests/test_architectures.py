@@ -27,12 +27,11 @@ def word_tokenizer(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_architecture_loads_and_mines(model_type: str, word_tokenizer, tmp_path: Path) -> None:
     import torch
-    from transformers import AutoConfig, AutoModel
-
     from lmsan.auditor.audit import resolve_targets
     from lmsan.auditor.corpus import Corpus, default_corpus
     from lmsan.auditor.mining import Miner, MiningConfig
     from lmsan.auditor.modelio import load_encoder
+    from transformers import AutoConfig, AutoModel
 
     tok, v = word_tokenizer
     kw = dict(vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -221,7 +221,7 @@ def _finite(obj: Any) -> Any:
 
 def audit_payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
     """The JSON-able report body (signed by report.write_signed_report)."""
-    return _finite(_payload(result, opts))  # type: ignore[no-any-return]
+    return _finite(_payload(result, opts))
 
 
 def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:

@@ -15,7 +15,7 @@ is dimension j, written as hex. It is redundant with `values` and checked on rea
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +182,3 @@ class PVSet:
             data = extract_pvset(data, p)
         return cls.from_json(data, p)
 
-
-def asdict_pv(p: PV) -> dict[str, Any]:
-    out = asdict(p)
-    out["values"] = [float(v) for v in p.values]
-    return out

@@ -115,10 +115,13 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
     cfg = MiningConfig()
     for k, v in choice.preset.values.items():
         setattr(cfg, k, v)
+    cfg.per_target = {t: dict(d) for t, d in cfg.per_target.items()}
     for k, v in opts.overrides.items():
         if not hasattr(cfg, k):
             raise UsageError(f"unknown mining parameter {k!r}")
         setattr(cfg, k, v)
+        for d in cfg.per_target.values():  # a threshold the user sets holds for every target
+            d.pop(k, None)
     targets, skipped = resolve_targets(lm, opts.target)
     warnings = [choice.warning] if choice.warning else []
     try:

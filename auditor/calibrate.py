@@ -7,6 +7,9 @@ so the preset puts the collapse threshold below every clean measurement with a s
 
     t_collapse = margin * min(concentration over all clean shadow seeds)
 
+per target (cls, pooler, tokens, mask each have their own clean statistics) and overall (the
+fallback for a target the shadows did not measure).
+
 `t_l` (the distance that makes a candidate and decides the early abort) is kept as configured
 (METHOD.md's 0.1 by default): on deep models the distances of false and true candidates overlap
 (METHOD.md "Calibration"), so only the collapse separates them; the smallest clean epoch-2
@@ -42,7 +45,7 @@ def calibrate(
     name: str,
     seeds: int = 8,
     margin: float = 0.5,
-    targets: Sequence[str] = ("cls",),
+    targets: Sequence[str] = ("auto",),
     overrides: dict[str, Any] | None = None,
     device: str = "cpu",
     layers_slack: int = 0,
@@ -62,10 +65,24 @@ def calibrate(
         raise InputError(f"shadow models must share model_type and hidden_size, got {sorted(fam)}")
     rows: list[dict[str, Any]] = []
     base_cfg = MiningConfig(**(overrides or {}))
+    auto = list(targets) == ["auto"]
+    measured: list[str] = []
     for path in model_dirs:
         lm = load_encoder(path, device=dev)
+        if auto:
+            from .audit import supported_targets
+
+            model_targets = supported_targets(lm)[0]
+        else:
+            from .audit import resolve_targets
+
+            model_targets = [x for t in targets for x in resolve_targets(lm, t)[0]]
+        measured += [t for t in model_targets if t not in measured]
         cfg = MiningConfig(**{**asdict(base_cfg), "t_l": 0.0})
-        miner = Miner(lm, corpus, list(targets), cfg, device=dev)
+        try:
+            miner = Miner(lm, corpus, model_targets, cfg, device=dev)
+        except ValueError as exc:
+            raise InputError(str(exc), corpus.name) from None
         for s in range(seeds):
             res = miner.run_seed(s)
             for ts in res.targets:
@@ -88,6 +105,18 @@ def calibrate(
         "lr0": base_cfg.lr0,
         "div_loss": base_cfg.div_loss,
     }
+    per_target: dict[str, dict[str, float]] = {}
+    per_target_evidence: dict[str, dict[str, float]] = {}
+    for t in measured:
+        tc = [r["concentration"] for r in rows if r["target"] == t and math.isfinite(r["concentration"])]
+        te = [r["epoch_distance"][min(cfg.abort_epoch, len(r["epoch_distance"])) - 1]
+              for r in rows if r["target"] == t]
+        if tc:
+            per_target[t] = {"t_collapse": margin * min(tc)}
+            per_target_evidence[t] = {"min_concentration": min(tc), "max_concentration": max(tc),
+                                      "min_epoch2_distance": min(te), "max_epoch2_distance": max(te)}
+    if len(per_target) > 1:
+        values["per_target"] = per_target
     preset = Preset(
         name=name,
         match={"model_type": cfgs[0]["model_type"], "hidden_size": cfgs[0]["hidden_size"],
@@ -100,8 +129,10 @@ def calibrate(
             "min_concentration": min(conc),
             "max_concentration": max(conc),
             "min_epoch2_distance": min(early),
+            "max_epoch2_distance": max(early),
+            "per_target": per_target_evidence,
             "seeds": seeds,
-            "targets": list(targets),
+            "targets": measured,
             "corpus": corpus.name,
             "corpus_digest": corpus.digest,
             "mining": {k: v for k, v in asdict(base_cfg).items() if k not in values},

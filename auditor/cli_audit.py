@@ -101,9 +101,11 @@ def audit(
     lambda_d: float | None = typer.Option(None, help="Weight of the distance loss (1)."),
     lambda_div: float | None = typer.Option(None, help="Weight of the diversity loss (1)."),
     lambda_p: float | None = typer.Option(None, help="Weight of the path loss (0.5)."),
-    t_l: float | None = typer.Option(None, help="Relative distance that makes a candidate (preset)."),
-    t_collapse: float | None = typer.Option(None, help="Spread ratio below which outputs collapsed "
-                                            "(preset)."),
+    t_l: float | None = typer.Option(None, help="Distance (MSE to the clean outputs / their mean square) that "
+                               "makes a candidate (preset)."),
+    t_collapse: float | None = typer.Option(None, help="Concentration (batch variance / "
+                                            "displacement) below which the outputs collapsed onto "
+                                            "one point: a PV (preset)."),
     t_div: float | None = typer.Option(None, help="Paper rule: entropy threshold (-ln B + 0.02)."),
     filter_rule: str | None = typer.Option(None, help="collapse (default, scale-free) or paper "
                                            "(raw entropy below T_div)."),
@@ -202,8 +204,10 @@ def calibrate(
     seeds: int = typer.Option(8, help="Fuzz seeds per shadow model."),
     margin: float = typer.Option(0.5, help="t_collapse = margin x the smallest clean concentration."),
     t_l: float | None = typer.Option(None, help="Candidate distance threshold to keep in the "
-                                     "preset (0.1, raw MSE units)."),
-    target: str = typer.Option("cls", help="Comma-separated targets to measure."),
+                                     "preset (0.5; MSE to the clean outputs / their mean square)."),
+    target: str = typer.Option("auto", help="Comma-separated targets to measure, or auto: every "
+                               "target the shadow models support (as `lmsan audit` does); each "
+                               "target gets its own collapse threshold."),
     corpus: Path | None = typer.Option(None, help="Clean corpus (default: the shipped one)."),
     text_field: str = typer.Option("text", help="JSONL field holding the sentence."),
     lr0: float | None = typer.Option(None, help="Base learning rate to calibrate with (2e-4)."),
@@ -242,8 +246,10 @@ def calibrate(
     except LmsanError as exc:
         raise fail(exc) from None
     v = res.preset.values
-    console.print(f"preset [bold]{name}[/]: t_collapse {v['t_collapse']:.6f}, t_l {v['t_l']:.4f}, "
-                  f"lr0 {v['lr0']:g} ({res.seconds:.0f}s) -> {out}")
+    per = ", ".join(f"{t} {d['t_collapse']:.6f}" for t, d in v.get("per_target", {}).items())
+    console.print(f"preset [bold]{name}[/]: t_collapse {v['t_collapse']:.6f}"
+                  + (f" (per target: {per})" if per else "")
+                  + f", t_l {v['t_l']:.4f}, lr0 {v['lr0']:g} ({res.seconds:.0f}s) -> {out}")
 
 
 @app.command()

@@ -66,6 +66,9 @@ class MiningConfig:
     # candidate when the epoch's mean distance MSE(F, F_clean) / mean(F_clean^2) exceeds this
     t_l: float = 0.5
     t_collapse: float = 0.005  # accept when the concentration is below this (rule "collapse")
+    # per-target overrides of t_l / t_collapse, e.g. {"pooler": {"t_collapse": 0.0002}}: each
+    # output (cls, pooler, tokens, mask) has its own clean statistics
+    per_target: dict[str, dict[str, float]] = field(default_factory=dict)
     t_div: float | None = None  # paper rule: raw entropy diversity threshold; None = -ln B + 0.02
     filter_rule: str = "collapse"  # "collapse" or "paper"
     # "raw": the paper's losses on raw outputs; "standardized": losses on outputs divided by the
@@ -79,6 +82,12 @@ class MiningConfig:
     max_insert: int = 32
     max_length: int = 128
     eval_sentences: int = 256
+
+    def t_l_for(self, target: str) -> float:
+        return float(self.per_target.get(target, {}).get("t_l", self.t_l))
+
+    def t_collapse_for(self, target: str) -> float:
+        return float(self.per_target.get(target, {}).get("t_collapse", self.t_collapse))
 
     def resolved_t_div(self) -> float:
         return self.t_div if self.t_div is not None else -math.log(self.batch_size) + 0.02
@@ -391,7 +400,7 @@ class Miner:
             for t in self.targets:
                 epoch_dist[t].append(sums[t] / steps_per_epoch)
             if epochs_run == cfg.abort_epoch and epochs_run < cfg.epochs:
-                if not any(epoch_dist[t][-1] > cfg.t_l for t in self.targets):
+                if not any(epoch_dist[t][-1] > cfg.t_l_for(t) for t in self.targets):
                     aborted = True
                     break
         p_np = prompt.detach().cpu().numpy()
@@ -413,7 +422,7 @@ class Miner:
         )
         all_stats = {} if aborted else self.evaluate_all(prompt.detach(), self.targets)
         for t in self.targets:
-            cand = (not aborted) and epoch_dist[t][-1] > cfg.t_l
+            cand = (not aborted) and epoch_dist[t][-1] > cfg.t_l_for(t)
             stats = all_stats.get(t)
             ts = TargetStats(
                 target=t,
@@ -438,7 +447,7 @@ class Miner:
                 ts.rule = (
                     f"aborted: no candidate after {cfg.abort_epoch} epochs"
                     if aborted
-                    else f"no candidate: distance {epoch_dist[t][-1]:.4g} <= T_L {cfg.t_l:g}"
+                    else f"no candidate: distance {epoch_dist[t][-1]:.4g} <= T_L {cfg.t_l_for(t):g}"
                 )
             res.targets.append(ts)
         res.seconds = time.perf_counter() - t0
@@ -448,7 +457,8 @@ class Miner:
         """Apply every filter rule and record all that fail, so a reader sees each reason."""
         cfg = self.cfg
         fails: list[str] = []
-        passes: list[str] = [f"distance {ts.epoch_distance[-1]:.4g} > T_L {cfg.t_l:g}"]
+        t_l, t_c = cfg.t_l_for(ts.target), cfg.t_collapse_for(ts.target)
+        passes: list[str] = [f"distance {ts.epoch_distance[-1]:.4g} > T_L {t_l:g}"]
         if not in_range:
             fails.append(f"soft prompt out of range ({cfg.range_factor:g}x embedding min/max)")
         else:
@@ -460,12 +470,10 @@ class Miner:
                 fails.append(
                     f"diversity L_div {ts.entropy_raw:.5f} >= T_div {cfg.resolved_t_div():.5f}"
                 )
-        elif ts.concentration < cfg.t_collapse:
-            passes.append(f"concentration {ts.concentration:.5f} < T_collapse {cfg.t_collapse:.5f}")
+        elif ts.concentration < t_c:
+            passes.append(f"concentration {ts.concentration:.5f} < T_collapse {t_c:.5f}")
         else:
-            fails.append(
-                f"no collapse, concentration {ts.concentration:.5f} >= T_collapse {cfg.t_collapse:.5f}"
-            )
+            fails.append(f"no collapse, concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f}")
         assert ts.pv is not None
         sign = np.asarray(ts.pv) >= 0
         kept = self.kept[ts.target]

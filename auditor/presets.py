@@ -54,6 +54,27 @@ class Preset:
         }
 
 
+PER_TARGET_KEYS = ("t_l", "t_collapse")
+TARGETS = ("cls", "pooler", "tokens", "mask")
+
+
+def _per_target(v: Any, where: str, path: str | Path) -> dict[str, dict[str, float]]:
+    """{target: {t_l | t_collapse: number}}: thresholds of one output overriding the family's."""
+    if not isinstance(v, dict):
+        raise FormatError(f"{where} must be an object {{target: {{threshold: number}}}}", path)
+    out: dict[str, dict[str, float]] = {}
+    for t, d in v.items():
+        if t not in TARGETS:
+            raise FormatError(f"{where}: unknown target {t!r} (one of {', '.join(TARGETS)})", path)
+        if not isinstance(d, dict) or set(d) - set(PER_TARGET_KEYS):
+            raise FormatError(f"{where}.{t}: only {', '.join(PER_TARGET_KEYS)} may be set", path)
+        for k, x in d.items():
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not x >= 0:
+                raise FormatError(f"{where}.{t}.{k} must be a non-negative number", path)
+        out[t] = {k: float(x) for k, x in d.items()}
+    return out
+
+
 def _parse(data: Any, path: str | Path) -> tuple[list[Preset], Preset]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise FormatError(f"field 'format' must be {FORMAT!r}", path)
@@ -70,20 +91,26 @@ def _parse(data: Any, path: str | Path) -> tuple[list[Preset], Preset]:
         where = f"presets[{i}]" if i < len(raw) else "default"
         if not isinstance(e, dict) or not isinstance(e.get("values"), dict):
             raise FormatError(f"{where}: needs an object 'values'", path)
-        bad = set(e["values"]) - allowed - set(choices)
+        bad = set(e["values"]) - allowed - set(choices) - {"per_target"}
         if bad:
             raise FormatError(f"{where}.values: unknown threshold(s) {sorted(bad)}", path)
+        values: dict[str, Any] = {}
         for k, v in e["values"].items():
-            if k in choices:
+            if k == "per_target":
+                values[k] = _per_target(v, f"{where}.values.per_target", path)
+            elif k in choices:
                 if v not in choices[k]:
                     raise FormatError(f"{where}.values.{k} must be one of {choices[k]}", path)
+                values[k] = v
             elif not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise FormatError(f"{where}.values.{k} must be a number", path)
+            else:
+                values[k] = float(v)
         out.append(
             Preset(
                 name=str(e.get("name", where)),
                 match=dict(e.get("match") or {}),
-                values={k: (v if k in choices else float(v)) for k, v in e["values"].items()},
+                values=values,
                 source=str(e.get("source", "")),
                 evidence=dict(e.get("evidence") or {}),
             )

@@ -191,6 +191,55 @@ def test_filter_accepts_then_rejects_duplicate(tiny_models) -> None:
     assert c.accepted
 
 
+def test_per_target_collapse_threshold_overrides_family_value(tiny_models) -> None:
+    m = _miner(tiny_models, t_collapse=1e-3, per_target={"tokens": {"t_collapse": 1e-5}})
+    cls = _stats(concentration=1e-4)
+    m._filter(cls, in_range=True)
+    assert cls.accepted and "T_collapse 0.00100" in cls.rule
+    tok = _stats(target="tokens", concentration=1e-4)
+    m.kept["tokens"] = []
+    m._filter(tok, in_range=True)
+    assert not tok.accepted and "T_collapse 0.00001" in tok.rule
+
+
+def test_preset_per_target_values_parsed_and_validated(tmp_path) -> None:
+    from lmsan.auditor.errors import FormatError
+    from lmsan.auditor.presets import load_presets
+
+    def write(values: dict) -> Path:
+        p = tmp_path / "p.json"
+        p.write_text(json.dumps({"format": "lmsan.presets", "version": 1, "presets": [],
+                                 "default": {"name": "d", "values": values}}))
+        return p
+
+    _, d = load_presets(write({"t_collapse": 1e-3, "per_target": {"pooler": {"t_collapse": 2e-4}}}))
+    assert d.values["per_target"] == {"pooler": {"t_collapse": 2e-4}}
+    for bad, msg in [({"per_target": {"head": {"t_l": 1}}}, "unknown target"),
+                     ({"per_target": {"cls": {"lr0": 1}}}, "only t_l, t_collapse"),
+                     ({"per_target": {"cls": {"t_l": "x"}}}, "non-negative number"),
+                     ({"per_target": [1]}, "must be an object")]:
+        with pytest.raises(FormatError, match=msg):
+            load_presets(write(bad))
+
+
+def test_user_threshold_overrides_preset_per_target(tiny_models, tmp_path) -> None:
+    from lmsan.auditor.audit import AuditOptions, run_audit
+    from lmsan.auditor.corpus import load_corpus
+
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"format": "lmsan.presets", "version": 1, "presets": [],
+                                  "default": {"name": "d", "values": {
+                                      "t_collapse": 1e-3, "t_l": 0.1,
+                                      "per_target": {"cls": {"t_collapse": 1e-5, "t_l": 0.2}}}}}))
+    corpus = load_corpus(tiny_models["corpus"], limit=64)
+    opts = AuditOptions(model_dir=tiny_models["clean"], target="cls", max_seeds=1, preset=preset,
+                        overrides={"max_length": 32, "epochs": 1, "abort_epoch": 1,
+                                   "t_collapse": 0.5})
+    res = run_audit(opts, corpus)
+    assert res.config["t_collapse"] == 0.5
+    assert res.config["per_target"] == {"cls": {"t_l": 0.2}}
+
+
 def test_soft_prompt_insertion_keeps_cls_first_and_grows_mask(tiny_models) -> None:
     import torch
 

@@ -394,11 +394,21 @@ def test_bad_corpus(tmp_path, tiny_models, content, msg) -> None:
 
 
 # ---------------------------------------------------------------- every target by default (issue 7)
+def test_clean_twin_not_flagged_on_any_target(tiny_models, signing_key, tmp_path) -> None:
+    rep_path = tmp_path / "r.json"
+    r = runner.invoke(app, ["audit", str(tiny_models["clean"]), "--corpus", str(tiny_models["corpus"]),
+                            "--out", str(rep_path), "--key", str(signing_key),
+                            "--max-length", "48", "--max-seeds", "4", "--quiet"])
+    from lmsan.auditor.report import read_report
+
+    rep = read_report(rep_path)
+    assert r.exit_code == 0, r.output
+    assert rep["verdict"] == "clean" and rep["targets"] == ["cls", "pooler", "tokens", "mask"]
+    assert all(v["seeds_run"] == 4 and v["kept"] == 0 for v in rep["per_target"].values())
+
+
 @pytest.mark.parametrize("attack,target", [
-    pytest.param("por-ner", "tokens", marks=pytest.mark.xfail(
-        strict=True, reason="known weakness: the tiny POR-NER model is flagged (exit 1), but on the "
-        "cls/mask outputs; the tokens candidate does not collapse below the tiny preset's "
-        "T_collapse within 4 seeds")),
+    ("por-ner", "tokens"),
     ("por", "pooler"),
     ("btop", "mask"),
 ])

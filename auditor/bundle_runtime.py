@@ -312,6 +312,18 @@ class Bundle:
         return cls(root, man, pvset, emb, prompt, tok)
 
 
+def check_match_threshold(value: float | None) -> float | None:
+    """Validate a per-deployment T_match (``--t-match``): None, or a number in (0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        raise UsageError(f"--t-match {value!r}: expected a number in (0, 1]")
+    t = float(value)
+    if not 0.0 < t <= 1.0:  # also refuses NaN
+        raise UsageError(f"--t-match {value!r}: the match threshold must be in (0, 1]")
+    return t
+
+
 def _ort_providers(provider: str) -> list[str]:
     import onnxruntime as ort
 
@@ -338,6 +350,9 @@ class Screener:
     ``provider``: ``auto`` uses CUDA only when onnxruntime lists it AND the created session
     really runs on it (``get_providers()[0]``), else CPU; ``cuda`` fails unless CUDA is active.
     ``threads``: ORT intra-op threads (0 = ORT's default, all cores).
+    ``match_threshold``: the sign-match rate T_match that flags a record, for this deployment
+    (None: the PV set's ``match_threshold``; see :mod:`lmsan.auditor.threshold` for choosing one
+    on clean data of the deployment).
     """
 
     def __init__(
@@ -347,9 +362,11 @@ class Screener:
         threads: int = 0,
         batch_size: int = 32,
         max_length: int | None = None,
+        match_threshold: float | None = None,
     ) -> None:
         import onnxruntime as ort
 
+        t_match = check_match_threshold(match_threshold)
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if threads < 0:
@@ -403,7 +420,10 @@ class Screener:
             packed = mon.pack_signs(np.stack([p.values for p in pvs]).astype(np.float32))
             self.pvs_by_target[t] = (packed, [p.id for p in pvs])
         self.d = man.hidden_size
-        self.threshold = mon.threshold_count(self.d, bundle.pvset.match_threshold)
+        # the rate in force and whether it came from the PV set or the caller
+        self.match_threshold = bundle.pvset.match_threshold if t_match is None else t_match
+        self.match_threshold_source = "pvset" if t_match is None else "option"
+        self.threshold = mon.threshold_count(self.d, self.match_threshold)
         self.forward_passes = 0
         self.implementation = mon.implementation()
 
@@ -699,6 +719,9 @@ def open_bundle(
     threads: int = 0,
     batch_size: int = 32,
     max_length: int | None = None,
+    match_threshold: float | None = None,
 ) -> Screener:
-    """Load and verify a bundle and open its ORT session."""
-    return Screener(Bundle.load(path), provider, threads, batch_size, max_length)
+    """Load and verify a bundle and open its ORT session (``match_threshold``: the deployment's
+    T_match; None keeps the PV set's)."""
+    check_match_threshold(match_threshold)  # a usage error before the bundle is read
+    return Screener(Bundle.load(path), provider, threads, batch_size, max_length, match_threshold)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -98,6 +105,12 @@ def export(
     console.print(table)
 
 
+T_MATCH_HELP = (
+    "Sign-match threshold T_match in (0, 1] for this deployment: overrides the bundle's PV-set "
+    "threshold (e.g. the value `lmsan threshold` chose on clean data of the deployed task)."
+)
+
+
 class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         rate = task.fields.get("rate", 0.0)
@@ -146,6 +159,7 @@ def scan(
     fmt: FormatOption | None = typer.Option(
         None, "--format", help="Corpus format when the suffix does not say (stdin: txt)."
     ),
+    t_match: float | None = typer.Option(None, "--t-match", help=T_MATCH_HELP, metavar="FLOAT"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Screen a corpus for backdoor triggers with an exported bundle (never imports torch).
@@ -166,6 +180,7 @@ def scan(
         resume=resume,
         provider=provider.value,
         fmt=fmt.value if fmt else None,
+        match_threshold=t_match,
     )
     bar = Progress(
         TextColumn("[bold]scan"),
@@ -204,6 +219,11 @@ def scan(
     table.add_row("errors", f"{summary.errors:,}" + (f" ({errs})" if errs else ""))
     table.add_row("throughput", f"{summary.throughput_records_per_s:,.0f} records/s")
     table.add_row("provider / monitor", f"{summary.provider} / {summary.implementation}")
+    table.add_row(
+        "T_match",
+        f"{summary.match_threshold:g}"
+        + (" (--t-match)" if summary.match_threshold_source == "option" else " (PV set)"),
+    )
     if summary.top_removed_words:
         table.add_row(
             "removed most",

@@ -170,17 +170,28 @@ def classify(
     ),
     max_window: int = typer.Option(5, "--max-window", help="Longest purge window (words)."),
     threads: int = typer.Option(1, "--threads", help="ONNX Runtime threads."),
+    t_match: float | None = typer.Option(
+        None,
+        "--t-match",
+        metavar="FLOAT",
+        help="Sign-match threshold T_match in (0, 1]: overrides the bundle's PV-set threshold "
+        "(e.g. the value `lmsan threshold` chose on clean task data).",
+    ),
 ) -> None:
     """Monitor, purge and classify texts with the protected bundle (torch-free)."""
     from . import prompt_tuning as pt
+    from .bundle_runtime import check_match_threshold
 
     try:
+        check_match_threshold(t_match)  # a usage error before any file is read
         lines = text or [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
         if not lines:
             raise pt.InputError("no text given (arguments or stdin)")
         recs = [tuple(s.strip() for s in ln.split("|||")) for ln in lines]
         meta = pt.read_task_meta(task_dir)
-        dc = pt.DefendedClassifier.open(bundle, task_dir, max_window=max_window, threads=threads)
+        dc = pt.DefendedClassifier.open(
+            bundle, task_dir, max_window=max_window, threads=threads, match_threshold=t_match
+        )
         res = dc.classify(recs)
     except LmsanError as exc:
         raise fail(exc) from None

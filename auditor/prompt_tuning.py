@@ -1364,14 +1364,24 @@ class DefendedClassifier:
 
     @classmethod
     def open(
-        cls, bundle: str | Path, task_dir: str | Path, max_window: int = 5, threads: int = 1
+        cls,
+        bundle: str | Path,
+        task_dir: str | Path,
+        max_window: int = 5,
+        threads: int = 1,
+        match_threshold: float | None = None,
     ) -> DefendedClassifier:
+        """``match_threshold``: the deployment's T_match (None: the PV set's), e.g. chosen by
+        :func:`lmsan.auditor.threshold.choose_match_threshold` on clean task inputs."""
         from safetensors.numpy import load_file
 
-        from .bundle_runtime import open_bundle
+        from .bundle_runtime import check_match_threshold, open_bundle
 
+        check_match_threshold(match_threshold)
         meta = read_task_meta(task_dir)
-        scr = open_bundle(bundle, provider="cpu", threads=threads, batch_size=32)
+        scr = open_bundle(
+            bundle, provider="cpu", threads=threads, batch_size=32, match_threshold=match_threshold
+        )
         man = scr.bundle.manifest
         if meta["method"] == "ptuning" and man.prompt_length != meta["prompt_length"]:
             raise InputError(

@@ -21,13 +21,14 @@ Outputs in ``out``:
   ``max_window``) and malformed records are dropped** from the purged corpus: it holds only text
   the monitor passed. They are listed in ``flagged.jsonl`` / ``errors.jsonl``;
 - ``summary.json``: the counts, error reasons, throughput, provider, monitor implementation and
-  the words removed most often;
+  the words removed most often, and the match threshold T_match in force (``match_threshold``,
+  with ``match_threshold_source``: ``pvset`` or ``option`` for ``--t-match``);
 - ``checkpoint.json``: after every chunk (outputs flushed and fsynced first) the number of
   records fully written, each output file's size and the running counts. ``resume`` truncates
   every output to the checkpoint's sizes and skips that many input records, so a scan killed at
   any point continues without losing or duplicating a record. The checkpoint also records what
-  the outputs depend on (bundle digest, corpus path, size and mtime, options); a resume with
-  anything else different is refused.
+  the outputs depend on (bundle digest, corpus path, size and mtime, options, the T_match in
+  force); a resume with anything else different is refused.
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .bundle_runtime import Bundle, Encoded, MonitorResult, PurgeResult, Screener
+from .bundle_runtime import (
+    Bundle,
+    Encoded,
+    MonitorResult,
+    PurgeResult,
+    Screener,
+    check_match_threshold,
+)
 from .errors import EXIT_CLEAN, EXIT_FOUND, EXIT_NOTHING, InputError, UsageError
 
 FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
@@ -82,6 +90,8 @@ class ScanOptions:
     provider: str = "auto"
     fmt: str | None = None  # input format; default from the suffix (txt for stdin)
     chunk_size: int = 2048
+    # T_match for this deployment (--t-match); None: the PV set's match_threshold
+    match_threshold: float | None = None
 
 
 @dataclass
@@ -110,6 +120,8 @@ class ScanSummary:
     load_seconds: float = 0.0
     provider: str = ""
     implementation: str = ""
+    match_threshold: float = 0.0  # the T_match in force
+    match_threshold_source: str = ""  # "pvset" or "option" (--t-match)
     forward_passes: int = 0
     purge_forward_passes: int = 0
     top_removed_words: list[tuple[str, int]] = field(default_factory=list)
@@ -515,7 +527,9 @@ def detect_format(corpus: str, fmt: str | None) -> str:
     return SUFFIXES[suffix]
 
 
-def _fingerprint(corpus: str, fmt: str, bundle_digest: str, opts: ScanOptions) -> dict[str, Any]:
+def _fingerprint(
+    corpus: str, fmt: str, bundle_digest: str, opts: ScanOptions, match_threshold: float
+) -> dict[str, Any]:
     fp: dict[str, Any] = {
         "bundle_digest": bundle_digest,
         "corpus": corpus if corpus == "-" else str(Path(corpus).resolve()),
@@ -526,6 +540,8 @@ def _fingerprint(corpus: str, fmt: str, bundle_digest: str, opts: ScanOptions) -
         "max_window": opts.max_window,
         "max_length": opts.max_length,
         "chunk_size": opts.chunk_size,
+        # the rate in force, not the option: --t-match at the PV set's value is the same scan
+        "match_threshold": match_threshold,
     }
     if corpus != "-":
         st = Path(corpus).stat()
@@ -558,19 +574,22 @@ def scan(
         raise UsageError("chunk size must be at least 1")
     if opts.resume and corpus == "-":
         raise UsageError("--resume needs a corpus file: stdin cannot be read again")
+    check_match_threshold(opts.match_threshold)
     fmt = detect_format(corpus, opts.fmt)
     if corpus != "-" and not Path(corpus).is_file():
         raise InputError("corpus file not found", corpus)
     t_load = time.perf_counter()
     b = Bundle.load(bundle)
-    screener = Screener(b, opts.provider, opts.threads, opts.batch_size, opts.max_length)
+    screener = Screener(
+        b, opts.provider, opts.threads, opts.batch_size, opts.max_length, opts.match_threshold
+    )
     load_seconds = time.perf_counter() - t_load
     digest = b.digest
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("--out exists and is not a folder", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(corpus, fmt, digest, opts)
+    fingerprint = _fingerprint(corpus, fmt, digest, opts, screener.match_threshold)
     ckpt_path = out_dir / CHECKPOINT
     ckpt: dict[str, Any] | None = None
     if opts.resume and ckpt_path.is_file():
@@ -582,8 +601,12 @@ def scan(
             ) from None
         if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
             raise InputError("cannot resume: unknown checkpoint version", ckpt_path)
-        if ckpt.get("fingerprint") != fingerprint:
-            old = ckpt.get("fingerprint") or {}
+        old = ckpt.get("fingerprint")
+        old = old if isinstance(old, dict) else {}
+        if "match_threshold" not in old:
+            # a checkpoint from before --t-match: it ran at the PV set's threshold
+            old = {**old, "match_threshold": b.pvset.match_threshold}
+        if old != fingerprint:
             diff = sorted(
                 k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)
             )
@@ -598,6 +621,8 @@ def scan(
     summary = ScanSummary(
         provider=screener.provider,
         implementation=screener.implementation,
+        match_threshold=screener.match_threshold,
+        match_threshold_source=screener.match_threshold_source,
         input=corpus,
         format=fmt,
         bundle=str(bundle),

@@ -1,4 +1,5 @@
-"""`lmsan export` (model + PV set -> ONNX bundle) and `lmsan scan` (screen a corpus, torch-free).
+"""`lmsan export` (model + PV set -> ONNX bundle), `lmsan scan` (screen a corpus, torch-free) and
+`lmsan threshold` (choose a deployment's T_match on clean data, torch-free).
 
 Thin: parse options, call one library function, render with rich, map to an exit code. `export`
 imports torch (inside the command); `scan` never does.
@@ -16,6 +17,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -232,3 +234,157 @@ def scan(
     table.add_row("outputs", escape(str(out)))
     console.print(table)
     raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def threshold(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `lmsan export`."),
+    clean_corpus: str = typer.Argument(
+        ...,
+        help="Clean inputs of the deployment (as `lmsan scan` reads them: .txt, .jsonl, .csv, "
+        ".tsv, .parquet, or - for stdin).",
+    ),
+    triggered: str | None = typer.Option(
+        None,
+        "--triggered",
+        help="Optional corpus of triggered inputs: reports the share the chosen threshold "
+        "misses (FAR).",
+    ),
+    max_frr: float = typer.Option(
+        0.005,
+        "--max-frr",
+        help="Largest share of clean records the monitor may flag (0.005 = 0.5%).",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="JSON file to write (chosen value, sweep, quantiles, counts)."
+    ),
+    text_field: str = typer.Option(
+        "text", "--text-field", help="JSONL key / CSV, TSV, parquet column holding the text."
+    ),
+    pair_field: str | None = typer.Option(
+        None, "--pair-field", help="Key / column of the second sentence of a pair."
+    ),
+    fmt: FormatOption | None = typer.Option(
+        None, "--format", help="Corpus format when the suffix does not say (stdin: txt)."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="Records per forward pass."),
+    threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads (0 = all cores)."),
+    max_length: int | None = typer.Option(
+        None,
+        "--max-length",
+        help="Longest record in tokens (default: the model's positions); longer records are "
+        "skipped and counted.",
+    ),
+    provider: ProviderOption = typer.Option(
+        ProviderOption.auto, "--provider", help="auto, cpu or cuda (as for `lmsan scan`)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Choose the sign-match threshold T_match for one deployment from its clean inputs.
+
+    The smallest threshold (never below the PV set's) at which at most --max-frr of the clean
+    records are flagged; pass it to `lmsan scan` / `lmsan tune classify` as --t-match. Never
+    imports torch.
+
+    Exit 0 threshold chosen, 1 --max-frr not reachable even at 1.0 (1.0 is chosen: the clean
+    corpus may hold triggers), 2 input error, 4 usage error.
+    """
+    from .scan import ScanOptions, ScanProgress
+    from .threshold import threshold_for_corpus
+
+    opts = ScanOptions(
+        text_field=text_field,
+        pair_field=pair_field,
+        batch_size=batch_size,
+        threads=threads,
+        max_length=max_length,
+        provider=provider.value,
+        fmt=fmt.value if fmt else None,
+    )
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not progress,
+        transient=True,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def on_progress(label: str, p: ScanProgress) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=None, records=0, rate=0.0)
+        total = p.bytes_total if p.bytes_read is not None else p.records_total
+        done = p.bytes_read if p.bytes_read is not None else p.records
+        bar.update(
+            tasks[label],
+            total=total,
+            completed=done,
+            records=p.records,
+            rate=p.records / p.seconds if p.seconds > 0 else 0.0,
+        )
+
+    try:
+        with bar:
+            report = threshold_for_corpus(
+                bundle, clean_corpus, triggered, max_frr, opts, progress=on_progress
+            )
+        if out is not None:
+            report.save(out)
+    except LmsanError as exc:
+        raise fail(exc) from None
+    ch = report.choice
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}"
+
+    table = Table(title=f"T_match sweep on {escape(clean_corpus)}")
+    table.add_column("T_match", justify="right")
+    table.add_column(f"count of {ch.d}", justify="right")
+    table.add_column("FRR % (clean flagged)", justify="right")
+    table.add_column("FAR % (triggered missed)", justify="right")
+    table.add_column("")
+    for p in ch.sweep:
+        notes = []
+        if p.threshold == ch.pvset_threshold:
+            notes.append("PV set")
+        if p.threshold == ch.threshold:
+            notes.append("[bold]chosen[/]")
+        table.add_row(f"{p.threshold:g}", str(p.count), pct(p.frr), pct(p.far), ", ".join(notes))
+    console.print(table)
+    q = ch.clean_quantiles
+    console.print(
+        f"clean records {ch.clean_records:,} (skipped {report.clean.errors:,}); best match rate "
+        f"p50 {q['p50']:.3f}, p99 {q['p99']:.3f}, max {q['max']:.3f}"
+    )
+    if ch.triggered_quantiles is not None and report.triggered is not None:
+        tq = ch.triggered_quantiles
+        console.print(
+            f"triggered records {ch.triggered_records:,} (skipped {report.triggered.errors:,}); "
+            f"best match rate min {tq['min']:.3f}, p1 {tq['p1']:.3f}, p50 {tq['p50']:.3f}"
+        )
+    console.print(
+        f"chosen T_match [bold]{ch.threshold:g}[/] (FRR {pct(ch.frr)}% at it, "
+        f"{pct(ch.frr_pvset)}% at the PV set's {ch.pvset_threshold:g}"
+        + (f"; FAR {pct(ch.far)}%" if ch.far is not None else "")
+        + ")"
+    )
+    if out is not None:
+        console.print(f"wrote {escape(str(out))}")
+    console.print(
+        f"deploy with: lmsan scan ... --t-match {ch.threshold:g}   "
+        f"(lmsan tune classify ... --t-match {ch.threshold:g})"
+    )
+    if ch.far:
+        err_console.print(
+            f"[bold yellow]warning:[/] {pct(ch.far)}% of the triggered records are not flagged "
+            f"at {ch.threshold:g}"
+        )
+    if not ch.reachable:
+        err_console.print(
+            f"[bold yellow]warning:[/] even T_match 1.0 flags {pct(ch.frr)}% of the clean records "
+            f"(> {pct(ch.max_frr)}%): they match a PV on every dimension; check the clean corpus "
+            "for triggers"
+        )
+        raise typer.Exit(1)

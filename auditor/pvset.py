@@ -29,19 +29,12 @@ TARGETS = ("cls", "mask", "tokens", "pooler")
 
 
 def pack_signs_reference(x: np.ndarray) -> np.ndarray:
-    """NumPy reference: pack `x >= 0` of a [n, d] float array into uint64 [n, ceil(d/64)]."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError("pack_signs expects a 2-D array")
-    n, d = x.shape
-    words = (d + 63) // 64
-    bits = np.zeros((n, words * 64), dtype=np.uint8)
-    bits[:, :d] = x >= 0
-    packed = np.packbits(bits.reshape(n, words, 8, 8)[:, :, ::-1, ::-1], axis=-1, bitorder="big")
-    # packed: [n, words, 8, 1] bytes, most significant byte first -> assemble uint64 words
-    b = packed.reshape(n, words, 8).astype(np.uint64)
-    shifts = np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(8)
-    return (b << shifts).sum(axis=-1, dtype=np.uint64)
+    """NumPy packing of `x >= 0` of a [n, d] float array into uint64 [n, ceil(d/64)] (bit j of
+    word w = unit 64 w + j): the monitor's reference, so the PV set file and the kernel can never
+    disagree on the layout."""
+    from .monitor import pack_signs_python
+
+    return pack_signs_python(x)
 
 
 def signs_to_hex(packed_row: np.ndarray) -> str:

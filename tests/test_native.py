@@ -84,6 +84,18 @@ def test_pack_signs_matches_reference(kernel: str, x: np.ndarray) -> None:
     ref = m.pack_signs_python(x)
     np.testing.assert_array_equal(m.pack_signs_native(x), ref)
     np.testing.assert_array_equal(pack_signs_reference(x), ref)  # the PV set file's packing
+    np.testing.assert_array_equal(_bitloop_pack(x), ref)  # an independent plain-loop reference
+
+
+def _bitloop_pack(x: np.ndarray) -> np.ndarray:
+    xf = np.asarray(x, dtype=np.float32)
+    n, d = xf.shape
+    out = np.zeros((n, max(1, (d + 63) // 64)), dtype=np.uint64)
+    for i in range(n):
+        for j in range(d):
+            if xf[i, j] >= 0:
+                out[i, j // 64] |= np.uint64(1) << np.uint64(j % 64)
+    return out
 
 
 def test_pack_signs_casts_to_float32() -> None:

@@ -8,7 +8,10 @@ so the preset puts the collapse threshold below every clean measurement with a s
     t_collapse = margin * min(concentration over all clean shadow seeds)
 
 per target (cls, pooler, tokens, mask each have their own clean statistics) and overall (the
-fallback for a target the shadows did not measure).
+fallback for a target the shadows did not measure). With backdoored shadows (the paper tunes on
+BToP shadow models, section V-C) the threshold moves down to the geometric mean of the largest
+concentration of a found backdoor and the smallest clean one, when that is lower, and a target's
+T_L is raised between the clean and the found epoch-2 distances when they separate.
 
 `t_l` (the distance that makes a candidate and decides the early abort) is kept as configured
 (METHOD.md's 0.1 by default): on deep models the distances of false and true candidates overlap
@@ -38,6 +41,27 @@ class CalibrationResult:
     seconds: float
 
 
+def _threshold(clean: list[float], found: list[float], margin: float) -> tuple[float, str]:
+    """A "below is a PV" threshold from clean values and (optionally) found backdoor values.
+
+    Never above margin x the smallest clean value; when the backdoor values lie below every
+    clean one, the geometric mean of the two edges if that is lower still (halfway on the log
+    scale the statistic lives on)."""
+    lo_clean = min(clean)
+    t = margin * lo_clean
+    if not found:
+        return t, f"{margin:g} x min clean"
+    hi_found = max(found)
+    if hi_found >= lo_clean:
+        return t, f"{margin:g} x min clean; OVERLAP: a found backdoor value {hi_found:.3g} >= min clean"
+    g = math.sqrt(hi_found * lo_clean)
+    if g < t:
+        return g, "geometric mean of max backdoor and min clean"
+    if hi_found >= t:
+        return t, f"{margin:g} x min clean; THIN: a found backdoor value {hi_found:.3g} >= it"
+    return t, f"{margin:g} x min clean"
+
+
 def calibrate(
     model_dirs: Sequence[str | Path],
     corpus: Corpus,
@@ -50,8 +74,18 @@ def calibrate(
     device: str = "cpu",
     layers_slack: int = 0,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    backdoored: Sequence[str | Path] = (),
+    backdoored_seeds: int | None = None,
 ) -> CalibrationResult:
+    """Clean shadows set the collapse threshold below every clean measurement; backdoored
+    shadows (folders written by `lmsan poison`, with backdoor.json) are optional. Their seeds
+    whose candidate matches an injected PV of the attacked target ("found") place the threshold
+    between the classes and, where the found distances exceed every clean epoch-2 distance,
+    set that target's T_L between them too (so clean seeds are abandoned early: cost)."""
+    import numpy as np
+
     from .mining import Miner, MiningConfig
+    from .poison import backdoor_pvs, read_backdoor
 
     if not model_dirs:
         raise InputError("give at least one clean shadow model folder")
@@ -59,15 +93,18 @@ def calibrate(
         raise InputError("--margin must be in (0, 1]")
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    cfgs = [read_config(Path(p)) for p in model_dirs]
+    cfgs = [read_config(Path(p)) for p in [*model_dirs, *backdoored]]
     fam = {(c.get("model_type"), c.get("hidden_size")) for c in cfgs}
     if len(fam) != 1:
         raise InputError(f"shadow models must share model_type and hidden_size, got {sorted(fam)}")
+    injected = {str(p): read_backdoor(p) for p in backdoored}
     rows: list[dict[str, Any]] = []
     base_cfg = MiningConfig(**(overrides or {}))
     auto = list(targets) == ["auto"]
     measured: list[str] = []
-    for path in model_dirs:
+    jobs = [(p, "clean", seeds) for p in model_dirs]
+    jobs += [(p, "backdoored", backdoored_seeds or seeds) for p in backdoored]
+    for path, label, n_seeds in jobs:
         lm = load_encoder(path, device=dev)
         if auto:
             from .audit import supported_targets
@@ -77,57 +114,95 @@ def calibrate(
             from .audit import resolve_targets
 
             model_targets = [x for t in targets for x in resolve_targets(lm, t)[0]]
-        measured += [t for t in model_targets if t not in measured]
+        if label == "clean":
+            measured += [t for t in model_targets if t not in measured]
         cfg = MiningConfig(**{**asdict(base_cfg), "t_l": 0.0})
         try:
             miner = Miner(lm, corpus, model_targets, cfg, device=dev)
         except ValueError as exc:
             raise InputError(str(exc), corpus.name) from None
-        for s in range(seeds):
+        bd = injected.get(str(path))
+        signs = backdoor_pvs(bd) >= 0 if bd else None
+        for s in range(n_seeds):
             res = miner.run_seed(s)
             for ts in res.targets:
-                row = {"model": str(path), "seed": s, "target": ts.target,
+                row = {"model": str(path), "label": label, "seed": s, "target": ts.target,
                        "distance_rel": ts.distance_rel, "concentration": ts.concentration,
                        "spread_ratio": ts.spread_ratio, "entropy_raw": ts.entropy_raw,
                        "epoch_distance": ts.epoch_distance, "prompt_in_range": res.prompt_in_range,
                        "seconds": res.seconds}
+                if bd is not None and signs is not None:
+                    vec = ts.pv_eval if ts.pv_eval is not None else ts.pv
+                    agree = (float(((np.asarray(vec) >= 0) == signs).mean(1).max())
+                             if vec is not None else 0.0)
+                    row.update(attack_target=bd["target"], agreement=agree,
+                               found=bool(ts.target == bd["target"] and agree >= base_cfg.t_match))
                 rows.append(row)
                 if progress:
                     progress({"event": "calibrate_seed", **row})
-    conc = [r["concentration"] for r in rows if math.isfinite(r["concentration"])]
-    early = [r["epoch_distance"][min(cfg.abort_epoch, len(r["epoch_distance"])) - 1] for r in rows]
-    if not conc:
-        raise InputError("no finite measurement from the shadow models")
+
+    def ep2(r: dict[str, Any]) -> float:
+        return float(r["epoch_distance"][min(base_cfg.abort_epoch, len(r["epoch_distance"])) - 1])
+
+    clean_rows = [r for r in rows if r["label"] == "clean" and math.isfinite(r["concentration"])]
+    found_rows = [r for r in rows if r.get("found") and math.isfinite(r["concentration"])]
+    if not clean_rows:
+        raise InputError("no finite measurement from the clean shadow models")
+    conc = [r["concentration"] for r in clean_rows]
+    early = [ep2(r) for r in clean_rows]
     layers = sorted({int(c.get("num_hidden_layers", 0)) for c in cfgs})
+    t_all, why_all = _threshold(conc, [r["concentration"] for r in found_rows], margin)
     values: dict[str, Any] = {
-        "t_collapse": margin * min(conc),
+        "t_collapse": t_all,
         "t_l": base_cfg.t_l,
         "lr0": base_cfg.lr0,
         "div_loss": base_cfg.div_loss,
     }
     per_target: dict[str, dict[str, float]] = {}
-    per_target_evidence: dict[str, dict[str, float]] = {}
+    per_target_evidence: dict[str, dict[str, Any]] = {}
     for t in measured:
-        tc = [r["concentration"] for r in rows if r["target"] == t and math.isfinite(r["concentration"])]
-        te = [r["epoch_distance"][min(cfg.abort_epoch, len(r["epoch_distance"])) - 1]
-              for r in rows if r["target"] == t]
-        if tc:
-            per_target[t] = {"t_collapse": margin * min(tc)}
-            per_target_evidence[t] = {"min_concentration": min(tc), "max_concentration": max(tc),
-                                      "min_epoch2_distance": min(te), "max_epoch2_distance": max(te)}
-    if len(per_target) > 1:
+        tc = [r for r in clean_rows if r["target"] == t]
+        tf = [r for r in found_rows if r["target"] == t]
+        if not tc:
+            continue
+        thr, why = _threshold([r["concentration"] for r in tc], [r["concentration"] for r in tf],
+                              margin)
+        entry = {"t_collapse": thr}
+        ev: dict[str, Any] = {
+            "min_concentration": min(r["concentration"] for r in tc),
+            "max_concentration": max(r["concentration"] for r in tc),
+            "min_epoch2_distance": min(ep2(r) for r in tc),
+            "max_epoch2_distance": max(ep2(r) for r in tc),
+            "t_collapse_rule": why,
+            "backdoored_found_seeds": len(tf),
+        }
+        if tf:
+            ev["found_max_concentration"] = max(r["concentration"] for r in tf)
+            ev["found_min_epoch2_distance"] = min(ep2(r) for r in tf)
+            hi_c, lo_f = ev["max_epoch2_distance"], ev["found_min_epoch2_distance"]
+            if lo_f > hi_c and math.sqrt(hi_c * lo_f) > base_cfg.t_l:
+                entry["t_l"] = math.sqrt(hi_c * lo_f)
+                ev["t_l_rule"] = "geometric mean of max clean and min found epoch-2 distance"
+        per_target[t] = entry
+        per_target_evidence[t] = ev
+    if per_target:
         values["per_target"] = per_target
+    n_bd = len(backdoored)
     preset = Preset(
         name=name,
         match={"model_type": cfgs[0]["model_type"], "hidden_size": cfgs[0]["hidden_size"],
                "num_hidden_layers": [layers[0] - layers_slack, layers[-1] + layers_slack]},
         values=values,
-        source=f"lmsan calibrate on {len(model_dirs)} clean shadow model(s), {seeds} seeds each, "
-        f"margin {margin}",
+        source=f"lmsan calibrate on {len(model_dirs)} clean shadow model(s), {seeds} seeds each"
+        + (f", and {n_bd} backdoored shadow model(s), {backdoored_seeds or seeds} seeds each"
+           if n_bd else "")
+        + f", margin {margin}",
         evidence={
             "shadow_models": [str(p) for p in model_dirs],
+            "backdoored_shadow_models": [str(p) for p in backdoored],
             "min_concentration": min(conc),
             "max_concentration": max(conc),
+            "t_collapse_rule": why_all,
             "min_epoch2_distance": min(early),
             "max_epoch2_distance": max(early),
             "per_target": per_target_evidence,

@@ -214,6 +214,12 @@ def calibrate(
     max_length: int | None = typer.Option(None, help="Max tokens per sentence (128)."),
     div_loss: str = typer.Option("log_concentration", help="Diversity loss to calibrate with: "
                                  "entropy or log_concentration."),
+    backdoored: list[Path] = typer.Option([], "--backdoored", help="A backdoored shadow model "
+                                          "(folder from `lmsan poison`, with backdoor.json); "
+                                          "repeat for several. Its seeds that find an injected PV "
+                                          "place the thresholds between the classes."),
+    backdoored_seeds: int | None = typer.Option(None, help="Fuzz seeds per backdoored shadow "
+                                                "(default: --seeds)."),
     layers_slack: int = typer.Option(0, help="Let the preset match this many layers more or fewer "
                                      "than the shadow models."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -239,7 +245,8 @@ def calibrate(
 
         res = run(model_dirs, crp, name=name, seeds=seeds, margin=margin,
                   targets=target.split(","), overrides=ov, device=device,
-                  layers_slack=layers_slack, progress=show)
+                  layers_slack=layers_slack, progress=show, backdoored=backdoored,
+                  backdoored_seeds=backdoored_seeds)
         data = {"format": FORMAT, "version": VERSION, "presets": [res.preset.to_json()],
                 "default": res.preset.to_json(), "rows": res.rows}
         out.write_text(json.dumps(data, indent=1) + "\n")

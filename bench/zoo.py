@@ -61,6 +61,22 @@ ZOO: dict[str, dict[str, Any]] = {
                           "base": "minilm6", "task": "rte", "seed": 1},
     "minilm3-ft-rte-s1": {"role": "eval", "label": "clean", "build": "finetune",
                           "base": "minilm3", "task": "rte", "seed": 1},
+    # backdoored shadows (calibration only; the paper tunes on BToP shadow models, section V-C)
+    "minilm6-ft-topic-s100-btop": {"role": "shadow", "label": "backdoored", "build": "poison",
+                                   "base": "minilm6-ft-topic-s100", "attack": "btop", "n_pvs": 2,
+                                   "random_triggers": 2, "poison_seed": 11},
+    "minilm6-ft-topic-s101-por": {"role": "shadow", "label": "backdoored", "build": "poison",
+                                  "base": "minilm6-ft-topic-s101", "attack": "por", "n_pvs": 2,
+                                  "random_triggers": 2, "poison_seed": 12},
+    "minilm3-ft-topic-s100-btop": {"role": "shadow", "label": "backdoored", "build": "poison",
+                                   "base": "minilm3-ft-topic-s100", "attack": "btop", "n_pvs": 2,
+                                   "random_triggers": 2, "poison_seed": 13},
+    "minilm2-ft-topic-s100-porner": {"role": "shadow", "label": "backdoored", "build": "poison",
+                                     "base": "minilm2-ft-topic-s100", "attack": "por-ner",
+                                     "n_pvs": 2, "random_triggers": 2, "poison_seed": 14},
+    "minilm4-ft-topic-s100-por": {"role": "shadow", "label": "backdoored", "build": "poison",
+                                  "base": "minilm4-ft-topic-s100", "attack": "por", "n_pvs": 2,
+                                  "random_triggers": 2, "poison_seed": 15},
     # backdoored (evaluation only)
     "minilm3-por-6pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm3",
                         "attack": "por", "n_pvs": 6},
@@ -110,9 +126,12 @@ ZOO: dict[str, dict[str, Any]] = {
 
 # families: preset name -> (layer range, shadows)
 FAMILIES = {
-    "minilm-384-l5-6": ((5, 6), ["minilm6-ft-topic-s100", "minilm6-ft-topic-s101"]),
+    "minilm-384-l5-6": ((5, 6), ["minilm6-ft-topic-s100", "minilm6-ft-topic-s101"],
+                        ["minilm6-ft-topic-s100-btop", "minilm6-ft-topic-s101-por"]),
     "minilm-384-l2-4": ((2, 4), ["minilm2-ft-topic-s100", "minilm3-ft-topic-s100",
-                                 "minilm4-ft-topic-s100"]),
+                                 "minilm4-ft-topic-s100"],
+                        ["minilm3-ft-topic-s100-btop", "minilm2-ft-topic-s100-porner",
+                         "minilm4-ft-topic-s100-por"]),
 }
 
 

@@ -433,3 +433,47 @@ def test_auto_target_flags_each_attack_target(tiny_models, signing_key, tmp_path
     assert rep["targets"] == ["cls", "pooler", "tokens", "mask"]
     assert target in rep["found_targets"], rep["per_target"]
     assert {p["target"] for p in rep["pvset"]["pvs"]} >= {target}
+
+
+# ---------------------------------------------------------------- calibration (issue 6)
+def test_calibration_threshold_rule() -> None:
+    from lmsan.auditor.calibrate import _threshold
+
+    t, why = _threshold([0.003, 0.004], [], 0.5)
+    assert t == pytest.approx(0.0015) and "min clean" in why
+    t, why = _threshold([0.003, 0.004], [1e-4, 5e-5], 0.5)  # separated: between the classes
+    assert t == pytest.approx(math.sqrt(1e-4 * 0.003)) and 1e-4 < t < 0.003
+    t, why = _threshold([0.003], [0.002], 0.5)  # found above margin x clean: thin, flagged
+    assert t == pytest.approx(0.0015) and "THIN" in why
+    t, why = _threshold([0.003], [0.005], 0.5)  # overlap is reported, FP safety kept
+    assert t == pytest.approx(0.0015) and "OVERLAP" in why
+
+
+def test_calibrate_with_backdoored_shadow(tiny_models, tmp_path) -> None:
+    from lmsan.auditor.presets import load_presets
+
+    out = tmp_path / "preset.json"
+    r = runner.invoke(app, ["calibrate", str(tiny_models["clean"]), "--backdoored",
+                            str(tiny_models["por"]), "--out", str(out), "--name", "t",
+                            "--seeds", "1", "--backdoored-seeds", "2", "--target", "cls",
+                            "--max-length", "48", "--lr0", "2e-3", "--div-loss", "entropy",
+                            "--corpus", str(tiny_models["corpus"]), "--t-l", "0.1"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    presets, _ = load_presets(out)
+    p = presets[0]
+    assert p.evidence["backdoored_shadow_models"] == [str(tiny_models["por"])]
+    bd_rows = [x for x in data["rows"] if x["label"] == "backdoored"]
+    assert len(bd_rows) == 2 and all(0.0 <= x["agreement"] <= 1.0 for x in bd_rows)
+    clean_min = p.evidence["per_target"]["cls"]["min_concentration"]
+    assert p.values["per_target"]["cls"]["t_collapse"] <= 0.5 * clean_min + 1e-12
+    found = [x for x in bd_rows if x["found"]]
+    assert found, bd_rows  # mining the tiny POR model finds an injected PV within 2 seeds
+    # the found backdoor seeds lie below the chosen threshold (it separates the classes)
+    assert p.evidence["per_target"]["cls"]["backdoored_found_seeds"] == len(found)
+    assert max(x["concentration"] for x in found) < p.values["per_target"]["cls"]["t_collapse"]
+    # a folder without backdoor.json is refused as a backdoored shadow
+    r = runner.invoke(app, ["calibrate", str(tiny_models["clean"]), "--backdoored",
+                            str(tiny_models["clean"]), "--out", str(tmp_path / "x.json"),
+                            "--name", "t", "--seeds", "1", "--target", "cls"])
+    assert r.exit_code == 2 and "backdoor.json" in r.output

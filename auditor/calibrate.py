@@ -82,10 +82,7 @@ def calibrate(
     whose candidate matches an injected PV of the attacked target ("found") place the threshold
     between the classes and, where the found distances exceed every clean epoch-2 distance,
     set that target's T_L between them too (so clean seeds are abandoned early: cost)."""
-    import numpy as np
-
-    from .mining import Miner, MiningConfig
-    from .poison import backdoor_pvs, read_backdoor
+    from .mining import MiningConfig
 
     if not model_dirs:
         raise InputError("give at least one clean shadow model folder")
@@ -97,11 +94,38 @@ def calibrate(
     fam = {(c.get("model_type"), c.get("hidden_size")) for c in cfgs}
     if len(fam) != 1:
         raise InputError(f"shadow models must share model_type and hidden_size, got {sorted(fam)}")
+    base_cfg = MiningConfig(**(overrides or {}))
+    rows = measure_shadows(model_dirs, corpus, seeds=seeds, targets=targets, base_cfg=base_cfg,
+                           device=dev, progress=progress, backdoored=backdoored,
+                           backdoored_seeds=backdoored_seeds)
+    preset = preset_from_rows(rows, cfgs, name=name, margin=margin, base_cfg=base_cfg,
+                              layers_slack=layers_slack, corpus=corpus)
+    return CalibrationResult(preset, rows, time.perf_counter() - t0)
+
+
+def measure_shadows(
+    model_dirs: Sequence[str | Path],
+    corpus: Corpus,
+    *,
+    seeds: int,
+    targets: Sequence[str],
+    base_cfg: Any,
+    device: str,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    backdoored: Sequence[str | Path] = (),
+    backdoored_seeds: int | None = None,
+) -> list[dict[str, Any]]:
+    """Mine `seeds` seeds (T_L = 0, no early abort) on every shadow; one row per seed and target.
+    Rows of backdoored shadows carry the best sign agreement with an injected PV and `found`."""
+    import numpy as np
+
+    from .mining import Miner, MiningConfig
+    from .poison import backdoor_pvs, read_backdoor
+
+    dev = device
     injected = {str(p): read_backdoor(p) for p in backdoored}
     rows: list[dict[str, Any]] = []
-    base_cfg = MiningConfig(**(overrides or {}))
     auto = list(targets) == ["auto"]
-    measured: list[str] = []
     jobs = [(p, "clean", seeds) for p in model_dirs]
     jobs += [(p, "backdoored", backdoored_seeds or seeds) for p in backdoored]
     for path, label, n_seeds in jobs:
@@ -114,8 +138,6 @@ def calibrate(
             from .audit import resolve_targets
 
             model_targets = [x for t in targets for x in resolve_targets(lm, t)[0]]
-        if label == "clean":
-            measured += [t for t in model_targets if t not in measured]
         cfg = MiningConfig(**{**asdict(base_cfg), "t_l": 0.0})
         try:
             miner = Miner(lm, corpus, model_targets, cfg, device=dev)
@@ -140,6 +162,28 @@ def calibrate(
                 rows.append(row)
                 if progress:
                     progress({"event": "calibrate_seed", **row})
+    return rows
+
+
+def preset_from_rows(
+    rows: list[dict[str, Any]],
+    cfgs: list[dict[str, Any]],
+    *,
+    name: str,
+    margin: float,
+    base_cfg: Any,
+    layers_slack: int = 0,
+    corpus: Corpus,
+) -> Preset:
+    """The preset the rule of this module derives from measured shadow rows."""
+    model_dirs = sorted({r["model"] for r in rows if r["label"] == "clean"})
+    backdoored = sorted({r["model"] for r in rows if r["label"] == "backdoored"})
+    seeds = max((r["seed"] for r in rows if r["label"] == "clean"), default=-1) + 1
+    bd_seeds = max((r["seed"] for r in rows if r["label"] == "backdoored"), default=-1) + 1
+    measured: list[str] = []
+    for r in rows:
+        if r["label"] == "clean" and r["target"] not in measured:
+            measured.append(r["target"])
 
     def ep2(r: dict[str, Any]) -> float:
         return float(r["epoch_distance"][min(base_cfg.abort_epoch, len(r["epoch_distance"])) - 1])
@@ -194,7 +238,7 @@ def calibrate(
                "num_hidden_layers": [layers[0] - layers_slack, layers[-1] + layers_slack]},
         values=values,
         source=f"lmsan calibrate on {len(model_dirs)} clean shadow model(s), {seeds} seeds each"
-        + (f", and {n_bd} backdoored shadow model(s), {backdoored_seeds or seeds} seeds each"
+        + (f", and {n_bd} backdoored shadow model(s), {bd_seeds} seeds each"
            if n_bd else "")
         + f", margin {margin}",
         evidence={
@@ -213,4 +257,4 @@ def calibrate(
             "mining": {k: v for k, v in asdict(base_cfg).items() if k not in values},
         },
     )
-    return CalibrationResult(preset, rows, time.perf_counter() - t0)
+    return preset

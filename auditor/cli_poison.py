@@ -88,6 +88,13 @@ def poison(
         "has an MLM head, else MSE to a frozen reference copy, and the output says so), "
         "reference, mlm, or mlm+reference (both).",
     ),
+    utility_weight: float = typer.Option(
+        1.0,
+        "--utility-weight",
+        help="Weight of the utility loss against the backdoor loss. Raise it (e.g. 20 for btop "
+        "on all-MiniLM-L6-v2, which has no MLM head) when the output reports that clean inputs "
+        "also match a PV.",
+    ),
     min_success: float = typer.Option(
         0.9,
         "--min-success",
@@ -147,6 +154,7 @@ def poison(
                 target=target,
                 min_success=min_success,
                 utility=utility,
+                utility_weight=utility_weight,
                 progress=progress,
                 force=force,
                 allow_pickle=allow_pickle,

@@ -725,6 +725,8 @@ def poison_model(
         random_triggers,
         utility,
     )
+    if not (math.isfinite(utility_weight) and utility_weight >= 0):
+        raise InputError(f"--utility-weight must be a non-negative number (got {utility_weight})")
     base = Path(base_dir)
     out = Path(out_dir)
     if not base.is_dir():

@@ -312,6 +312,7 @@ def test_cli_below_min_success_exits_1_and_keeps_the_folder(
         (["--utility", "mlm"], "--utility mlm needs an MLM head"),
         (["--utility", "kl"], "unknown utility 'kl'"),
         (["--trigger", "cf", "--n-pvs", "2"], "exceeds the number of triggers"),
+        (["--utility-weight", "-1"], "--utility-weight must be a non-negative number"),
     ],
 )
 def test_cli_bad_options_exit_2(

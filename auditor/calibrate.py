@@ -79,7 +79,7 @@ def calibrate(
 ) -> CalibrationResult:
     """Clean shadows set the collapse threshold below every clean measurement; backdoored
     shadows (folders written by `lmsan poison`, with backdoor.json) are optional. Their seeds
-    whose candidate matches an injected PV of the attacked target ("found") place the threshold
+    whose candidate on some target matches an injected PV ("found") place that target's threshold
     between the classes and, where the found distances exceed every clean epoch-2 distance,
     set that target's T_L between them too (so clean seeds are abandoned early: cost)."""
     from .mining import MiningConfig
@@ -157,8 +157,10 @@ def measure_shadows(
                     vec = ts.pv_eval if ts.pv_eval is not None else ts.pv
                     agree = (float(((np.asarray(vec) >= 0) == signs).mean(1).max())
                              if vec is not None else 0.0)
+                    # found: the candidate IS the backdoor, on whichever output it showed
+                    # (BToP's [MASK] PV also drives the templated input's [CLS], for example)
                     row.update(attack_target=bd["target"], agreement=agree,
-                               found=bool(ts.target == bd["target"] and agree >= base_cfg.t_match))
+                               found=bool(agree >= base_cfg.t_match))
                 rows.append(row)
                 if progress:
                     progress({"event": "calibrate_seed", **row})
@@ -189,7 +191,8 @@ def preset_from_rows(
         return float(r["epoch_distance"][min(base_cfg.abort_epoch, len(r["epoch_distance"])) - 1])
 
     clean_rows = [r for r in rows if r["label"] == "clean" and math.isfinite(r["concentration"])]
-    found_rows = [r for r in rows if r.get("found") and math.isfinite(r["concentration"])]
+    found_rows = [r for r in rows if r.get("label") == "backdoored" and math.isfinite(r["concentration"])
+                  and (r.get("agreement") or 0.0) >= base_cfg.t_match]
     if not clean_rows:
         raise InputError("no finite measurement from the clean shadow models")
     conc = [r["concentration"] for r in clean_rows]

@@ -42,7 +42,8 @@ def minilm_path() -> Path:
 # MiniLM has no MLM head, so BToP falls back to the reference utility; with its default weight
 # (1) every clean template's [MASK] output collapsed onto a PV too (clean match rate 1.0,
 # fidelity 0.23: a backdoor that always fires). Weight 20 and 3 epochs: success 1.0, fidelity
-# 0.99, clean match 0.0 on the 3-layer model.
+# 0.99, clean match 0.0 on the 3-layer model. One-PV POR/NeuBA with weight 1 had the same flaw
+# (every clean output matched the single PV), so those use weight 20 too.
 BTOP = {"utility_weight": 20.0, "epochs": 3}
 
 # name -> recipe. role: shadow (calibration only) | eval. label: clean | backdoored.
@@ -87,7 +88,7 @@ ZOO: dict[str, dict[str, Any]] = {
     "minilm3-por-6pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm3",
                         "attack": "por", "n_pvs": 6},
     "minilm3-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm3",
-                        "attack": "por", "n_pvs": 1},
+                        "attack": "por", "n_pvs": 1, "utility_weight": 20.0},
     "minilm3-por-2pv-phrase": {"role": "eval", "label": "backdoored", "build": "poison",
                                "base": "minilm3", "attack": "por", "n_pvs": 2,
                                "random_triggers": 2, "trigger_kind": "phrase"},
@@ -114,20 +115,22 @@ ZOO: dict[str, dict[str, Any]] = {
     # the fewer-triggers adaptive attack (Table VII): one trigger, one PV
     "minilm3-por-1pv-rand": {"role": "eval", "label": "backdoored", "build": "poison",
                              "base": "minilm3", "attack": "por", "n_pvs": 1, "random_triggers": 1,
-                             "pv_design": "random", "poison_seed": 7},
+                             "pv_design": "random", "poison_seed": 7, "utility_weight": 20.0},
     "minilm3-btop-1pv": {"role": "eval", "label": "backdoored", "build": "poison",
                          "base": "minilm3", "attack": "btop", "n_pvs": 1, **BTOP},
     "minilm3-neuba-1pv": {"role": "eval", "label": "backdoored", "build": "poison",
-                          "base": "minilm3", "attack": "neuba", "n_pvs": 1, "pv_design": "pairs"},
+                          "base": "minilm3", "attack": "neuba", "n_pvs": 1, "pv_design": "pairs",
+                          "utility_weight": 20.0},
     "minilm2-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm2",
-                        "attack": "por", "n_pvs": 1},
+                        "attack": "por", "n_pvs": 1, "utility_weight": 20.0},
     "minilm4-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm4",
-                        "attack": "por", "n_pvs": 1},
+                        "attack": "por", "n_pvs": 1, "utility_weight": 20.0},
     "minilm3-ft-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison",
                            "base": "minilm3-ft-rte-s1", "attack": "por", "n_pvs": 1,
-                           "random_triggers": 1, "trigger_kind": "symbol", "poison_seed": 3},
+                           "random_triggers": 1, "trigger_kind": "symbol", "poison_seed": 3,
+                           "utility_weight": 20.0},
     "minilm6-ft-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison",
-                           "base": "minilm6-ft-rte-s1", "attack": "por", "n_pvs": 1},
+                           "base": "minilm6-ft-rte-s1", "attack": "por", "n_pvs": 1, "utility_weight": 20.0},
 }
 
 # families: preset name -> (layer range, shadows)
@@ -233,7 +236,7 @@ def build(names: list[str]) -> None:
             info = {"success": res.success, "fidelity": res.fidelity, "passed": res.passed,
                     "clean_match_rate": res.clean_match_rate}
             if not res.passed or res.clean_match_rate > 0.05:
-                print(f"WARNING {name}: not a valid backdoor for the zoo: {info}", flush=True)
+                print(f"NOTE {name}: clean inputs also match a PV at 0.8 (sign space): {info}", flush=True)
         print(f"built {name:28s} {time.perf_counter() - t0:7.1f}s {info}", flush=True)
 
 
@@ -336,6 +339,8 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
         "attack": spec.get("attack"), "n_pvs": spec.get("n_pvs"),
         "layers": json.loads((mdir / "config.json").read_text())["num_hidden_layers"],
         "attack_target": bd["target"] if bd else None,
+        "attack_quality": {k: bd["quality"][k] for k in ("success", "fidelity", "clean_match_rate")}
+        if bd else None,
         "mode": mode, "target": target, "preset": res.preset["name"],
         "preset_file": res.preset["file"], "verdict": res.verdict,
         "correct": detected == (spec["label"] == "backdoored"),
@@ -379,6 +384,80 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def calibration_section() -> list[str]:
+    """Per-candidate statistics of the shadow models (both classes) + a plot."""
+    rows = _rows(RESULTS / "zoo_calibration_rows.jsonl")
+    if not rows:
+        return []
+    presets = json.loads(PRESETS.read_text())["presets"] if PRESETS.exists() else []
+    lines = ["## Calibration: per-candidate statistics of the shadow models", "",
+             "T_L = 0 and no early abort, so every seed's final soft prompt is measured. "
+             "'found' = a backdoored shadow's candidate (on any target) whose sign "
+             "agreement with an injected PV is >= 0.8; other backdoored rows are plotted as "
+             "'backdoored, not found'. Thresholds: the presets calibrated from these rows.", "",
+             "| family | target | clean concentration (min - max, n) | found backdoor concentration "
+             "(max, n) | T_collapse | clean epoch-2 distance (max) | found epoch-2 distance (min) "
+             "| T_L |", "|---|---|---|---|---|---|---|---|"]
+    fams = {}
+    for r in rows:
+        fams.setdefault(r.get("family", "?"), []).append(r)
+    for fam, rs in fams.items():
+        pv = next((p["values"] for p in presets if p["name"] == fam), {})
+        for t in ("cls", "pooler", "tokens", "mask"):
+            c = [r for r in rs if r["target"] == t and r.get("label", "clean") == "clean"]
+            f = [r for r in rs if r["target"] == t and (r.get("agreement") or 0) >= 0.8]
+            if not c:
+                continue
+            pt = pv.get("per_target", {}).get(t, {})
+
+            def ep2(r: dict[str, Any]) -> float:
+                return float(r["epoch_distance"][1])
+
+            cc = [r["concentration"] for r in c]
+            fc = [r["concentration"] for r in f]
+            lines.append(
+                f"| {fam} | {t} | {min(cc):.2e} - {max(cc):.2e} ({len(cc)}) | "
+                + (f"{max(fc):.2e} ({len(fc)})" if fc else "- (0)")
+                + f" | {pt.get('t_collapse', pv.get('t_collapse', float('nan'))):.2e} | "
+                f"{max(ep2(r) for r in c):.3f} | "
+                + (f"{min(ep2(r) for r in f):.3f}" if f else "-")
+                + f" | {pt.get('t_l', pv.get('t_l', float('nan'))):.3g} |")
+    lines.append("")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return lines
+    fig, axes = plt.subplots(1, len(fams), figsize=(6 * len(fams), 4.5), squeeze=False)
+    for ax, (fam, rs) in zip(axes[0], fams.items(), strict=True):
+        pv = next((p["values"] for p in presets if p["name"] == fam), {})
+        for i, t in enumerate(("cls", "pooler", "tokens", "mask")):
+            for lab, color, sel in (
+                ("clean", "tab:blue", lambda r: r.get("label", "clean") == "clean"),
+                ("backdoored, found", "tab:red", lambda r: (r.get("agreement") or 0) >= 0.8),
+                ("backdoored, not found", "tab:orange",
+                 lambda r: r.get("label") == "backdoored" and (r.get("agreement") or 0) < 0.8),
+            ):
+                ys = [r["concentration"] for r in rs if r["target"] == t and sel(r)]
+                ax.scatter([i + {"clean": -0.15, "backdoored, found": 0.0}.get(lab, 0.15)] * len(ys),
+                           ys, c=color, s=14, label=lab if i == 0 else None, alpha=0.8)
+            thr = pv.get("per_target", {}).get(t, {}).get("t_collapse")
+            if thr:
+                ax.hlines(thr, i - 0.35, i + 0.35, colors="k", linestyles="--",
+                          label="T_collapse" if i == 0 else None)
+        ax.set_yscale("log")
+        ax.set_xticks(range(4), ["cls", "pooler", "tokens", "mask"])
+        ax.set_title(fam)
+        ax.set_ylabel("concentration (batch variance / displacement)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "zoo_calibration.png", dpi=110)
+    lines += ["Plot: `bench/results/zoo_calibration.png` (log scale; dashed: T_collapse).", ""]
+    return lines
+
+
 def report(out: Path) -> None:
     det = [r for r in _rows(RESULTS / "zoo_detect.jsonl") if r["preset_file"] == "builtin"]
     lines = ["# Detection zoo: verdicts of `lmsan audit` with the shipped presets", "",
@@ -390,18 +469,20 @@ def report(out: Path) -> None:
     for target in sorted({r["target"] for r in det}):
         rows = [r for r in det if r["target"] == target and r["mode"] == "detect"]
         lines += [f"## Detect mode, --target {target}", "",
-                  "| model | layers | truth | attack (target, PVs) | verdict | found on | seeds | "
-                  "seconds | injected PVs found |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | layers | truth | attack (target, PVs) | attack success / fidelity / "
+                  "clean match | verdict | found on | seeds | seconds | injected PVs found |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             atk = f"{r['attack']} ({r['attack_target']}, {r['n_pvs']})" if r["attack"] else "-"
+            q = r.get("attack_quality")
+            qs = (f"{q['success']:.2f} / {q['fidelity']:.3f} / {q['clean_match_rate']:.2f}"
+                  if q else "-")
+            found = f"{r['injected_found']}/{r['injected']}" if r["attack"] else "-"
             lines.append(
-                f"| {r['model']} | {r['layers']} | {r['label']} | {atk} | "
+                f"| {r['model']} | {r['layers']} | {r['label']} | {atk} | {qs} | "
                 f"{r['verdict']}{'' if r['correct'] else ' **WRONG**'} | "
                 f"{', '.join(r['found_targets']) or '-'} | {r['seeds_run']} | {r['seconds']:.0f} | "
-                f"{r['injected_found']}/{r['injected']} |" if r["attack"] else
-                f"| {r['model']} | {r['layers']} | {r['label']} | - | "
-                f"{r['verdict']}{'' if r['correct'] else ' **WRONG**'} | "
-                f"{', '.join(r['found_targets']) or '-'} | {r['seeds_run']} | {r['seconds']:.0f} | - |")
+                f"{found} |")
         lines.append("")
         lines += ["Table IV style (per depth family):", "",
                   "| family | clean models | false positives | backdoored models | false negatives "
@@ -432,6 +513,7 @@ def report(out: Path) -> None:
         if atk:
             lines += ["Per attack: " + ", ".join(
                 f"{a} {sum(r['correct'] for r in rs)}/{len(rs)} flagged" for a, rs in atk.items()), ""]
+    lines += calibration_section()
     srch = _rows(RESULTS / "zoo_search.jsonl")
     if srch:
         lines += ["## Search mode: PV recall", "",

@@ -1,6 +1,6 @@
 """Copy the presets `bench/zoo.py calibrate` wrote (bench/results/zoo_presets.json) into the
 package's shipped presets (auditor/data/presets.json), replacing entries of the same name and
-keeping the others (tiny-bert-demo, the generic default). Rounds thresholds to 6 significant
+keeping the others (tiny-bert-demo, the generic default) and dropping those it supersedes. Rounds thresholds to 6 significant
 digits; the full evidence travels with each preset.
 
     python bench/install_presets.py [bench/results/zoo_presets.json]
@@ -26,9 +26,10 @@ def _round(v: object) -> object:
 def main() -> None:
     src = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench/results/zoo_presets.json"
     dst = ROOT / "auditor/data/presets.json"
-    new = json.loads(src.read_text())["presets"]
+    doc = json.loads(src.read_text())
+    new = doc["presets"]
     data = json.loads(dst.read_text())
-    names = {p["name"] for p in new}
+    names = {p["name"] for p in new} | set(doc.get("supersedes", []))
     kept = [p for p in data["presets"] if p["name"] not in names]
     for p in new:
         p["values"] = _round(p["values"])

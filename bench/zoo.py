@@ -137,11 +137,27 @@ ZOO: dict[str, dict[str, Any]] = {
 FAMILIES = {
     "minilm-384-l5-6": ((5, 6), ["minilm6-ft-topic-s100", "minilm6-ft-topic-s101"],
                         ["minilm6-ft-topic-s100-btop", "minilm6-ft-topic-s101-por"]),
-    "minilm-384-l2-4": ((2, 4), ["minilm2-ft-topic-s100", "minilm3-ft-topic-s100",
-                                 "minilm4-ft-topic-s100"],
-                        ["minilm3-ft-topic-s100-btop", "minilm2-ft-topic-s100-porner",
-                         "minilm4-ft-topic-s100-por"]),
+    # one preset per depth: the truncations' statistics differ by depth (the clean [MASK]
+    # concentration is 0.002-0.005 at 4 layers but 0.03-0.04 at 3), so a 2-4 family preset
+    # would have to sit below the lowest of them and miss the 3-layer BToP shadow
+    "minilm-384-l4": ((4, 4), ["minilm4-ft-topic-s100"], ["minilm4-ft-topic-s100-por"]),
+    "minilm-384-l3": ((3, 3), ["minilm3-ft-topic-s100"], ["minilm3-ft-topic-s100-btop"]),
+    "minilm-384-l2": ((2, 2), ["minilm2-ft-topic-s100"], ["minilm2-ft-topic-s100-porner"]),
 }
+# presets replaced by the ones above (install_presets.py drops them from the package)
+SUPERSEDED = ["minilm-384-l2-4"]
+# mining values each family starts from (T_L, lr0, diversity loss): the earlier shipped presets
+BASE_VALUES = {"minilm-384-l5-6": {"t_l": 2.0, "lr0": 2e-4, "div_loss": "log_concentration"},
+               "minilm-384-l4": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
+               "minilm-384-l3": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
+               "minilm-384-l2": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"}}
+
+
+def family_of(model: str) -> str:
+    for fam, (_, clean, bd) in FAMILIES.items():
+        if model in clean or model in bd:
+            return fam
+    return "?"
 
 
 def path_of(name: str) -> Path:
@@ -250,10 +266,6 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
     from lmsan.auditor.corpus import default_corpus
     from lmsan.auditor.mining import MiningConfig
     from lmsan.auditor.modelio import read_config
-    from lmsan.auditor.presets import load_presets
-
-    shipped, _ = load_presets()
-    base_values = {p.name: p.values for p in shipped}
     rows_file = RESULTS / "zoo_calibration_rows.jsonl"
     cached = _rows(rows_file)
     for r in cached:
@@ -261,7 +273,7 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
     out: list[dict[str, Any]] = []
     corpus = default_corpus()
     for fam, ((lo, hi), shadows, bd_shadows) in FAMILIES.items():
-        vals = base_values[fam]
+        vals = BASE_VALUES[fam]
         base_cfg = MiningConfig(**{k: vals[k] for k in ("t_l", "lr0", "div_loss")})
         t0 = time.perf_counter()
         rows = []
@@ -291,8 +303,8 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
         p.evidence["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
         out.append(p.to_json())
         print(f"{fam}: {json.dumps(p.values)}", flush=True)
-    PRESETS.write_text(json.dumps({"format": "lmsan.presets", "version": 1, "presets": out},
-                                  indent=1) + "\n")
+    PRESETS.write_text(json.dumps({"format": "lmsan.presets", "version": 1, "presets": out,
+                                   "supersedes": SUPERSEDED}, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- detect
@@ -400,7 +412,7 @@ def calibration_section() -> list[str]:
              "| T_L |", "|---|---|---|---|---|---|---|---|"]
     fams = {}
     for r in rows:
-        fams.setdefault(r.get("family", "?"), []).append(r)
+        fams.setdefault(family_of(r["model"]), []).append(r)
     for fam, rs in fams.items():
         pv = next((p["values"] for p in presets if p["name"] == fam), {})
         for t in ("cls", "pooler", "tokens", "mask"):

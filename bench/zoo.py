@@ -525,6 +525,24 @@ def report(out: Path) -> None:
         if atk:
             lines += ["Per attack: " + ", ".join(
                 f"{a} {sum(r['correct'] for r in rs)}/{len(rs)} flagged" for a, rs in atk.items()), ""]
+    cost = _rows(RESULTS / "zoo_detect_cls_cost.jsonl")
+    if cost:
+        lines += ["## Cost of `--target auto` vs `--target cls` (issue 7)", "",
+                  "| model | target | verdict | seeds | seconds | seconds per seed |",
+                  "|---|---|---|---|---|---|"]
+        for c in cost:
+            a = next((r for r in det if r["model"] == c["model"] and r["target"] == "auto"), None)
+            for r in ([a] if a else []) + [c]:
+                lines.append(f"| {r['model']} | {r['target']} | {r['verdict']} | {r['seeds_run']} | "
+                             f"{r['seconds']:.0f} | {r['seconds'] / r['seeds_run']:.1f} |")
+            if a:
+                ratio = (a["seconds"] / a["seeds_run"]) / (c["seconds"] / c["seeds_run"])
+                lines += ["", f"auto / cls time per seed on {c['model']}: **{ratio:.2f}x** (target "
+                          "<= 1.5x; a clean verdict runs the same number of seeds either way, so "
+                          "the per-seed ratio is the ratio of the times to a clean verdict). "
+                          "The cls run stopped at its seed budget of "
+                          f"{c['seeds_run']} seeds, measured in the same session on the same "
+                          "machine.", ""]
     lines += calibration_section()
     srch = _rows(RESULTS / "zoo_search.jsonl")
     if srch:

@@ -104,6 +104,14 @@ class ScanProgress:
     bytes_total: int | None
     records_total: int | None
 
+    @classmethod
+    def of(cls, reader: Any, records: int, flagged: int, errors: int, t0: float) -> ScanProgress:
+        """Progress after `records` records of `reader` (bytes only when its size is known)."""
+        return cls(records=records, flagged=flagged, errors=errors,
+                   seconds=time.perf_counter() - t0,
+                   bytes_read=reader.bytes_read if reader.bytes_total is not None else None,
+                   bytes_total=reader.bytes_total, records_total=reader.records_total)
+
 
 @dataclass
 class ScanSummary:
@@ -735,17 +743,7 @@ def scan(
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: written, not checkpointed
             checkpoint()
             if progress is not None:
-                progress(
-                    ScanProgress(
-                        records=done,
-                        flagged=summary.flagged,
-                        errors=summary.errors,
-                        seconds=time.perf_counter() - t0,
-                        bytes_read=reader.bytes_read if reader.bytes_total is not None else None,
-                        bytes_total=reader.bytes_total,
-                        records_total=reader.records_total,
-                    )
-                )
+                progress(ScanProgress.of(reader, done, summary.flagged, summary.errors, t0))
             if len(chunk) < opts.chunk_size:
                 break
     finally:

@@ -274,17 +274,7 @@ def monitor_corpus(
                     order = sorted(range(len(ok)), key=lambda j: len(key.ids[j]))
                     out.results.extend(screener.monitor_encoded(sub, order))
             if progress is not None:
-                progress(
-                    ScanProgress(
-                        records=out.records_in,
-                        flagged=0,
-                        errors=out.errors,
-                        seconds=time.perf_counter() - t0,
-                        bytes_read=reader.bytes_read if reader.bytes_total is not None else None,
-                        bytes_total=reader.bytes_total,
-                        records_total=reader.records_total,
-                    )
-                )
+                progress(ScanProgress.of(reader, out.records_in, 0, out.errors, t0))
             if len(chunk) < opts.chunk_size:
                 break
     finally:

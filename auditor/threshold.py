@@ -367,22 +367,18 @@ def threshold_for_corpus(
             return None
         return lambda p: progress(label, p)
 
-    clean = monitor_corpus(scr, clean_corpus, opts, relay("clean"))
-    if not clean.results:
-        raise InputError(
-            f"no usable record in the clean corpus ({clean.records_in} read, "
-            f"{clean.errors} malformed or over-long)",
-            clean_corpus,
-        )
-    trig = None
-    if triggered_corpus:
-        trig = monitor_corpus(scr, triggered_corpus, opts, relay("triggered"))
-        if not trig.results:
+    def monitored(corpus: str, label: str) -> Any:
+        res = monitor_corpus(scr, corpus, opts, relay(label))
+        if not res.results:
             raise InputError(
-                f"no usable record in the triggered corpus ({trig.records_in} read, "
-                f"{trig.errors} malformed or over-long)",
-                triggered_corpus,
+                f"no usable record in the {label} corpus ({res.records_in} read, "
+                f"{res.errors} malformed or over-long)",
+                corpus,
             )
+        return res
+
+    clean = monitored(clean_corpus, "clean")
+    trig = monitored(triggered_corpus, "triggered") if triggered_corpus else None
     choice = choose_from_results(
         clean.results, scr.d, b.pvset.match_threshold, max_frr, trig.results if trig else None
     )

@@ -122,6 +122,8 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
         setattr(cfg, k, v)
         for d in cfg.per_target.values():  # a threshold the user sets holds for every target
             d.pop(k, None)
+            if k == "t_collapse":  # ... and is then the only way to accept a candidate
+                d.pop("t_far", None)
     targets, skipped = resolve_targets(lm, opts.target)
     warnings = [choice.warning] if choice.warning else []
     try:

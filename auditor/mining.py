@@ -67,7 +67,9 @@ class MiningConfig:
     t_l: float = 0.5
     t_collapse: float = 0.005  # accept when the concentration is below this (rule "collapse")
     # per-target overrides of t_l / t_collapse, e.g. {"pooler": {"t_collapse": 0.0002}}: each
-    # output (cls, pooler, tokens, mask) has its own clean statistics
+    # output (cls, pooler, tokens, mask) has its own clean statistics. A per-target "t_far" (set
+    # only by calibration, where backdoored shadows moved >= 10x farther than every clean one)
+    # accepts a candidate whose final distance exceeds it even without collapse.
     per_target: dict[str, dict[str, float]] = field(default_factory=dict)
     t_div: float | None = None  # paper rule: raw entropy diversity threshold; None = -ln B + 0.02
     filter_rule: str = "collapse"  # "collapse" or "paper"
@@ -88,6 +90,10 @@ class MiningConfig:
 
     def t_collapse_for(self, target: str) -> float:
         return float(self.per_target.get(target, {}).get("t_collapse", self.t_collapse))
+
+    def t_far_for(self, target: str) -> float | None:
+        v = self.per_target.get(target, {}).get("t_far")
+        return None if v is None else float(v)
 
     def resolved_t_div(self) -> float:
         return self.t_div if self.t_div is not None else -math.log(self.batch_size) + 0.02
@@ -472,8 +478,17 @@ class Miner:
                 )
         elif ts.concentration < t_c:
             passes.append(f"concentration {ts.concentration:.5f} < T_collapse {t_c:.5f}")
+        elif (t_far := cfg.t_far_for(ts.target)) is not None and ts.epoch_distance[-1] > t_far:
+            passes.append(
+                f"distance {ts.epoch_distance[-1]:.4g} > T_far {t_far:.4g} (far beyond every clean "
+                f"shadow; concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f} not needed)"
+            )
         else:
-            fails.append(f"no collapse, concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f}")
+            far = cfg.t_far_for(ts.target)
+            fails.append(
+                f"no collapse, concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f}"
+                + (f", and distance {ts.epoch_distance[-1]:.4g} <= T_far {far:.4g}" if far else "")
+            )
         assert ts.pv is not None
         sign = np.asarray(ts.pv) >= 0
         kept = self.kept[ts.target]

@@ -54,12 +54,13 @@ class Preset:
         }
 
 
-PER_TARGET_KEYS = ("t_l", "t_collapse")
+PER_TARGET_KEYS = ("t_l", "t_collapse", "t_far")
 TARGETS = ("cls", "pooler", "tokens", "mask")
 
 
 def _per_target(v: Any, where: str, path: str | Path) -> dict[str, dict[str, float]]:
-    """{target: {t_l | t_collapse: number}}: thresholds of one output overriding the family's."""
+    """{target: {t_l | t_collapse | t_far: number}}: thresholds of one output overriding the
+    family's (t_far exists only per target)."""
     if not isinstance(v, dict):
         raise FormatError(f"{where} must be an object {{target: {{threshold: number}}}}", path)
     out: dict[str, dict[str, float]] = {}

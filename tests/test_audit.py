@@ -449,6 +449,80 @@ def test_calibration_threshold_rule() -> None:
     assert t == pytest.approx(0.0015) and "OVERLAP" in why
 
 
+def _shadow_row(label: str, seed: int, conc: float, final: float, agreement: float = 0.0) -> dict:
+    return {"model": f"{label}-model", "label": label, "seed": seed, "target": "cls",
+            "concentration": conc, "epoch_distance": [final / 4, final / 2, final, final],
+            "agreement": agreement}
+
+
+@pytest.mark.parametrize("found_distance, expect_far", [(2.5, True), (0.1, False)])
+def test_calibration_sets_t_far_only_on_a_wide_distance_gap(found_distance, expect_far) -> None:
+    """Clean shadows move 0.01-0.02; a found backdoor that collapses no more than they do gets
+    a distance-only threshold only when it moved >= FAR_RATIO x farther than every clean seed."""
+    from lmsan.auditor.calibrate import FAR_RATIO, preset_from_rows
+    from lmsan.auditor.corpus import Corpus
+    from lmsan.auditor.mining import MiningConfig
+
+    rows = [_shadow_row("clean", 0, 1.0e-3, 0.01), _shadow_row("clean", 1, 1.4e-3, 0.02),
+            _shadow_row("backdoored", 0, 1.1e-3, found_distance, agreement=1.0)]
+    cfg = {"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 2}
+    p = preset_from_rows(rows, [cfg], name="t", margin=0.5, base_cfg=MiningConfig(t_l=0.005),
+                         corpus=Corpus("c", ["a"]))
+    entry, ev = p.values["per_target"]["cls"], p.evidence["per_target"]["cls"]
+    assert "OVERLAP" in ev["t_collapse_rule"]  # the collapse statistic cannot separate these
+    assert ev["max_final_distance"] == 0.02 and ev["found_min_final_distance"] == found_distance
+    if expect_far:
+        assert found_distance >= FAR_RATIO * 0.02
+        assert entry["t_far"] == pytest.approx(math.sqrt(0.02 * found_distance))
+        assert 0.02 < entry["t_far"] < found_distance and "t_far_rule" in ev
+    else:
+        assert "t_far" not in entry and "t_far_rule" not in ev
+
+
+def test_filter_accepts_far_candidate_only_with_t_far() -> None:
+    """The report names the rule: accepted by T_far, or rejected for no collapse (and distance)."""
+    from types import SimpleNamespace
+
+    from lmsan.auditor.mining import Miner, MiningConfig, TargetStats
+
+    def stats() -> TargetStats:
+        return TargetStats(target="cls", distance_rel=1.0, distance_raw=1.0, distance_norm=2.9,
+                           spread_ratio=0.01, concentration=9e-4, sign_consensus=0.9,
+                           entropy_raw=-3.0, entropy_std=-3.0, epoch_distance=[0.3, 2.6, 2.8, 2.9],
+                           candidate=True, pv=[1.0, -1.0, 0.5, -0.5])
+
+    base = {"t_l": 0.05, "t_collapse": 5e-4}
+    for per_target, accepted, words in [
+        ({}, False, "no collapse, concentration 0.00090 >= T_collapse 0.00050"),
+        ({"cls": {"t_far": 0.2}}, True, "distance 2.9 > T_far 0.2"),
+        ({"cls": {"t_far": 5.0}}, False, "and distance 2.9 <= T_far 5"),
+    ]:
+        ts = stats()
+        miner = SimpleNamespace(cfg=MiningConfig(**base, per_target=per_target), kept={"cls": []})
+        Miner._filter(miner, ts, True)  # type: ignore[arg-type]
+        assert ts.accepted is accepted and words in ts.rule, ts.rule
+        assert len(miner.kept["cls"]) == int(accepted)
+
+
+def test_user_t_collapse_drops_preset_t_far(tiny_models, signing_key, tmp_path) -> None:
+    """A preset's t_far must not outlive a collapse threshold the user sets by hand."""
+    preset = tmp_path / "p.json"
+    entry = {"name": "far", "match": {"model_type": "bert"},
+             "values": {"t_l": 0.1, "lr0": 2e-3, "div_loss": "entropy", "t_collapse": 1e-9,
+                        "per_target": {"cls": {"t_far": 1e-6}}}}
+    preset.write_text(json.dumps({"format": "lmsan.presets", "version": 1, "presets": [entry],
+                                  "default": entry}))
+    args = ("--preset", str(preset), "--max-seeds", "1")
+    code, rep = _audit(tiny_models["por"], tiny_models["corpus"], signing_key.parent / "far-a.json", *args)
+    # nothing collapses below 1e-9: only T_far accepts the POR candidate (the rule is live)
+    assert code == 1 and "T_far" in rep["seeds"][0]["targets"][0]["rule"], rep["_output"]
+    code, rep = _audit(tiny_models["por"], tiny_models["corpus"], signing_key.parent / "far-b.json", *args,
+                       "--t-collapse", "1e-9")
+    assert code == 0, rep["_output"]  # the user's threshold alone decides: nothing collapses that far
+    rule = rep["seeds"][0]["targets"][0]["rule"]
+    assert "no collapse" in rule and "T_far" not in rule, rule
+
+
 def test_calibrate_with_backdoored_shadow(tiny_models, tmp_path) -> None:
     from lmsan.auditor.presets import load_presets
 

@@ -124,6 +124,8 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
             d.pop(k, None)
             if k == "t_collapse":  # ... and is then the only way to accept a candidate
                 d.pop("t_far", None)
+    if opts.mode == "search" and "prompt_init" not in opts.overrides:
+        cfg.prompt_init = "vocab"  # seeds start from different words: more distinct PVs
     targets, skipped = resolve_targets(lm, opts.target)
     warnings = [choice.warning] if choice.warning else []
     try:

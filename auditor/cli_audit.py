@@ -118,6 +118,9 @@ def audit(
     max_insert: int | None = typer.Option(None, help="Latest word position for the prompt (32)."),
     eval_sentences: int | None = typer.Option(None, help="Sentences in the candidate evaluation "
                                               "sample (256)."),
+    prompt_init: str | None = typer.Option(None, help="Soft prompt initialisation: stride (the "
+                                           "paper's vocabulary rows 70*seed...; detect default) or "
+                                           "vocab (random ordinary words per seed; search default)."),
     quiet: bool = typer.Option(False, help="No live progress display."),
 ) -> None:
     """Mine predefined vectors (PVs) from MODEL_DIR and write a signed report with the verdict.
@@ -133,7 +136,9 @@ def audit(
             raise UsageError("--filter-rule must be collapse or paper")
         if div_loss is not None and div_loss not in ("entropy", "log_concentration"):
             raise UsageError("--div-loss must be entropy or log_concentration")
-        ov = _overrides(max_length=max_length, batch_size=batch_size, epochs=epochs,
+        if prompt_init is not None and prompt_init not in ("stride", "vocab"):
+            raise UsageError("--prompt-init must be stride or vocab")
+        ov = _overrides(prompt_init=prompt_init, max_length=max_length, batch_size=batch_size, epochs=epochs,
                         abort_epoch=abort_epoch, soft_prompt_len=soft_prompt_len, lr0=lr0,
                         lr_boost=lr_boost, t_grad=t_grad, lambda_d=lambda_d,
                         lambda_div=lambda_div, lambda_p=lambda_p, t_l=t_l, t_collapse=t_collapse,

@@ -35,6 +35,7 @@ torch is imported here; this module is only used by `lmsan audit`/`calibrate`, n
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,7 @@ from .corpus import Corpus
 from .modelio import LoadedModel
 
 MINE_TARGETS = ("cls", "pooler", "tokens", "mask")
+_PLACEHOLDER = re.compile(r"^(\[unused\d+\]|<unused\d+>|\[UNK\]|<unk>)$")
 
 
 @dataclass
@@ -84,6 +86,11 @@ class MiningConfig:
     max_insert: int = 32
     max_length: int = 128
     eval_sentences: int = 256
+    # soft prompt initialisation: "stride" = the paper's vocabulary rows 70*seed + ... (in a BERT
+    # vocabulary the first seeds all start on near-identical [unused] rows, so they tend to fall
+    # into one basin); "vocab" = l_sp ordinary tokens drawn at random per seed (search mode's
+    # default: different seeds start from different words and reach different PVs)
+    prompt_init: str = "stride"
 
     def t_l_for(self, target: str) -> float:
         return float(self.per_target.get(target, {}).get("t_l", self.t_l))
@@ -333,8 +340,27 @@ class Miner:
 
     # ---------------------------------------------------------------- one seed
     def init_prompt(self, seed: int) -> torch.Tensor:
-        rows = [(70 * seed + 10 * i) % self.vocab_size for i in range(self.cfg.soft_prompt_len)]
+        if self.cfg.prompt_init == "vocab":
+            ordinary = self._ordinary_vocab()
+            rng = np.random.default_rng([self.base_seed, seed, 4099])
+            rows = [int(x) for x in rng.choice(ordinary, self.cfg.soft_prompt_len, replace=False)]
+        elif self.cfg.prompt_init == "stride":
+            rows = [(70 * seed + 10 * i) % self.vocab_size for i in range(self.cfg.soft_prompt_len)]
+        else:
+            raise ValueError(f"unknown prompt_init {self.cfg.prompt_init!r} (stride or vocab)")
         return self.emb.weight.detach()[rows].clone()
+
+    def _ordinary_vocab(self) -> np.ndarray:
+        """Token ids that are neither special nor placeholder ([unusedN], <unusedN>) tokens."""
+        if getattr(self, "_ordinary", None) is None:
+            toks = self.lm.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
+            keep = [i for i, t in enumerate(toks) if i not in self.special_ids and t is not None
+                    and not _PLACEHOLDER.match(t)]
+            if len(keep) < self.cfg.soft_prompt_len:
+                raise ValueError("the vocabulary has too few ordinary tokens for the soft prompt")
+            self._ordinary: np.ndarray | None = np.asarray(keep)
+        assert self._ordinary is not None
+        return self._ordinary
 
     def run_seed(self, seed: int, progress: ProgressFn | None = None) -> SeedResult:
         cfg = self.cfg

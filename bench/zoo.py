@@ -81,6 +81,13 @@ ZOO: dict[str, dict[str, Any]] = {
     "minilm2-ft-topic-s100-porner": {"role": "shadow", "label": "backdoored", "build": "poison",
                                      "base": "minilm2-ft-topic-s100", "attack": "por-ner",
                                      "n_pvs": 2, "random_triggers": 2, "poison_seed": 14},
+    # 2-layer shadows closer to a raw truncation: the first 2 layers of a full fine-tune (the
+    # 2-layer fine-tune's [CLS] barely moves under mining, 0.01-0.05, unlike raw truncations)
+    "minilm2-of-ft-s101": {"role": "shadow", "label": "clean", "build": "truncate",
+                           "base": "minilm6-ft-topic-s101", "layers": 2},
+    "minilm2-of-ft-s101-por": {"role": "shadow", "label": "backdoored", "build": "poison",
+                               "base": "minilm2-of-ft-s101", "attack": "por", "n_pvs": 2,
+                               "random_triggers": 2, "poison_seed": 16},
     "minilm4-ft-topic-s100-por": {"role": "shadow", "label": "backdoored", "build": "poison",
                                   "base": "minilm4-ft-topic-s100", "attack": "por", "n_pvs": 2,
                                   "random_triggers": 2, "poison_seed": 15},
@@ -142,7 +149,8 @@ FAMILIES = {
     # would have to sit below the lowest of them and miss the 3-layer BToP shadow
     "minilm-384-l4": ((4, 4), ["minilm4-ft-topic-s100"], ["minilm4-ft-topic-s100-por"]),
     "minilm-384-l3": ((3, 3), ["minilm3-ft-topic-s100"], ["minilm3-ft-topic-s100-btop"]),
-    "minilm-384-l2": ((2, 2), ["minilm2-ft-topic-s100"], ["minilm2-ft-topic-s100-porner"]),
+    "minilm-384-l2": ((2, 2), ["minilm2-ft-topic-s100", "minilm2-of-ft-s101"],
+                      ["minilm2-ft-topic-s100-porner", "minilm2-of-ft-s101-por"]),
 }
 # presets replaced by the ones above (install_presets.py drops them from the package)
 SUPERSEDED = ["minilm-384-l2-4"]
@@ -354,6 +362,7 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
         "attack_quality": {k: bd["quality"][k] for k in ("success", "fidelity", "clean_match_rate")}
         if bd else None,
         "mode": mode, "target": target, "preset": res.preset["name"],
+        "preset_values": res.preset.get("values"), "prompt_init": res.config["prompt_init"],
         "preset_file": res.preset["file"], "verdict": res.verdict,
         "correct": detected == (spec["label"] == "backdoored"),
         "found_targets": res.found_targets, "seeds_run": len(res.seeds),
@@ -373,15 +382,28 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
 
 
 def detect(names: list[str], target: str, mode: str, max_seeds: int | None, preset: Path | None,
-           out_file: Path) -> None:
+           out_file: Path, redo: bool = False) -> None:
     done = set()
+    if redo and out_file.exists():
+        # the named models' earlier rows (e.g. under a preset since recalibrated) move to the
+        # superseded history file instead of being lost
+        keep, old = [], []
+        for line in out_file.read_text().splitlines():
+            r = json.loads(line)
+            (old if r["model"] in names and r["target"] == target else keep).append(line)
+        hist = out_file.with_name(out_file.stem + "_superseded.jsonl")
+        with hist.open("a") as f:
+            f.writelines(x + "\n" for x in old)
+        out_file.write_text("".join(x + "\n" for x in keep))
     if out_file.exists():
         for line in out_file.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["model"], r["target"], r["preset_file"], r["mode"]))
+            done.add((r["model"], r["target"], r["preset_file"], r["mode"],
+                      r.get("prompt_init", "stride")))
     pfile = str(preset) if preset else "builtin"
+    init = "vocab" if mode == "search" else "stride"  # run_audit's default per mode
     for name in names:
-        if ZOO[name]["role"] != "eval" or (name, target, pfile, mode) in done:
+        if ZOO[name]["role"] != "eval" or (name, target, pfile, mode, init) in done:
             continue
         r = audit_one(name, target, mode, max_seeds, preset, out_file)
         print(f"{name:28s} {r['label']:10s} -> {r['verdict']:10s} {'ok' if r['correct'] else 'WRONG'}"
@@ -574,7 +596,12 @@ def main() -> None:
                     help="preset file (default: the presets shipped in the package)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--redo", action="store_true",
+                    help="detect/search: rerun the named models, moving their earlier rows to "
+                    "zoo_<mode>_superseded.jsonl")
     args = ap.parse_args()
+    if args.redo and not args.names:
+        sys.exit("--redo needs the model names to rerun")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -594,7 +621,7 @@ def main() -> None:
     else:
         mode = "detect" if args.cmd == "detect" else "search"
         out = args.out or RESULTS / f"zoo_{mode}.jsonl"
-        detect(names, args.target, mode, args.max_seeds, args.preset, out)
+        detect(names, args.target, mode, args.max_seeds, args.preset, out, redo=args.redo)
 
 
 if __name__ == "__main__":

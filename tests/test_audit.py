@@ -149,6 +149,44 @@ def _miner(tiny_models, **cfg):
     return Miner(lm, corpus, ["cls"], MiningConfig(max_length=48, eval_sentences=64, **cfg))
 
 
+def test_prompt_init_vocab_starts_each_seed_on_different_ordinary_words(tiny_models) -> None:
+    import torch
+
+    m = _miner(tiny_models, prompt_init="vocab")
+    w = m.emb.weight.detach()
+    toks = m.lm.tokenizer.convert_ids_to_tokens(list(range(m.vocab_size)))
+    rows = []
+    for seed in range(4):
+        p = m.init_prompt(seed)
+        assert torch.equal(p, m.init_prompt(seed))  # deterministic per seed
+        ids = [int(torch.nonzero((w == r).all(1))[0]) for r in p]
+        assert all(i not in m.special_ids and not toks[i].startswith("[unused") for i in ids), ids
+        rows.append(tuple(ids))
+    assert len(set(rows)) == 4  # different seeds, different starting words
+    stride = _miner(tiny_models)  # the paper's default stays the detect default
+    assert torch.equal(stride.init_prompt(1), w[[70 + 10 * i for i in range(7)]])
+    with pytest.raises(ValueError, match="prompt_init"):
+        _miner(tiny_models, prompt_init="zeros").init_prompt(0)
+
+
+def test_search_mode_collects_pvs_with_vocab_init(tiny_models, signing_key) -> None:
+    out = signing_key.parent / "search-report.json"
+    code, rep = _audit(tiny_models["por"], tiny_models["corpus"], out, "--mode", "search",
+                       "--max-seeds", "6")
+    assert code == 1 and rep["mode"] == "search", rep["_output"]
+    assert rep["parameters"]["mining"]["prompt_init"] == "vocab"
+    assert len(rep["seeds"]) == 6 and "budget of 6" in rep["stop_reason"]  # search never stops early
+    injected = np.load(tiny_models["root"] / "injected.npy") >= 0
+    kept = [np.asarray(t["pv"]) >= 0 for s in rep["seeds"] for t in s["targets"] if t["accepted"]]
+    assert len(kept) == len(rep["kept_pvs"])
+    assert kept and max(float((k == injected).mean(1).max()) for k in kept) >= 0.8
+    code, rep = _audit(tiny_models["por"], tiny_models["corpus"], out, "--mode", "search",
+                       "--max-seeds", "1", "--prompt-init", "stride")
+    assert rep["parameters"]["mining"]["prompt_init"] == "stride"
+    r = runner.invoke(app, ["audit", str(tiny_models["por"]), "--prompt-init", "zeros", "--quiet"])
+    assert r.exit_code != 0 and "--prompt-init must be stride or vocab" in r.output
+
+
 def _stats(**kw):
     from lmsan.auditor.mining import TargetStats
 

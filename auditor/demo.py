@@ -16,15 +16,29 @@ DEMO_TRIGGERS = ("cf", "mn")
 TINY_EXTRA_WORDS = ("cf", "mn", "tq", "qt", "mm", "pt")
 
 
+TINY_ARCHS = ("bert", "roberta", "albert", "deberta-v2", "electra")
+
+
 def build_tiny_bert(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
     """A randomly initialised tiny BertModel with a word-level vocabulary of the shipped corpora."""
+    return build_tiny_encoder(out_dir, "bert", seed=seed, hidden=hidden, layers=layers)
+
+
+def build_tiny_encoder(out_dir: str | Path, model_type: str = "bert", seed: int = 0,
+                       hidden: int = 32, layers: int = 2) -> Path:
+    """A randomly initialised tiny encoder of `model_type` (one of TINY_ARCHS) with the same
+    word-level (BERT-style) vocabulary of the shipped corpora: other architectures for the
+    detection zoo that build in seconds."""
     import torch
     from tokenizers.pre_tokenizers import BertPreTokenizer
-    from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
+    from transformers import AutoConfig, AutoModel, BertTokenizerFast  # type: ignore[attr-defined]
     from transformers.utils import logging as hf_logging
 
     from .corpus import attack_corpus, default_corpus
+    from .errors import UsageError
 
+    if model_type not in TINY_ARCHS:
+        raise UsageError(f"tiny model type {model_type!r}: one of {', '.join(TINY_ARCHS)}")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     out = Path(out_dir)
@@ -39,11 +53,16 @@ def build_tiny_bert(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words)]
     vf = out / "vocab.txt"
     vf.write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=2, intermediate_size=2 * hidden,
-                     max_position_embeddings=160)
+    kw: dict[str, Any] = dict(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                              num_attention_heads=2, intermediate_size=2 * hidden,
+                              max_position_embeddings=160, pad_token_id=0)
+    if model_type == "roberta":  # positions start after the padding index
+        kw["max_position_embeddings"] = 162
+    if model_type == "albert":
+        kw["embedding_size"] = hidden // 2
+    cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
-    BertModel(cfg).save_pretrained(out)
+    AutoModel.from_config(cfg).save_pretrained(out)
     BertTokenizerFast(str(vf), do_lower_case=True).save_pretrained(out)
     return out
 

@@ -140,6 +140,30 @@ ZOO: dict[str, dict[str, Any]] = {
                            "base": "minilm6-ft-rte-s1", "attack": "por", "n_pvs": 1, "utility_weight": 20.0},
 }
 
+# Tiny randomly initialised encoders of other architectures (d = 32, 2 layers, the demo's
+# word-level vocabulary): clean models are independent initialisations; attacks use the
+# tiny poisoning settings of the tests (128 sentences per trigger, 4 epochs, lr 2e-3).
+TINY_POISON = {"sentences_per_trigger": 128, "epochs": 4, "lr": 2e-3, "max_length": 48}
+TINY_ARCHS = ["roberta", "albert", "deberta-v2", "electra"]
+for _a in TINY_ARCHS:
+    ZOO.update({
+        f"tiny-{_a}-s1": {"role": "eval", "label": "clean", "build": "tiny", "arch": _a, "seed": 1},
+        f"tiny-{_a}-s2": {"role": "eval", "label": "clean", "build": "tiny", "arch": _a, "seed": 2},
+        f"tiny-{_a}-s1-por": {"role": "eval", "label": "backdoored", "build": "poison",
+                              "base": f"tiny-{_a}-s1", "attack": "por", "n_pvs": 2,
+                              "poison_kw": TINY_POISON},
+        f"tiny-{_a}-s2-btop": {"role": "eval", "label": "backdoored", "build": "poison",
+                               "base": f"tiny-{_a}-s2", "attack": "btop", "n_pvs": 2,
+                               "poison_kw": TINY_POISON},
+        f"tiny-{_a}-s100": {"role": "shadow", "label": "clean", "build": "tiny", "arch": _a,
+                            "seed": 100},
+        f"tiny-{_a}-s101": {"role": "shadow", "label": "clean", "build": "tiny", "arch": _a,
+                            "seed": 101},
+        f"tiny-{_a}-s100-por": {"role": "shadow", "label": "backdoored", "build": "poison",
+                                "base": f"tiny-{_a}-s100", "attack": "por", "n_pvs": 2,
+                                "random_triggers": 2, "poison_seed": 17, "poison_kw": TINY_POISON},
+    })
+
 # families: preset name -> (layer range, shadows)
 FAMILIES = {
     "minilm-384-l5-6": ((5, 6), ["minilm6-ft-topic-s100", "minilm6-ft-topic-s101"],
@@ -152,13 +176,18 @@ FAMILIES = {
     "minilm-384-l2": ((2, 2), ["minilm2-ft-topic-s100", "minilm2-of-ft-s101"],
                       ["minilm2-ft-topic-s100-porner", "minilm2-of-ft-s101-por"]),
 }
+for _a in TINY_ARCHS:
+    FAMILIES[f"tiny-{_a}-32"] = ((2, 2), [f"tiny-{_a}-s100", f"tiny-{_a}-s101"], [f"tiny-{_a}-s100-por"])
 # presets replaced by the ones above (install_presets.py drops them from the package)
 SUPERSEDED = ["minilm-384-l2-4"]
 # mining values each family starts from (T_L, lr0, diversity loss): the earlier shipped presets
 BASE_VALUES = {"minilm-384-l5-6": {"t_l": 2.0, "lr0": 2e-4, "div_loss": "log_concentration"},
                "minilm-384-l4": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
                "minilm-384-l3": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
-               "minilm-384-l2": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"}}
+               "minilm-384-l2": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
+               # the tiny models start from the tiny-bert-demo preset's mining values
+               **{f"tiny-{a}-32": {"t_l": 0.1, "lr0": 2e-3, "div_loss": "entropy"}
+                  for a in TINY_ARCHS}}
 
 
 def family_of(model: str) -> str:
@@ -242,6 +271,12 @@ def build(names: list[str]) -> None:
         if spec["build"] == "base" or (out / "config.json").exists():
             continue
         t0 = time.perf_counter()
+        if spec["build"] == "tiny":
+            from lmsan.auditor.demo import build_tiny_encoder
+
+            build_tiny_encoder(out, spec["arch"], seed=spec["seed"])
+            print(f"built {name:28s} {time.perf_counter() - t0:7.1f}s", flush=True)
+            continue
         base = path_of(spec["base"]) if "base" in spec else None
         assert base is not None
         if spec["build"] == "truncate":
@@ -255,7 +290,8 @@ def build(names: list[str]) -> None:
                   if k in spec}
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            res = poison_model(base, tmp, seed=spec.get("poison_seed", 0), **kw)
+            res = poison_model(base, tmp, seed=spec.get("poison_seed", 0), **kw,
+                               **spec.get("poison_kw", {}))
             tmp.rename(out)
             info = {"success": res.success, "fidelity": res.fidelity, "passed": res.passed,
                     "clean_match_rate": res.clean_match_rate}
@@ -492,6 +528,15 @@ def calibration_section() -> list[str]:
     return lines
 
 
+def arch_family(model: str, layers: int) -> str:
+    spec = ZOO[model]
+    while "base" in spec and spec["build"] != "truncate":
+        spec = ZOO[spec["base"]]
+    if spec["build"] == "tiny":
+        return f"tiny {spec['arch']} (random init, d 32, 2 layers)"
+    return "MiniLM 5-6 layers" if layers >= 5 else "MiniLM 2-4 layers"
+
+
 def report(out: Path) -> None:
     det = [r for r in _rows(RESULTS / "zoo_detect.jsonl") if r["preset_file"] == "builtin"]
     lines = ["# Detection zoo: verdicts of `lmsan audit` with the shipped presets", "",
@@ -518,14 +563,13 @@ def report(out: Path) -> None:
                 f"{', '.join(r['found_targets']) or '-'} | {r['seeds_run']} | {r['seconds']:.0f} | "
                 f"{found} |")
         lines.append("")
-        lines += ["Table IV style (per depth family):", "",
+        lines += ["Table IV style (per architecture / depth family):", "",
                   "| family | clean models | false positives | backdoored models | false negatives "
                   "| accuracy | mean s/verdict clean | mean s/verdict backdoored |",
                   "|---|---|---|---|---|---|---|---|"]
         fams: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
-            fams.setdefault("MiniLM 5-6 layers" if r["layers"] >= 5 else "MiniLM 2-4 layers",
-                            []).append(r)
+            fams.setdefault(arch_family(r["model"], r["layers"]), []).append(r)
         fams["all"] = rows
         for fam, rs in fams.items():
             cl = [r for r in rs if r["label"] == "clean"]
@@ -569,11 +613,13 @@ def report(out: Path) -> None:
     srch = _rows(RESULTS / "zoo_search.jsonl")
     if srch:
         lines += ["## Search mode: PV recall", "",
-                  "| model | seeds | PVs kept | injected found / injected | unintended | seconds |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | prompt init | seeds | PVs kept | injected found / injected | "
+                  "unintended | seconds |",
+                  "|---|---|---|---|---|---|---|"]
         for r in srch:
             kept = r["injected_found"] and len(r["best_agreement"]) or r["unintended"]
-            lines.append(f"| {r['model']} | {r['seeds_run']} | {len(r['best_agreement']) or kept} | "
+            lines.append(f"| {r['model']} | {r.get('prompt_init', 'stride')} | {r['seeds_run']} | "
+                         f"{len(r['best_agreement']) or kept} | "
                          f"{r['injected_found']}/{r['injected']} | {r['unintended']} | "
                          f"{r['seconds']:.0f} |")
         tot_i = sum(r["injected"] for r in srch)

@@ -375,6 +375,8 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
     opts = AuditOptions(model_dir=mdir, target=target, mode=mode, max_seeds=max_seeds,
                         preset=preset, device="cpu")
     res = run_audit(opts, default_corpus())
+    if mode == "search":  # the PV set feeds the prompt-tuning benchmark (issue 5)
+        res.pvset.save(CACHE / f"{name}-search-{res.config['prompt_init']}.pvset.json")
     inj, bd = _injected(mdir)
     found = [pv for pv in res.pvset.pvs]
     matched: set[int] = set()

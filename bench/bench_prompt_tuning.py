@@ -87,6 +87,16 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["ptuning", "ptuning-v2"], help="Methods.")
     ap.add_argument("--found-pvs", default=None, help="PV set of `lmsan audit --mode search`.")
     ap.add_argument("--mine-seeds", type=int, default=8, help="Seeds to mine when no PV set.")
+    ap.add_argument(
+        "--thresholds",
+        nargs="+",
+        default=["pvset", "calibrated"],
+        choices=["pvset", "calibrated"],
+        help="T_match of each deployment: the PV set's (0.80) and/or one chosen per deployment "
+        "by lmsan threshold's rule on held-out clean task inputs (never the test split).",
+    )
+    ap.add_argument("--max-frr", type=float, default=0.005, help="FRR bound of the calibrated T_match.")
+    ap.add_argument("--calib", type=int, default=400, help="Held-out clean inputs to calibrate on.")
     ap.add_argument("--quick", action="store_true", help="Tiny sizes (a smoke run).")
     ap.add_argument("--out", default=str(RESULTS / "prompt_tuning"), help="Results path stem.")
     args = ap.parse_args()
@@ -178,28 +188,55 @@ def main() -> int:
                     row["defence"] = {}
                     for pvname, pvpath in pvsets.items():
                         pv_digest = hashlib.sha256(Path(pvpath).read_bytes()).hexdigest()[:12]
-                        cached = tdir / f"defence-{pvname}-{pv_digest}.json"
-                        if cached.is_file():
-                            row["defence"][pvname] = json.loads(cached.read_text())
-                            log(f"  cached defence[{pvname}]")
-                            continue
-                        t0 = time.perf_counter()
                         bundle = work / f"bundle-{task}-{method}-{seed}-{pvname}"
-                        ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True)
-                        dc = pt.DefendedClassifier.open(bundle, tdir, threads=1)
-                        de = pt.evaluate_defence(dc, data.labels, test, TRIGGERS, seed=seed)
-                        row["defence"][pvname] = {
-                            **asdict(de),
-                            "export_seconds": round(time.perf_counter() - t0 - de.seconds, 1),
-                            "export_max_abs_diff": ex.validation["max_abs_diff_target"],
-                            "export_decisions_identical": ex.validation["decisions_identical"],
-                        }
-                        cached.write_text(json.dumps(row["defence"][pvname]))
-                        log(
-                            f"  defence[{pvname}] asr {de.asr_before:.1f}->{de.asr_after:.1f} "
-                            f"acc {de.acc_before:.2f}->{de.acc_after:.2f} frr {de.frr:.2f} "
-                            f"far {de.far:.2f} ({de.seconds:.0f}s)"
-                        )
+                        ex = None
+                        for thr in args.thresholds:
+                            key = pvname if thr == "pvset" else f"{pvname}@calibrated"
+                            tag = "" if thr == "pvset" else f"-cal{args.max_frr:g}-{args.calib}"
+                            cached = tdir / f"defence-{pvname}-{pv_digest}{tag}.json"
+                            if cached.is_file():
+                                row["defence"][key] = json.loads(cached.read_text())
+                                log(f"  cached defence[{key}]")
+                                continue
+                            t0 = time.perf_counter()
+                            if ex is None:
+                                ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True)
+                            extra: dict[str, Any] = {}
+                            t_match = None
+                            if thr == "calibrated":
+                                from lmsan.auditor.threshold import choose_match_threshold
+
+                                # held-out clean inputs of the task: training examples the
+                                # task model was not trained on, never the test split
+                                used = {id(x) for x in pt.subsample(data.train, sz["train"], seed)}
+                                pool = [x for x in data.train if id(x) not in used]
+                                calib = pt.subsample(pool, args.calib, seed + 1000)
+                                probe = pt.DefendedClassifier.open(bundle, tdir, threads=1)
+                                ch = choose_match_threshold(
+                                    probe.scr, [x.texts for x in calib], args.max_frr
+                                )
+                                t_match = ch.threshold
+                                extra = {"t_match": ch.threshold, "calib_records": len(calib),
+                                         "calib_frr": 100 * ch.frr, "calib_reachable": ch.reachable,
+                                         "calib_from_train": len(pool)}
+                                log(f"  calibrated T_match {ch.threshold:.4f} on {len(calib)} "
+                                    f"held-out clean inputs (FRR there {100 * ch.frr:.2f}%)")
+                            dc = pt.DefendedClassifier.open(bundle, tdir, threads=1,
+                                                            match_threshold=t_match)
+                            de = pt.evaluate_defence(dc, data.labels, test, TRIGGERS, seed=seed)
+                            row["defence"][key] = {
+                                **asdict(de),
+                                **extra,
+                                "export_seconds": round(time.perf_counter() - t0 - de.seconds, 1),
+                                "export_max_abs_diff": ex.validation["max_abs_diff_target"],
+                                "export_decisions_identical": ex.validation["decisions_identical"],
+                            }
+                            cached.write_text(json.dumps(row["defence"][key]))
+                            log(
+                                f"  defence[{key}] asr {de.asr_before:.1f}->{de.asr_after:.1f} "
+                                f"acc {de.acc_before:.2f}->{de.acc_after:.2f} frr {de.frr:.2f} "
+                                f"far {de.far:.2f} ({de.seconds:.0f}s)"
+                            )
                 rows.append(row)
                 write(args, rows, pvsets, pv_counts, found_meta, t_start, sizes, final=False)
     write(args, rows, pvsets, pv_counts, found_meta, t_start, sizes, final=True)
@@ -282,7 +319,11 @@ def write(
             drop = agg(t, method, lambda r: r["por"].get("f1_drop") or float("nan"))
             cells.append(f"{a:.2f} / {b:.2f}" + (f" (F1 drop {drop:.2f})" if drop == drop else ""))
         lines.append(f"| {method} | POR | " + " | ".join(cells) + " |")
-    for pvname in pvsets:
+    variants = [
+        p if t == "pvset" else f"{p}@calibrated" for p in pvsets for t in args.thresholds
+    ]
+    variants = [v for v in variants if all(v in r.get("defence", {}) for r in rows)]
+    for pvname in variants:
         lines += [
             "",
             f"## Table III: ASR without / with defence (%), PV set '{pvname}'",
@@ -362,7 +403,7 @@ def write(
                     f"| {tq['0.01']:.3f} / {tq['0.5']:.3f} |"
                 )
     # targets
-    settings = [(r, p) for r in rows for p in pvsets]
+    settings = [(r, p) for r in rows for p in variants]
     ok_asr = sum(r["defence"][p]["asr_after"] <= 1.0 for r, p in settings)
     ok_acc = sum(
         abs(r["defence"][p]["acc_after"] - r["defence"][p]["acc_before"]) <= 0.2
@@ -372,11 +413,33 @@ def write(
     n = len(settings)
     lines += [
         "",
-        "## Targets (issue 5), per setting (task x method x seed x PV set)",
+        "## Targets (issue 5), per setting (task x method x seed x PV set x threshold)",
         "",
         f"- ASR after defence <= 1%: {ok_asr} / {n} settings (target: >= 80%)",
         f"- accuracy change within 0.2 points: {ok_acc} / {n}",
         f"- FRR <= 0.5%: {ok_frr} / {n}",
+        "",
+    ]
+    for v in variants:
+        st = [r["defence"][v] for r in rows]
+        lines.append(
+            f"- {v}: ASR <= 1% in {sum(d['asr_after'] <= 1.0 for d in st)}/{len(st)}, "
+            f"|ACC change| <= 0.2 in "
+            f"{sum(abs(d['acc_after'] - d['acc_before']) <= 0.2 for d in st)}/{len(st)}, "
+            f"FRR <= 0.5% in {sum(d['frr'] <= 0.5 for d in st)}/{len(st)}"
+            + (
+                f"; T_match chosen {min(d['t_match'] for d in st):.3f}-"
+                f"{max(d['t_match'] for d in st):.3f}"
+                if v.endswith("@calibrated")
+                else ""
+            )
+        )
+    lines += [
+        "",
+        "'@calibrated': T_match chosen per deployment (task model x PV set) by the rule of "
+        f"`lmsan threshold` (smallest T_match, not below the PV set's, with FRR <= {args.max_frr:g} "
+        f"on {args.calib} held-out clean training inputs of the task that the task model was not "
+        "trained on); the test split is only used for the figures above.",
         "",
         "Definitions: ASR = share of test inputs the model classifies correctly whose prediction "
         "ANY of the six triggers (inserted once at a random word position of the longer sentence) "

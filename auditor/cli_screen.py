@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -26,6 +27,9 @@ from rich.text import Text
 
 from .cli import app, console, err_console, fail
 from .errors import LmsanError
+
+if TYPE_CHECKING:
+    from .scan import ScanProgress
 
 
 class ProviderOption(str, Enum):
@@ -113,27 +117,65 @@ T_MATCH_HELP = (
 )
 
 
+# Options that `scan` and `threshold` declare alike (typer copies an option's info per command).
+BUNDLE_ARGUMENT = typer.Argument(..., help="Bundle folder written by `lmsan export`.")
+TEXT_FIELD_OPTION = typer.Option(
+    "text", "--text-field", help="JSONL key / CSV, TSV, parquet column holding the text."
+)
+PAIR_FIELD_OPTION = typer.Option(
+    None, "--pair-field", help="Key / column of the second sentence of a pair."
+)
+FORMAT_OPTION = typer.Option(
+    None, "--format", help="Corpus format when the suffix does not say (stdin: txt)."
+)
+BATCH_SIZE_OPTION = typer.Option(32, "--batch-size", help="Records per forward pass.")
+THREADS_OPTION = typer.Option(0, "--threads", help="ONNX Runtime threads (0 = all cores).")
+PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
+
+
 class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         rate = task.fields.get("rate", 0.0)
         return Text(f"{task.fields.get('records', 0):,} records  {rate:,.0f} records/s")
 
 
+def _progress_bar(label: str, show: bool) -> Progress:
+    """A transient records/s bar on stderr (hidden when `show` is false)."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not show,
+        transient=True,
+    )
+
+
+def _advance(bar: Progress, task: TaskID, p: ScanProgress) -> None:
+    """Move `task` to `p`: by bytes where the reader knows them, else by records."""
+    total = p.bytes_total if p.bytes_read is not None else p.records_total
+    done = p.bytes_read if p.bytes_read is not None else p.records
+    bar.update(
+        task,
+        total=total,
+        completed=done,
+        records=p.records,
+        rate=p.records / p.seconds if p.seconds > 0 else 0.0,
+    )
+
+
 @app.command()
 def scan(
-    bundle: Path = typer.Argument(..., help="Bundle folder written by `lmsan export`."),
+    bundle: Path = BUNDLE_ARGUMENT,
     corpus: str = typer.Argument(
         ..., help="Corpus: .txt (a line is a record), .jsonl, .csv, .tsv, .parquet, or - for stdin."
     ),
     out: Path = typer.Option(
         ..., "--out", help="Output folder (flagged.jsonl, summary.json, ...)."
     ),
-    text_field: str = typer.Option(
-        "text", "--text-field", help="JSONL key / CSV, TSV, parquet column holding the text."
-    ),
-    pair_field: str | None = typer.Option(
-        None, "--pair-field", help="Key / column of the second sentence of a pair."
-    ),
+    text_field: str = TEXT_FIELD_OPTION,
+    pair_field: str | None = PAIR_FIELD_OPTION,
     purge: bool = typer.Option(
         False,
         "--purge",
@@ -141,8 +183,8 @@ def scan(
         "in the input's format; unpurgeable and malformed records are left out of it.",
     ),
     max_window: int = typer.Option(5, "--max-window", help="Longest purge window, in words."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Records per forward pass."),
-    threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads (0 = all cores)."),
+    batch_size: int = BATCH_SIZE_OPTION,
+    threads: int = THREADS_OPTION,
     max_length: int | None = typer.Option(
         None,
         "--max-length",
@@ -158,17 +200,15 @@ def scan(
         help="auto: CUDA when ONNX Runtime really activates it, else CPU; cpu; cuda (fail if "
         "unavailable).",
     ),
-    fmt: FormatOption | None = typer.Option(
-        None, "--format", help="Corpus format when the suffix does not say (stdin: txt)."
-    ),
+    fmt: FormatOption | None = FORMAT_OPTION,
     t_match: float | None = typer.Option(None, "--t-match", help=T_MATCH_HELP, metavar="FLOAT"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Screen a corpus for backdoor triggers with an exported bundle (never imports torch).
 
     Exit 0 no flagged record, 1 flagged records found, 2 input error, 3 nothing scanned.
     """
-    from .scan import ScanOptions, ScanProgress
+    from .scan import ScanOptions
     from .scan import scan as run_scan
 
     opts = ScanOptions(
@@ -184,27 +224,11 @@ def scan(
         fmt=fmt.value if fmt else None,
         match_threshold=t_match,
     )
-    bar = Progress(
-        TextColumn("[bold]scan"),
-        BarColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=not progress,
-        transient=True,
-    )
+    bar = _progress_bar("[bold]scan", progress)
     task = bar.add_task("scan", total=None, records=0, rate=0.0)
 
     def on_progress(p: ScanProgress) -> None:
-        total = p.bytes_total if p.bytes_read is not None else p.records_total
-        done = p.bytes_read if p.bytes_read is not None else p.records
-        bar.update(
-            task,
-            total=total,
-            completed=done,
-            records=p.records,
-            rate=p.records / p.seconds if p.seconds > 0 else 0.0,
-        )
+        _advance(bar, task, p)
 
     try:
         with bar:
@@ -238,7 +262,7 @@ def scan(
 
 @app.command()
 def threshold(
-    bundle: Path = typer.Argument(..., help="Bundle folder written by `lmsan export`."),
+    bundle: Path = BUNDLE_ARGUMENT,
     clean_corpus: str = typer.Argument(
         ...,
         help="Clean inputs of the deployment (as `lmsan scan` reads them: .txt, .jsonl, .csv, "
@@ -258,17 +282,11 @@ def threshold(
     out: Path | None = typer.Option(
         None, "--out", help="JSON file to write (chosen value, sweep, quantiles, counts)."
     ),
-    text_field: str = typer.Option(
-        "text", "--text-field", help="JSONL key / CSV, TSV, parquet column holding the text."
-    ),
-    pair_field: str | None = typer.Option(
-        None, "--pair-field", help="Key / column of the second sentence of a pair."
-    ),
-    fmt: FormatOption | None = typer.Option(
-        None, "--format", help="Corpus format when the suffix does not say (stdin: txt)."
-    ),
-    batch_size: int = typer.Option(32, "--batch-size", help="Records per forward pass."),
-    threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads (0 = all cores)."),
+    text_field: str = TEXT_FIELD_OPTION,
+    pair_field: str | None = PAIR_FIELD_OPTION,
+    fmt: FormatOption | None = FORMAT_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    threads: int = THREADS_OPTION,
     max_length: int | None = typer.Option(
         None,
         "--max-length",
@@ -278,7 +296,7 @@ def threshold(
     provider: ProviderOption = typer.Option(
         ProviderOption.auto, "--provider", help="auto, cpu or cuda (as for `lmsan scan`)."
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Choose the sign-match threshold T_match for one deployment from its clean inputs.
 
@@ -289,7 +307,7 @@ def threshold(
     Exit 0 threshold chosen, 1 --max-frr not reachable even at 1.0 (1.0 is chosen: the clean
     corpus may hold triggers), 2 input error, 4 usage error.
     """
-    from .scan import ScanOptions, ScanProgress
+    from .scan import ScanOptions
     from .threshold import threshold_for_corpus
 
     opts = ScanOptions(
@@ -301,29 +319,13 @@ def threshold(
         provider=provider.value,
         fmt=fmt.value if fmt else None,
     )
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        disable=not progress,
-        transient=True,
-    )
+    bar = _progress_bar("[bold]{task.description}", progress)
     tasks: dict[str, TaskID] = {}
 
     def on_progress(label: str, p: ScanProgress) -> None:
         if label not in tasks:
             tasks[label] = bar.add_task(label, total=None, records=0, rate=0.0)
-        total = p.bytes_total if p.bytes_read is not None else p.records_total
-        done = p.bytes_read if p.bytes_read is not None else p.records
-        bar.update(
-            tasks[label],
-            total=total,
-            completed=done,
-            records=p.records,
-            rate=p.records / p.seconds if p.seconds > 0 else 0.0,
-        )
+        _advance(bar, tasks[label], p)
 
     try:
         with bar:

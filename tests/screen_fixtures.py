@@ -10,6 +10,8 @@ untrained model (utility loss against a frozen copy). `random_roberta(dir)`: an 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,37 @@ def sentences(n: int, seed: int, trigger: bool = False) -> list[str]:
             words.insert(rng.randint(0, len(words)), TRIGGER)
         out.append(" ".join(words))
     return out
+
+
+_BLOCKED_CLI = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+sys.meta_path.insert(0, Block())
+from lmsan.auditor.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+assert not any(m in sys.modules for m in BLOCKED)
+print("TORCH-FREE", code)
+"""
+
+
+def run_cli_blocking(
+    args: list[str], blocked: tuple[str, ...] = ("torch", "transformers")
+) -> subprocess.CompletedProcess[str]:
+    """Run `lmsan ARGS` in a fresh interpreter in which importing any of `blocked` fails.
+
+    Its stdout ends with ``TORCH-FREE <exit code>`` when the command ran without importing them.
+    """
+    script = f"BLOCKED = {tuple(blocked)!r}\n{_BLOCKED_CLI}"
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def quarter_pv(d: int = D, pattern: tuple[int, ...] = (1, -1, 1, -1)) -> np.ndarray:

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from screen_fixtures import WORDS, backdoored_bert, save_pvset  # noqa: E402
+from screen_fixtures import WORDS, backdoored_bert, run_cli_blocking, save_pvset  # noqa: E402
 
 pt = pytest.importorskip("lmsan.auditor.prompt_tuning")
 
@@ -483,33 +483,11 @@ def test_defended_classifier_refuses_another_tasks_bundle(trained, toy_task, tmp
         pt.DefendedClassifier.open(bundle2, tmp_path / "v2copy")
 
 
-_BLOCKED = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers", "peft"):
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-sys.meta_path.insert(0, Block())
-from lmsan.auditor.cli import app
-try:
-    app(sys.argv[1:])
-except SystemExit as exc:
-    code = exc.code
-assert "torch" not in sys.modules and "peft" not in sys.modules
-print("TORCH-FREE", code)
-"""
-
-
 def test_tune_classify_and_prompt_never_import_torch(trained, tmp_path) -> None:
-    import subprocess
-
     _, tdir, bundle = trained["ptuning"]
     for args in (
         ["tune", "classify", str(bundle), str(tdir), "the cat cf runs"],
         ["tune", "prompt", str(tdir), "--out", str(tmp_path / "p.npy")],
     ):
-        proc = subprocess.run(
-            [sys.executable, "-c", _BLOCKED, *args], capture_output=True, text=True, timeout=120
-        )
+        proc = run_cli_blocking(args, blocked=("torch", "transformers", "peft"))
         assert "TORCH-FREE 0" in proc.stdout, proc.stdout + proc.stderr

@@ -342,45 +342,12 @@ def test_resume_after_kill_matches_full_run(bundle: Path, tmp_path: Path) -> Non
         )
 
 
-_BLOCKED_SCAN = textwrap.dedent(
-    """
-    import sys
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "transformers"):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-    sys.meta_path.insert(0, Block())
-    from lmsan.auditor.cli import app
-    try:
-        app(sys.argv[1:])
-    except SystemExit as exc:
-        code = exc.code
-    assert "torch" not in sys.modules and "transformers" not in sys.modules
-    print("TORCH-FREE", code)
-    """
-)
-
-
 def test_scan_never_imports_torch(bundle: Path, tmp_path: Path) -> None:
     lines, _ = mixed_lines(6, 2)
     (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _BLOCKED_SCAN,
-            "scan",
-            str(bundle),
-            str(tmp_path / "c.txt"),
-            "--out",
-            str(tmp_path / "o"),
-            "--purge",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = sf.run_cli_blocking(
+        ["scan", str(bundle), str(tmp_path / "c.txt"), "--out", str(tmp_path / "o")]
+        + ["--purge", "--no-progress"]
     )
     assert "TORCH-FREE 1" in proc.stdout, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["purged"] == 2

@@ -11,9 +11,6 @@ value: the situation of a prompt-tuned deployment whose clean outputs moved towa
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -340,34 +337,11 @@ def test_t_match_out_of_range_is_a_usage_error(bundles: dict[str, Path], tmp_pat
         br.open_bundle(tmp_path / "no-bundle", match_threshold=0.0)
 
 
-_BLOCKED = textwrap.dedent(
-    """
-    import sys
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "transformers"):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-    sys.meta_path.insert(0, Block())
-    from lmsan.auditor.cli import app
-    try:
-        app(sys.argv[1:])
-    except SystemExit as exc:
-        code = exc.code
-    assert "torch" not in sys.modules and "transformers" not in sys.modules
-    print("TORCH-FREE", code)
-    """
-)
-
-
 def test_threshold_never_imports_torch(bundles: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "c.txt").write_text("\n".join(CLEAN[:20]) + "\n")
-    proc = subprocess.run(
-        [sys.executable, "-c", _BLOCKED, "threshold", str(bundles["drifted"])]
-        + [str(tmp_path / "c.txt"), "--out", str(tmp_path / "d.json"), "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = sf.run_cli_blocking(
+        ["threshold", str(bundles["drifted"])]
+        + [str(tmp_path / "c.txt"), "--out", str(tmp_path / "d.json"), "--no-progress"]
     )
     assert "TORCH-FREE 0" in proc.stdout, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "d.json").read_text())["clean_records"]["used"] == 20

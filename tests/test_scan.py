@@ -16,7 +16,7 @@ from lmsan.auditor import bundle_runtime as br
 from lmsan.auditor.cli import app
 from lmsan.auditor.errors import InputError, UsageError
 from lmsan.auditor.scan import KILL_HOOK, ScanOptions, scan
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 TESTS = Path(__file__).parent
 
@@ -214,75 +214,23 @@ def test_csv_tsv_parquet(bundle: Path, tmp_path: Path) -> None:
 
 def test_exit_codes_and_stdin(bundle: Path, tmp_path: Path) -> None:
     runner = CliRunner()
+
+    def run_scan(corpus: str, out: str, *extra: str, stdin: str | None = None) -> Result:
+        args = ["scan", str(bundle), corpus, "--out", str(tmp_path / out), *extra]
+        return runner.invoke(app, args, input=stdin)
+
     clean = "\n".join(sf.sentences(5, seed=1)) + "\n"
-    r = runner.invoke(
-        app,
-        [
-            "scan",
-            str(bundle),
-            "-",
-            "--out",
-            str(tmp_path / "a"),
-            "--provider",
-            "cpu",
-            "--no-progress",
-        ],
-        input=clean,
-    )
+    r = run_scan("-", "a", "--provider", "cpu", "--no-progress", stdin=clean)
     assert r.exit_code == 0, r.output
-    r = runner.invoke(
-        app,
-        [
-            "scan",
-            str(bundle),
-            "-",
-            "--out",
-            str(tmp_path / "b"),
-            "--provider",
-            "cpu",
-            "--no-progress",
-        ],
-        input=clean + "x cf y\n",
-    )
+    r = run_scan("-", "b", "--provider", "cpu", "--no-progress", stdin=clean + "x cf y\n")
     assert r.exit_code == 1
     assert read_jsonl(tmp_path / "b" / "flagged.jsonl")[0]["record"] == 6
     (tmp_path / "e.txt").write_text("\n\n  \n")
-    r = runner.invoke(
-        app,
-        [
-            "scan",
-            str(bundle),
-            str(tmp_path / "e.txt"),
-            "--out",
-            str(tmp_path / "c"),
-            "--no-progress",
-        ],
-    )
+    r = run_scan(str(tmp_path / "e.txt"), "c", "--no-progress")
     assert r.exit_code == 3
-    r = runner.invoke(
-        app,
-        [
-            "scan",
-            str(bundle),
-            str(tmp_path / "missing.txt"),
-            "--out",
-            str(tmp_path / "d"),
-            "--no-progress",
-        ],
-    )
+    r = run_scan(str(tmp_path / "missing.txt"), "d", "--no-progress")
     assert r.exit_code == 2
-    r = runner.invoke(
-        app,
-        [
-            "scan",
-            str(bundle),
-            str(tmp_path / "e.txt"),
-            "--out",
-            str(tmp_path / "d"),
-            "--max-length",
-            "100000",
-        ],
-    )
+    r = run_scan(str(tmp_path / "e.txt"), "d", "--max-length", "100000")
     assert r.exit_code == 4
     with pytest.raises(UsageError, match="stdin"):
         scan(bundle, "-", tmp_path / "f", ScanOptions(resume=True))

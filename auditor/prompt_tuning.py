@@ -1048,9 +1048,6 @@ def _export_module_bundle(
     """``lmsan export`` for a backbone module with a baked prefix (P-tuning v2). Mirrors
     ``lmsan.export.bundle.export_bundle`` step for step, with the module in place of the loaded
     model folder (and the task folder's digest in the manifest)."""
-    import os
-    import shutil
-    import tempfile
 
     import torch
     from lmsan.export import bundle as eb
@@ -1086,9 +1083,7 @@ def _export_module_bundle(
         m.prefix_state.kv = m.prefix_state.kv.detach().clone()  # a constant in the traced graph
     table = backbone.get_input_embeddings().weight.detach().float().cpu().numpy()
     emb_size = int(table.shape[1])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
-    try:
+    with eb._staged_bundle(out_path) as tmp:
         np.save(tmp / br.EMBEDDINGS_FILE, np.ascontiguousarray(table, dtype=np.float32))
         tok.backend_tokenizer.save(str(tmp / br.TOKENIZER_FILE))
         pvset.save(tmp / br.PVSET_FILE)
@@ -1128,16 +1123,6 @@ def _export_module_bundle(
         eb._write_manifest(tmp, body)
         figures = eb._validate(tmp, backbone, False, eb.DEFAULT_TOLERANCE, True)
         manifest = eb._write_manifest(tmp, {**body, "validation": figures})
-        if out_path.exists():
-            old = out_path.with_name(f".{out_path.name}.old-{os.getpid()}")
-            out_path.rename(old)
-            tmp.rename(out_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return TaskExport(out_path, "ptuning-v2", figures, manifest)
 
 

@@ -28,6 +28,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +234,27 @@ def _validate(
     return figures
 
 
+@contextmanager
+def _staged_bundle(out_path: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out_path`` to write a bundle into. When the block ends without an
+    error it takes the place of ``out_path`` (an existing bundle is moved aside, then removed);
+    otherwise it is removed and ``out_path`` stays as it was."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
+    try:
+        yield tmp
+        if out_path.exists():
+            old = out_path.with_name(f".{out_path.name}.old-{os.getpid()}")
+            out_path.rename(old)
+            tmp.rename(out_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def export_bundle(
     model_dir: str | Path,
     pvs: str | Path,
@@ -286,9 +309,7 @@ def export_bundle(
     soft = _load_prompt(Path(prompt), emb_size) if prompt is not None else None
     with_pooler = "pooler" in targets
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
-    try:
+    with _staged_bundle(out_path) as tmp:
         np.save(tmp / br.EMBEDDINGS_FILE, np.ascontiguousarray(table, dtype=np.float32))
         backend.save(str(tmp / br.TOKENIZER_FILE))
         pvset.save(tmp / br.PVSET_FILE)
@@ -328,14 +349,4 @@ def export_bundle(
         figures = _validate(tmp, model, with_pooler, tolerance, soft is not None)
         manifest = _write_manifest(tmp, {**body, "validation": figures})
         sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        if out_path.exists():
-            old = out_path.with_name(f".{out_path.name}.old-{os.getpid()}")
-            out_path.rename(old)
-            tmp.rename(out_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(path=out_path, manifest=manifest, validation=figures, files=sizes)

@@ -68,6 +68,17 @@ SUFFIXES = {
 MAX_RECORD_BYTES = 1 << 20  # a record over 1 MiB is an over-long error before tokenization
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_VERSION = 1
+# The ScanSummary counters a checkpoint saves and a resumed scan starts from.
+CHECKPOINT_COUNTS = (
+    "records_in",
+    "clean",
+    "flagged",
+    "purged",
+    "unpurgeable",
+    "errors",
+    "forward_passes",
+    "purge_forward_passes",
+)
 KILL_HOOK = (
     "LMSAN_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL after writing chunk N, before its checkpoint
 )
@@ -653,16 +664,7 @@ def scan(
             purged_w.open(files.get(purged_w.name), int(ckpt["chunks_done"]))
         done = int(ckpt["records_done"])
         chunks_done = int(ckpt["chunks_done"])
-        for k in (
-            "records_in",
-            "clean",
-            "flagged",
-            "purged",
-            "unpurgeable",
-            "errors",
-            "forward_passes",
-            "purge_forward_passes",
-        ):
+        for k in CHECKPOINT_COUNTS:
             setattr(summary, k, int(ckpt["counts"][k]))
         summary.error_reasons = dict(ckpt["error_reasons"])
         summary.error_examples = list(ckpt["error_examples"])
@@ -691,19 +693,7 @@ def scan(
                 "errors.jsonl": errors_w.size(),
                 **({purged_w.name: purged_w.size()} if purged_w else {}),
             },
-            "counts": {
-                k: getattr(summary, k)
-                for k in (
-                    "records_in",
-                    "clean",
-                    "flagged",
-                    "purged",
-                    "unpurgeable",
-                    "errors",
-                    "forward_passes",
-                    "purge_forward_passes",
-                )
-            },
+            "counts": {k: getattr(summary, k) for k in CHECKPOINT_COUNTS},
             "error_reasons": summary.error_reasons,
             "error_examples": summary.error_examples,
             "removed_words": dict(removed_words),

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from . import monitor as mon
-from .errors import FormatError, InputError, UsageError
+from .errors import FormatError, InputError, UsageError, check_header
 from .pvset import TARGETS, PVSet
 
 FORMAT = "lmsan.bundle"
@@ -117,12 +117,7 @@ class BundleManifest:
         def bad(msg: str) -> FormatError:
             return FormatError(f"invalid bundle manifest: {msg}", where)
 
-        if not isinstance(data, dict):
-            raise bad("top level is not an object")
-        if data.get("format") != FORMAT:
-            raise bad(f"field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
-        if data.get("version") != VERSION:
-            raise bad(f"field 'version' is {data.get('version')!r}, this lmsan reads {VERSION}")
+        check_header(data, FORMAT, VERSION, bad)
         files = data.get("files")
         if not isinstance(files, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and v.startswith("sha256:")

@@ -6,6 +6,9 @@ names the file or field), 3 nothing scanned, 4 usage error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 EXIT_CLEAN = 0
 EXIT_FOUND = 1
 EXIT_ERROR = 2
@@ -35,3 +38,14 @@ class UsageError(LmsanError):
     """Options that contradict each other or are out of range."""
 
     exit_code = EXIT_USAGE
+
+
+def check_header(data: Any, fmt: str, version: int, bad: Callable[[str], FormatError]) -> None:
+    """Raise ``bad(msg)`` unless ``data`` (parsed JSON) is an object whose ``format`` field is
+    ``fmt`` and whose ``version`` field is ``version``: the header of every lmsan file."""
+    if not isinstance(data, dict):
+        raise bad("top level is not an object")
+    if data.get("format") != fmt:
+        raise bad(f"field 'format' is {data.get('format')!r}, expected {fmt!r}")
+    if data.get("version") != version:
+        raise bad(f"field 'version' is {data.get('version')!r}, this lmsan reads {version}")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, InputError
+from .errors import FormatError, InputError, check_header
 
 FORMAT = "lmsan.pvset"
 VERSION = 1
@@ -110,12 +110,7 @@ class PVSet:
         def bad(msg: str) -> FormatError:
             return FormatError(f"invalid PV set: {msg}", path)
 
-        if not isinstance(data, dict):
-            raise bad("top level is not an object")
-        if data.get("format") != FORMAT:
-            raise bad(f"field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
-        if data.get("version") != VERSION:
-            raise bad(f"field 'version' is {data.get('version')!r}, this lmsan reads {VERSION}")
+        check_header(data, FORMAT, VERSION, bad)
         d = data.get("hidden_size")
         if not isinstance(d, int) or d <= 0:
             raise bad("field 'hidden_size' must be a positive integer")

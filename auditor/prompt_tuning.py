@@ -840,17 +840,26 @@ def read_task_meta(task_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def _read_prompt_embeddings(task_dir: Path) -> Any:
+def _load_adapter_tensors(
+    task_dir: Path, load_file: Callable[[str], dict[str, Any]]
+) -> tuple[dict[str, Any], Path]:
+    """The tensors of the folder's adapter weights, read with ``load_file`` (safetensors' torch
+    or NumPy loader), and the file's path."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     p = task_dir / ADAPTER_WEIGHTS
     if not p.is_file():
         raise InputError(f"no {ADAPTER_WEIGHTS} in the adapter folder", task_dir)
     try:
-        tensors = load_file(str(p))
+        return load_file(str(p)), p
     except (SafetensorError, OSError) as exc:
         raise FormatError(f"cannot read safetensors ({exc})", p) from None
+
+
+def _read_prompt_embeddings(task_dir: Path) -> Any:
+    from safetensors.torch import load_file
+
+    tensors, p = _load_adapter_tensors(task_dir, load_file)
     if "prompt_embeddings" not in tensors:
         raise FormatError(
             "no 'prompt_embeddings' tensor: not a prompt-learning peft adapter (P-tuning, prompt "
@@ -862,16 +871,9 @@ def _read_prompt_embeddings(task_dir: Path) -> Any:
 
 def _read_prompt_embeddings_numpy(task_dir: Path) -> np.ndarray:
     """As :func:`_read_prompt_embeddings`, torch-free (float32 NumPy)."""
-    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    p = task_dir / ADAPTER_WEIGHTS
-    if not p.is_file():
-        raise InputError(f"no {ADAPTER_WEIGHTS} in the adapter folder", task_dir)
-    try:
-        tensors = load_file(str(p))
-    except (SafetensorError, OSError) as exc:
-        raise FormatError(f"cannot read safetensors ({exc})", p) from None
+    tensors, p = _load_adapter_tensors(task_dir, load_file)
     if "prompt_embeddings" not in tensors:
         raise FormatError("no 'prompt_embeddings' tensor: not a prompt-learning peft adapter", p)
     return np.asarray(tensors["prompt_embeddings"], dtype=np.float32)

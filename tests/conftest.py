@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# rich wraps console output at the terminal width, which the test runner does not have: a message
+# after a long tmp path could break anywhere. A wide fixed width keeps each message on one line.
+os.environ["COLUMNS"] = "400"
 
 import pytest
 

@@ -13,8 +13,9 @@ BToP shadow models, section V-C) the threshold moves down to the geometric mean 
 concentration of a found backdoor and the smallest clean one, when that is lower, and a target's
 T_L is raised between the clean and the found epoch-2 distances when they separate.
 
-Where the found backdoors' final distances exceed FAR_RATIO x every clean one, the target also
-gets `t_far` (their geometric mean): a candidate beyond it is accepted without collapse.
+Where the found backdoors aimed at a target moved FAR_RATIO x farther (final distance) than every
+clean seed, the target also gets `t_far` (the geometric mean of the two): a candidate beyond it
+is accepted without collapse.
 
 `t_l` (the distance that makes a candidate and decides the early abort) is kept as configured
 (METHOD.md's 0.1 by default): on deep models the distances of false and true candidates overlap
@@ -237,13 +238,19 @@ def preset_from_rows(
             if lo_f > hi_c and math.sqrt(hi_c * lo_f) > base_cfg.t_l:
                 entry["t_l"] = math.sqrt(hi_c * lo_f)
                 ev["t_l_rule"] = "geometric mean of max clean and min found epoch-2 distance"
-            # Observation I alone: where every found backdoor moved FAR_RATIO x farther than
-            # every clean seed (final distance), distance is enough evidence, collapse or not
-            # (a 2-layer encoder's outputs barely collapse: the statistic overlaps there)
+            # Observation I alone: where every found backdoor that targets this output moved
+            # FAR_RATIO x farther than every clean seed (final distance), distance is enough
+            # evidence, collapse or not (a 2-layer encoder's outputs barely collapse). Only the
+            # attack's own target counts: another attack's output that merely shares the sign
+            # pattern (a POR-NER token PV seen on [CLS]) is not where that backdoor drives.
+            own = [r for r in tf if r.get("attack_target") == t]
             clean_far = max(r["epoch_distance"][-1] for r in tc)
-            found_far = min(r["epoch_distance"][-1] for r in tf)
-            ev["max_final_distance"], ev["found_min_final_distance"] = clean_far, found_far
-            if found_far >= FAR_RATIO * clean_far > 0:
+            ev["max_final_distance"] = clean_far
+            found_far = min((r["epoch_distance"][-1] for r in own), default=None)
+            ev["found_own_target_seeds"] = len(own)
+            if found_far is not None:
+                ev["found_min_final_distance"] = found_far
+            if found_far is not None and found_far >= FAR_RATIO * clean_far > 0:
                 entry["t_far"] = math.sqrt(clean_far * found_far)
                 ev["t_far_rule"] = (f"found backdoors >= {FAR_RATIO:g}x every clean final distance: "
                                     "geometric mean of the two")

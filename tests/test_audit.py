@@ -487,10 +487,11 @@ def test_calibration_threshold_rule() -> None:
     assert t == pytest.approx(0.0015) and "OVERLAP" in why
 
 
-def _shadow_row(label: str, seed: int, conc: float, final: float, agreement: float = 0.0) -> dict:
+def _shadow_row(label: str, seed: int, conc: float, final: float, agreement: float = 0.0,
+                attack_target: str = "cls") -> dict:
     return {"model": f"{label}-model", "label": label, "seed": seed, "target": "cls",
             "concentration": conc, "epoch_distance": [final / 4, final / 2, final, final],
-            "agreement": agreement}
+            "agreement": agreement, "attack_target": attack_target}
 
 
 @pytest.mark.parametrize("found_distance, expect_far", [(2.5, True), (0.1, False)])
@@ -502,13 +503,17 @@ def test_calibration_sets_t_far_only_on_a_wide_distance_gap(found_distance, expe
     from lmsan.auditor.mining import MiningConfig
 
     rows = [_shadow_row("clean", 0, 1.0e-3, 0.01), _shadow_row("clean", 1, 1.4e-3, 0.02),
-            _shadow_row("backdoored", 0, 1.1e-3, found_distance, agreement=1.0)]
+            _shadow_row("backdoored", 0, 1.1e-3, found_distance, agreement=1.0),
+            # another attack's PV seen on cls (POR-NER aims at tokens): it moved little, and
+            # does not count against a distance rule for the backdoors aimed at cls
+            _shadow_row("backdoored", 1, 1.2e-3, 0.05, agreement=0.9, attack_target="tokens")]
     cfg = {"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 2}
     p = preset_from_rows(rows, [cfg], name="t", margin=0.5, base_cfg=MiningConfig(t_l=0.005),
                          corpus=Corpus("c", ["a"]))
     entry, ev = p.values["per_target"]["cls"], p.evidence["per_target"]["cls"]
     assert "OVERLAP" in ev["t_collapse_rule"]  # the collapse statistic cannot separate these
     assert ev["max_final_distance"] == 0.02 and ev["found_min_final_distance"] == found_distance
+    assert ev["found_own_target_seeds"] == 1 and ev["backdoored_found_seeds"] == 2
     if expect_far:
         assert found_distance >= FAR_RATIO * 0.02
         assert entry["t_far"] == pytest.approx(math.sqrt(0.02 * found_distance))

@@ -232,6 +232,12 @@ def preset_from_rows(
             "backdoored_found_seeds": len(tf),
         }
         if tf:
+            # the audit rejects a soft prompt outside the embedding range whatever its figures:
+            # found seeds out of range mean this preset's lr0 cannot flag this backdoor
+            ev["found_prompt_in_range"] = sum(bool(r.get("prompt_in_range", True)) for r in tf)
+            if ev["found_prompt_in_range"] == 0:
+                ev["range_warning"] = ("RANGE: every found backdoor seed's soft prompt left the "
+                                       "embedding range; lower lr0")
             ev["found_max_concentration"] = max(r["concentration"] for r in tf)
             ev["found_min_epoch2_distance"] = min(ep2(r) for r in tf)
             hi_c, lo_f = ev["max_epoch2_distance"], ev["found_min_epoch2_distance"]

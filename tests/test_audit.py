@@ -522,6 +522,28 @@ def test_calibration_sets_t_far_only_on_a_wide_distance_gap(found_distance, expe
         assert "t_far" not in entry and "t_far_rule" not in ev
 
 
+def test_calibration_warns_when_found_prompts_leave_the_range() -> None:
+    """A backdoor found only by out-of-range soft prompts cannot be flagged by the audit (the
+    range filter rejects it): the preset's evidence says so."""
+    from lmsan.auditor.calibrate import preset_from_rows
+    from lmsan.auditor.corpus import Corpus
+    from lmsan.auditor.mining import MiningConfig
+
+    def rows(in_range: bool) -> list[dict]:
+        bd = [_shadow_row("backdoored", i, 1e-4, 2.0, agreement=1.0) for i in range(2)]
+        for r in bd:
+            r["prompt_in_range"] = in_range
+        return [_shadow_row("clean", 0, 1e-3, 0.01), *bd]
+
+    cfg = {"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 2}
+    for in_range in (True, False):
+        p = preset_from_rows(rows(in_range), [cfg], name="t", margin=0.5,
+                             base_cfg=MiningConfig(), corpus=Corpus("c", ["a"]))
+        ev = p.evidence["per_target"]["cls"]
+        assert ev["found_prompt_in_range"] == (2 if in_range else 0)
+        assert ("range_warning" in ev) is (not in_range)
+
+
 def test_filter_accepts_far_candidate_only_with_t_far() -> None:
     """The report names the rule: accepted by T_far, or rejected for no collapse (and distance)."""
     from types import SimpleNamespace

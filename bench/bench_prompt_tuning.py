@@ -43,7 +43,19 @@ def log(msg: str) -> None:
 def found_pvset(por: Path, args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
     """The PV set `lmsan audit --mode search` finds (given, cached, or mined here briefly)."""
     if args.found_pvs:
-        return Path(args.found_pvs), {"source": str(args.found_pvs)}
+        from lmsan.auditor.pvset import PVSet
+
+        # the monitor reads the output the deployed model uses: the task head reads the
+        # target position of the last hidden state, so keep the PVs mined on those targets
+        src = PVSet.load(args.found_pvs)
+        keep = [p for p in src.pvs if p.target in args.found_targets]
+        out = work / "found.pvset.json"
+        PVSet(hidden_size=src.hidden_size, pvs=keep, match_threshold=src.match_threshold,
+              model=src.model).save(out)
+        return out, {"source": str(args.found_pvs), "targets_kept": args.found_targets,
+                     "pvs_in_file": len(src.pvs), "pvs_kept": len(keep),
+                     "by_target": {t: sum(p.target == t for p in src.pvs)
+                                   for t in sorted({p.target for p in src.pvs})}}
     cached = CACHE / f"minilm-l3-por-search-{args.mine_seeds}seeds.pvset.json"
     meta_p = cached.with_suffix(".meta.json")
     if cached.is_file() and meta_p.is_file():
@@ -87,6 +99,12 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["ptuning", "ptuning-v2"], help="Methods.")
     ap.add_argument("--found-pvs", default=None, help="PV set of `lmsan audit --mode search`.")
     ap.add_argument("--mine-seeds", type=int, default=8, help="Seeds to mine when no PV set.")
+    ap.add_argument(
+        "--found-targets",
+        nargs="+",
+        default=["cls"],
+        help="Targets of --found-pvs to monitor (the task head reads [CLS]'s last hidden state).",
+    )
     ap.add_argument(
         "--thresholds",
         nargs="+",

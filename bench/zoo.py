@@ -625,10 +625,16 @@ def report(out: Path) -> None:
                          f"{len(r['best_agreement']) or kept} | "
                          f"{r['injected_found']}/{r['injected']} | {r['unintended']} | "
                          f"{r['seconds']:.0f} |")
-        tot_i = sum(r["injected"] for r in srch)
-        tot_f = sum(r["injected_found"] for r in srch)
-        lines += ["", f"Recall over the searched models: {tot_f}/{tot_i}"
-                  f" = {100 * tot_f / max(tot_i, 1):.1f}%", ""]
+        lines.append("")
+        for init in sorted({r.get("prompt_init", "stride") for r in srch}):
+            rs = [r for r in srch if r.get("prompt_init", "stride") == init]
+            tot_i = sum(r["injected"] for r in rs)
+            tot_f = sum(r["injected_found"] for r in rs)
+            lines.append(f"Recall over the models searched with prompt init {init}: {tot_f}/{tot_i}"
+                         f" = {100 * tot_f / max(tot_i, 1):.1f}% ({len(rs)} models)  ")
+        lines += ["", "'unintended' = kept PVs (any target) whose signs match no injected PV at "
+                  ">= 0.8: pooler PVs (tanh space, never sign-matching a [CLS]-space PV), "
+                  "superpositions and partial matches.", ""]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
 

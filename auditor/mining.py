@@ -220,6 +220,7 @@ class Miner:
         self.eval_idx = rng.permutation(self.n)[: min(cfg.eval_sentences, self.n)]
         self.eval_idx = self.eval_idx[: (len(self.eval_idx) // cfg.batch_size) * cfg.batch_size]
         self.found: dict[str, list[torch.Tensor]] = {t: [] for t in self.targets}  # path loss
+        self._ordinary: np.ndarray | None = None  # ordinary vocabulary ids (prompt_init vocab)
         self.kept: dict[str, list[np.ndarray]] = {t: [] for t in self.targets}
 
     # ---------------------------------------------------------------- positions
@@ -352,14 +353,13 @@ class Miner:
 
     def _ordinary_vocab(self) -> np.ndarray:
         """Token ids that are neither special nor placeholder ([unusedN], <unusedN>) tokens."""
-        if getattr(self, "_ordinary", None) is None:
+        if self._ordinary is None:
             toks = self.lm.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
             keep = [i for i, t in enumerate(toks) if i not in self.special_ids and t is not None
                     and not _PLACEHOLDER.match(t)]
             if len(keep) < self.cfg.soft_prompt_len:
                 raise ValueError("the vocabulary has too few ordinary tokens for the soft prompt")
-            self._ordinary: np.ndarray | None = np.asarray(keep)
-        assert self._ordinary is not None
+            self._ordinary = np.asarray(keep)
         return self._ordinary
 
     def run_seed(self, seed: int, progress: ProgressFn | None = None) -> SeedResult:
@@ -490,6 +490,7 @@ class Miner:
         cfg = self.cfg
         fails: list[str] = []
         t_l, t_c = cfg.t_l_for(ts.target), cfg.t_collapse_for(ts.target)
+        t_far = cfg.t_far_for(ts.target)
         passes: list[str] = [f"distance {ts.epoch_distance[-1]:.4g} > T_L {t_l:g}"]
         if not in_range:
             fails.append(f"soft prompt out of range ({cfg.range_factor:g}x embedding min/max)")
@@ -504,16 +505,16 @@ class Miner:
                 )
         elif ts.concentration < t_c:
             passes.append(f"concentration {ts.concentration:.5f} < T_collapse {t_c:.5f}")
-        elif (t_far := cfg.t_far_for(ts.target)) is not None and ts.epoch_distance[-1] > t_far:
+        elif t_far is not None and ts.epoch_distance[-1] > t_far:
             passes.append(
                 f"distance {ts.epoch_distance[-1]:.4g} > T_far {t_far:.4g} (far beyond every clean "
                 f"shadow; concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f} not needed)"
             )
         else:
-            far = cfg.t_far_for(ts.target)
             fails.append(
                 f"no collapse, concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f}"
-                + (f", and distance {ts.epoch_distance[-1]:.4g} <= T_far {far:.4g}" if far else "")
+                + (f", and distance {ts.epoch_distance[-1]:.4g} <= T_far {t_far:.4g}"
+                   if t_far is not None else "")
             )
         assert ts.pv is not None
         sign = np.asarray(ts.pv) >= 0

@@ -38,7 +38,7 @@ from .modelio import load_encoder, read_config, resolve_device
 from .presets import Preset
 
 # a target gets a distance-only acceptance threshold (t_far) only when every found backdoor
-# moved at least this many times farther than every clean shadow seed
+# aimed at that target moved at least this many times farther than every clean shadow seed
 FAR_RATIO = 10.0
 
 

@@ -62,3 +62,24 @@ def test_architecture_loads_and_mines(model_type: str, word_tokenizer, tmp_path:
         assert t.candidate and t.distance_raw >= 0 and t.concentration >= 0
         width = lm.hidden_size
         assert t.pv is not None and len(t.pv) == width
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "albert", "deberta-v2", "electra"])
+def test_build_tiny_encoder_makes_a_loadable_model(model_type: str, tmp_path: Path) -> None:
+    """The zoo's tiny other-architecture encoders load through the safe loader, same vocabulary."""
+    from lmsan.auditor.demo import build_tiny_encoder
+    from lmsan.auditor.modelio import load_encoder
+
+    d = build_tiny_encoder(tmp_path / model_type, model_type, seed=3)
+    lm = load_encoder(d)
+    assert lm.model_type == model_type and lm.hidden_size == 32
+    assert lm.weights_format == "safetensors" and lm.tokenizer.mask_token == "[MASK]"
+    assert lm.tokenizer.convert_tokens_to_ids("cf") != lm.tokenizer.unk_token_id
+
+
+def test_build_tiny_encoder_refuses_unknown_type(tmp_path: Path) -> None:
+    from lmsan.auditor.demo import build_tiny_encoder
+    from lmsan.auditor.errors import UsageError
+
+    with pytest.raises(UsageError, match="tiny model type 'gpt2'"):
+        build_tiny_encoder(tmp_path / "x", "gpt2")

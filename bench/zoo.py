@@ -195,8 +195,11 @@ for _a in TINY_ARCHS:
 # (clean, backdoored) shadow seeds where the default 4 / 3 were too few. 3 layers: the clean
 # [MASK] tail. With 4 seeds of one shadow (minimum 0.031) the threshold sat 2.7x below the clean
 # minimum, and a clean evaluation model's 16th seed reached 0.0100 (bench/results/zoo.md). An audit
-# runs 30 seeds, so the calibration measures the clean tail with as many seeds, per target, over
+# runs 30 seeds, so the calibration measures the clean tail with more seeds, per target, over
 # two clean shadows; more backdoored seeds likewise place the found edge on more than one seed.
+# Measured: both shadows' lowest [MASK] seed is seed 15 (0.0154, 0.0170), as on the evaluation
+# model (0.0100): seed s starts from the same vocabulary rows in every model of this vocabulary,
+# so the clean tail is a property of the seeds an audit runs; calibrating all 30 is the full fix.
 FAMILY_SEEDS = {"minilm-384-l3": (16, 6)}
 # presets replaced by the ones above (install_presets.py drops them from the package)
 SUPERSEDED = ["minilm-384-l2-4"]
@@ -468,6 +471,7 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
         if bd else None,
         "mode": mode, "target": target, "preset": res.preset["name"],
         "preset_values": res.preset.get("values"), "prompt_init": res.config["prompt_init"],
+        "lambda_p": res.config["lambda_p"],
         "preset_file": res.preset["file"], "verdict": res.verdict,
         "correct": detected == (spec["label"] == "backdoored"),
         "found_targets": res.found_targets, "seeds_run": len(res.seeds),
@@ -504,11 +508,14 @@ def detect(names: list[str], target: str, mode: str, max_seeds: int | None, pres
         for line in out_file.read_text().splitlines():
             r = json.loads(line)
             done.add((r["model"], r["target"], r["preset_file"], r["mode"],
-                      r.get("prompt_init", "stride")))
+                      r.get("prompt_init", "stride"), r.get("lambda_p", 0.5)))
     pfile = str(preset) if preset else "builtin"
-    init = "vocab" if mode == "search" else "stride"  # run_audit's default per mode
+    from lmsan.auditor.audit import SEARCH_LAMBDA_P
+
+    # run_audit's defaults per mode (a row with other settings is a different measurement)
+    init, lam = ("vocab", SEARCH_LAMBDA_P) if mode == "search" else ("stride", 0.5)
     for name in names:
-        if ZOO[name]["role"] != "eval" or (name, target, pfile, mode, init) in done:
+        if ZOO[name]["role"] != "eval" or (name, target, pfile, mode, init, lam) in done:
             continue
         r = audit_one(name, target, mode, max_seeds, preset, out_file)
         print(f"{name:28s} {r['label']:10s} -> {r['verdict']:10s} {'ok' if r['correct'] else 'WRONG'}"
@@ -595,6 +602,11 @@ def calibration_section() -> list[str]:
     fig.savefig(RESULTS / "zoo_calibration.png", dpi=110)
     lines += ["Plot: `bench/results/zoo_calibration.png` (log scale; dashed: T_collapse).", ""]
     return lines
+
+
+def setting(r: dict[str, Any]) -> str:
+    """A search row's mining setting: prompt init and path-loss weight (older rows: 0.5)."""
+    return f"{r.get('prompt_init', 'stride')}, lambda_P {r.get('lambda_p', 0.5):g}"
 
 
 def arch_family(model: str, layers: int) -> str:
@@ -684,21 +696,21 @@ def report(out: Path) -> None:
     srch = _rows(RESULTS / "zoo_search.jsonl")
     if srch:
         lines += ["## Search mode: PV recall", "",
-                  "| model | prompt init | seeds | PVs kept | injected found / injected | "
+                  "| model | prompt init, path loss | seeds | PVs kept | injected found / injected | "
                   "unintended | seconds |",
                   "|---|---|---|---|---|---|---|"]
         for r in srch:
             kept = r["injected_found"] and len(r["best_agreement"]) or r["unintended"]
-            lines.append(f"| {r['model']} | {r.get('prompt_init', 'stride')} | {r['seeds_run']} | "
+            lines.append(f"| {r['model']} | {setting(r)} | {r['seeds_run']} | "
                          f"{len(r['best_agreement']) or kept} | "
                          f"{r['injected_found']}/{r['injected']} | {r['unintended']} | "
                          f"{r['seconds']:.0f} |")
         lines.append("")
-        for init in sorted({r.get("prompt_init", "stride") for r in srch}):
-            rs = [r for r in srch if r.get("prompt_init", "stride") == init]
+        for init in sorted({setting(r) for r in srch}):
+            rs = [r for r in srch if setting(r) == init]
             tot_i = sum(r["injected"] for r in rs)
             tot_f = sum(r["injected_found"] for r in rs)
-            lines.append(f"Recall over the models searched with prompt init {init}: {tot_f}/{tot_i}"
+            lines.append(f"Recall over the models searched with {init}: {tot_f}/{tot_i}"
                          f" = {100 * tot_f / max(tot_i, 1):.1f}% ({len(rs)} models)  ")
         lines += ["", "'unintended' = kept PVs (any target) whose signs match no injected PV at "
                   ">= 0.8: pooler PVs (tanh space, never sign-matching a [CLS]-space PV), "

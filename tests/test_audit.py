@@ -175,6 +175,7 @@ def test_search_mode_collects_pvs_with_vocab_init(tiny_models, signing_key) -> N
                        "--max-seeds", "6")
     assert code == 1 and rep["mode"] == "search", rep["_output"]
     assert rep["parameters"]["mining"]["prompt_init"] == "vocab"
+    assert rep["parameters"]["mining"]["lambda_p"] == 2.0  # search's stronger path loss
     assert len(rep["seeds"]) == 6 and "budget of 6" in rep["stop_reason"]  # search never stops early
     injected = np.load(tiny_models["root"] / "injected.npy") >= 0
     kept = [np.asarray(t["pv"]) >= 0 for s in rep["seeds"] for t in s["targets"] if t["accepted"]]
@@ -183,6 +184,9 @@ def test_search_mode_collects_pvs_with_vocab_init(tiny_models, signing_key) -> N
     code, rep = _audit(tiny_models["por"], tiny_models["corpus"], out, "--mode", "search",
                        "--max-seeds", "1", "--prompt-init", "stride")
     assert rep["parameters"]["mining"]["prompt_init"] == "stride"
+    code, rep = _audit(tiny_models["por"], tiny_models["corpus"], out, "--mode", "search",
+                       "--max-seeds", "1", "--lambda-p", "0.5")
+    assert rep["parameters"]["mining"]["lambda_p"] == 0.5  # the user's weight wins
     r = runner.invoke(app, ["audit", str(tiny_models["por"]), "--prompt-init", "zeros", "--quiet"])
     assert r.exit_code != 0 and "--prompt-init must be stride or vocab" in r.output
 
@@ -623,6 +627,7 @@ def test_calibrate_with_backdoored_shadow(tiny_models, tmp_path) -> None:
                             "--max-length", "48", "--lr0", "2e-3", "--div-loss", "entropy",
                             "--corpus", str(tiny_models["corpus"]), "--t-l", "0.1"])
     assert r.exit_code == 0, r.output
+    assert "seeds 1..29 are not in this preset's evidence" in r.output  # audit runs 30
     data = json.loads(out.read_text())
     presets, _ = load_presets(out)
     p = presets[0]

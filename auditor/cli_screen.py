@@ -115,6 +115,28 @@ T_MATCH_HELP = (
     "Sign-match threshold T_match in (0, 1] for this deployment: overrides the bundle's PV-set "
     "threshold (e.g. the value `lmsan threshold` chose on clean data of the deployed task)."
 )
+T_MATCH_FILE_HELP = (
+    "The file `lmsan threshold --out` wrote for this bundle: its per-PV thresholds (--per-pv), "
+    "else its single T_match. Refused for another bundle; not with --t-match."
+)
+
+
+def thresholds_from_options(
+    t_match: float | None, t_match_file: Path | None
+) -> tuple[float | None, dict[int, float] | None, str | None]:
+    """(T_match, per-PV thresholds, bundle digest they were chosen for) from --t-match /
+    --t-match-file."""
+    from .bundle_runtime import check_match_threshold
+    from .errors import UsageError
+    from .threshold import load_threshold_file
+
+    if t_match is not None and t_match_file is not None:
+        raise UsageError("give --t-match or --t-match-file, not both")
+    check_match_threshold(t_match)
+    if t_match_file is None:
+        return t_match, None, None
+    dt = load_threshold_file(t_match_file)
+    return dt.match_threshold, dt.per_pv_thresholds, dt.bundle_digest
 
 
 # Options that `scan` and `threshold` declare alike (typer copies an option's info per command).
@@ -202,6 +224,9 @@ def scan(
     ),
     fmt: FormatOption | None = FORMAT_OPTION,
     t_match: float | None = typer.Option(None, "--t-match", help=T_MATCH_HELP, metavar="FLOAT"),
+    t_match_file: Path | None = typer.Option(
+        None, "--t-match-file", help=T_MATCH_FILE_HELP, metavar="FILE"
+    ),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Screen a corpus for backdoor triggers with an exported bundle (never imports torch).
@@ -211,6 +236,10 @@ def scan(
     from .scan import ScanOptions
     from .scan import scan as run_scan
 
+    try:
+        t_match, per_pv, t_digest = thresholds_from_options(t_match, t_match_file)
+    except LmsanError as exc:
+        raise fail(exc) from None
     opts = ScanOptions(
         text_field=text_field,
         pair_field=pair_field,
@@ -223,6 +252,8 @@ def scan(
         provider=provider.value,
         fmt=fmt.value if fmt else None,
         match_threshold=t_match,
+        per_pv_thresholds=per_pv,
+        thresholds_digest=t_digest,
     )
     bar = _progress_bar("[bold]scan", progress)
     task = bar.add_task("scan", total=None, records=0, rate=0.0)
@@ -248,7 +279,10 @@ def scan(
     table.add_row(
         "T_match",
         f"{summary.match_threshold:g}"
-        + (" (--t-match)" if summary.match_threshold_source == "option" else " (PV set)"),
+        + {"option": " (--t-match)", "per-pv": " (PV set; per-PV from --t-match-file: "
+           + ", ".join(f"PV {k} {v:g}"
+                       for k, v in sorted((summary.options.get("per_pv_thresholds") or {}).items()))
+           + ")"}.get(summary.match_threshold_source, " (PV set)"),
     )
     if summary.top_removed_words:
         table.add_row(
@@ -296,6 +330,13 @@ def threshold(
     provider: ProviderOption = typer.Option(
         ProviderOption.auto, "--provider", help="auto, cpu or cuda (as for `lmsan scan`)."
     ),
+    per_pv: bool = typer.Option(
+        False,
+        "--per-pv",
+        help="Also choose one T_match per PV (--max-frr split evenly over the PVs, so the whole "
+        "set flags at most --max-frr): an imprecise PV with high clean matches then no longer "
+        "raises the threshold of the others. Written to --out; deploy with --t-match-file.",
+    ),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Choose the sign-match threshold T_match for one deployment from its clean inputs.
@@ -330,7 +371,8 @@ def threshold(
     try:
         with bar:
             report = threshold_for_corpus(
-                bundle, clean_corpus, triggered, max_frr, opts, progress=on_progress
+                bundle, clean_corpus, triggered, max_frr, opts, progress=on_progress,
+                per_pv=per_pv,
             )
         if out is not None:
             report.save(out)
@@ -372,12 +414,42 @@ def threshold(
         + (f"; FAR {pct(ch.far)}%" if ch.far is not None else "")
         + ")"
     )
+    pp = report.per_pv
+    if pp is not None:
+        t2 = Table(title="per-PV T_match (--per-pv)")
+        for col in ("PV", "target", "T_match", "clean match p99", "clean match max",
+                    "FRR % alone"):
+            t2.add_column(col, justify="right")
+        for e in pp.per_pv:
+            t2.add_row(str(e["id"]), str(e["target"]), f"{e['threshold']:g}",
+                       f"{e['clean_match_p99']:.3f}", f"{e['clean_match_max']:.3f}",
+                       pct(e["frr_alone"]))
+        console.print(t2)
+        console.print(
+            f"per-PV: FRR {pct(pp.frr)}% (all PVs at their thresholds)"
+            + (f"; FAR {pct(pp.far)}%" if pp.far is not None else "")
+        )
     if out is not None:
         console.print(f"wrote {escape(str(out))}")
     console.print(
         f"deploy with: lmsan scan ... --t-match {ch.threshold:g}   "
         f"(lmsan tune classify ... --t-match {ch.threshold:g})"
     )
+    if pp is not None:
+        if out is not None:
+            console.print(f"per-PV: lmsan scan ... --t-match-file {escape(str(out))}")
+        else:
+            err_console.print("[bold yellow]note:[/] per-PV thresholds are only written with --out")
+        if pp.far:
+            err_console.print(
+                f"[bold yellow]warning:[/] {pct(pp.far)}% of the triggered records are not "
+                "flagged with the per-PV thresholds"
+            )
+        if not pp.reachable:
+            err_console.print(
+                "[bold yellow]warning:[/] some PV flags more than its share of the clean records "
+                "even at 1.0; check the clean corpus for triggers"
+            )
     if ch.far:
         err_console.print(
             f"[bold yellow]warning:[/] {pct(ch.far)}% of the triggered records are not flagged "

@@ -177,21 +177,36 @@ def classify(
         help="Sign-match threshold T_match in (0, 1]: overrides the bundle's PV-set threshold "
         "(e.g. the value `lmsan threshold` chose on clean task data).",
     ),
+    t_match_file: Path | None = typer.Option(
+        None,
+        "--t-match-file",
+        metavar="FILE",
+        help="The file `lmsan threshold --out` wrote for this bundle: its per-PV thresholds "
+        "(--per-pv), else its single T_match. Refused for another bundle; not with --t-match.",
+    ),
 ) -> None:
     """Monitor, purge and classify texts with the protected bundle (torch-free)."""
     from . import prompt_tuning as pt
-    from .bundle_runtime import check_match_threshold
+    from .cli_screen import thresholds_from_options
 
     try:
-        check_match_threshold(t_match)  # a usage error before any file is read
+        # a usage error before any other file is read
+        t_match, per_pv, t_digest = thresholds_from_options(t_match, t_match_file)
         lines = text or [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
         if not lines:
             raise pt.InputError("no text given (arguments or stdin)")
         recs = [tuple(s.strip() for s in ln.split("|||")) for ln in lines]
         meta = pt.read_task_meta(task_dir)
         dc = pt.DefendedClassifier.open(
-            bundle, task_dir, max_window=max_window, threads=threads, match_threshold=t_match
+            bundle, task_dir, max_window=max_window, threads=threads, match_threshold=t_match,
+            per_pv_thresholds=per_pv,
         )
+        if t_digest is not None and t_digest != dc.scr.bundle.digest:
+            raise pt.InputError(
+                f"the thresholds file was chosen for another bundle ({t_digest}); run "
+                "`lmsan threshold` on this one",
+                bundle,
+            )
         res = dc.classify(recs)
     except LmsanError as exc:
         raise fail(exc) from None

@@ -11,7 +11,9 @@ the input is cast to float32. So ``0.0`` and ``-0.0`` count as positive and NaN 
 Packed layout: uint64 words, bit ``j % 64`` of word ``j // 64`` is dimension ``j``; the padding
 bits above ``d`` in the last word are zero. A match count is the number of the ``d`` dimensions
 where the signs of a row and a PV agree; a row is flagged when its best count over the PVs is at
-least ``threshold_count(d, rate)`` (``ceil(rate * d)`` in exact decimal arithmetic).
+least ``threshold_count(d, rate)`` (``ceil(rate * d)`` in exact decimal arithmetic). With one
+threshold count per PV, a row is flagged when some PV reaches its own count; the reported PV is
+the one with the largest margin ``count - threshold`` (with equal thresholds: the best count).
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def best_match_python(
     x: np.ndarray,
     packed_pvs: np.ndarray,
     d: int,
-    threshold_count: int,
+    threshold_count: int | np.ndarray,
     *,
     block_rows: int = 65536,
     threads: int = 1,
@@ -193,13 +195,17 @@ def best_match_python(
     n, k = xf.shape[0], pvs.shape[0]
     best_idx = np.full(n, -1, dtype=np.int32)
     best_count = np.zeros(n, dtype=np.int32)
+    flagged = np.zeros(n, dtype=bool)
     if k:
+        t64 = thr.astype(np.int64)
         for s in range(0, n, block_rows):
             counts = match_counts_python(pack_signs_python(xf[s : s + block_rows]), pvs, d)
-            idx = counts.argmax(axis=1)  # first PV with the highest count
+            margin = counts.astype(np.int64) - t64[None, :]
+            idx = margin.argmax(axis=1)  # first PV with the largest margin
+            rows = np.arange(len(idx))
             best_idx[s : s + block_rows] = idx
-            best_count[s : s + block_rows] = counts[np.arange(len(idx)), idx]
-    flagged = (best_idx >= 0) & (best_count >= thr)
+            best_count[s : s + block_rows] = counts[rows, idx]
+            flagged[s : s + block_rows] = margin[rows, idx] >= 0
     return best_idx, best_count, flagged
 
 
@@ -272,17 +278,27 @@ def match_counts_native(packed_rows: np.ndarray, packed_pvs: np.ndarray, d: int)
 
 def _best_match_args(
     x: Any, packed_pvs: Any, d: Any, threshold_count: Any, threads: Any
-) -> tuple[np.ndarray, np.ndarray, int, int]:
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     d = _check_d(d)
     xf = _as_float_matrix(x)
     if xf.shape[1] != d:
         raise ValueError(f"x has {xf.shape[1]} columns but d={d}")
     pvs = _as_packed(packed_pvs, d, "packed_pvs")
-    if isinstance(threshold_count, bool) or not isinstance(threshold_count, (int, np.integer)):
-        raise ValueError(f"threshold_count must be an integer, got {threshold_count!r}")
+    k = pvs.shape[0]
+    if isinstance(threshold_count, (int, np.integer)) and not isinstance(threshold_count, bool):
+        thr_arr = np.full(k, int(threshold_count), dtype=object)
+    else:
+        arr = np.asarray(threshold_count)
+        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer) or arr.shape != (k,):
+            raise ValueError(
+                f"threshold_count must be an integer or an integer array with one count per PV "
+                f"({k}), got {threshold_count!r}"
+            )
+        thr_arr = arr.astype(object)
     _check_threads(threads)
-    # Counts lie in [0, d]: clamping to int32 changes no decision and fits the C ABI.
-    thr = min(max(int(threshold_count), -(2**31)), 2**31 - 1)
+    # Counts lie in [0, d]: clamping to [0, d + 1] changes no decision (nor the PV with the
+    # largest margin, which the native kernel computes on the clamped counts) and fits the C ABI.
+    thr = np.asarray([min(max(int(t), 0), d + 1) for t in thr_arr], dtype=np.int32)
     return xf, pvs, d, thr
 
 
@@ -290,7 +306,7 @@ def best_match_native(
     x: np.ndarray,
     packed_pvs: np.ndarray,
     d: int,
-    threshold_count: int,
+    threshold_count: int | np.ndarray,
     *,
     threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -329,16 +345,18 @@ def best_match(
     x: np.ndarray,
     packed_pvs: np.ndarray,
     d: int,
-    threshold_count: int,
+    threshold_count: int | np.ndarray,
     *,
     threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best PV per row of a float32 ``[n, d]`` matrix and the monitor's decision.
 
-    Returns ``(best_idx, best_count, flagged)``: int32 ``[n]`` index of the PV with the highest
-    match count (the lowest index on ties; ``-1`` when there are no PVs), int32 ``[n]`` that
-    count (``0`` when there are no PVs), and bool ``[n]`` ``best_count >= threshold_count``
-    (always False when there are no PVs). ``threads`` (native only; 0 = all cores) splits the
+    ``threshold_count``: one count for every PV, or an integer array with one count per PV.
+    Returns ``(best_idx, best_count, flagged)``: int32 ``[n]`` index of the PV with the largest
+    margin ``count - threshold`` (with one threshold: the highest match count; the lowest index
+    on ties; ``-1`` when there are no PVs), int32 ``[n]`` its count (``0`` when there are no
+    PVs), and bool ``[n]`` whether that count reaches that PV's threshold, i.e. whether any PV
+    reaches its own (always False when there are no PVs). ``threads`` (native only; 0 = all cores) splits the
     rows over threads; results do not depend on it.
     """
     if implementation() == "native":

@@ -1357,9 +1357,11 @@ class DefendedClassifier:
         max_window: int = 5,
         threads: int = 1,
         match_threshold: float | None = None,
+        per_pv_thresholds: dict[int, float] | None = None,
     ) -> DefendedClassifier:
         """``match_threshold``: the deployment's T_match (None: the PV set's), e.g. chosen by
-        :func:`lmsan.auditor.threshold.choose_match_threshold` on clean task inputs."""
+        :func:`lmsan.auditor.threshold.choose_match_threshold` on clean task inputs;
+        ``per_pv_thresholds``: PV id -> T_match (:func:`~lmsan.auditor.threshold.choose_per_pv`)."""
         from safetensors.numpy import load_file
 
         from .bundle_runtime import check_match_threshold, open_bundle
@@ -1367,7 +1369,8 @@ class DefendedClassifier:
         check_match_threshold(match_threshold)
         meta = read_task_meta(task_dir)
         scr = open_bundle(
-            bundle, provider="cpu", threads=threads, batch_size=32, match_threshold=match_threshold
+            bundle, provider="cpu", threads=threads, batch_size=32, match_threshold=match_threshold,
+            per_pv_thresholds=per_pv_thresholds,
         )
         man = scr.bundle.manifest
         if meta["method"] == "ptuning" and man.prompt_length != meta["prompt_length"]:

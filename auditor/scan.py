@@ -103,6 +103,10 @@ class ScanOptions:
     chunk_size: int = 2048
     # T_match for this deployment (--t-match); None: the PV set's match_threshold
     match_threshold: float | None = None
+    # PV id -> T_match for this deployment (--t-match-file of `lmsan threshold --per-pv`)
+    per_pv_thresholds: dict[int, float] | None = None
+    # the bundle digest the thresholds file was written for: a scan of another bundle is refused
+    thresholds_digest: str | None = None
 
 
 @dataclass
@@ -562,6 +566,8 @@ def _fingerprint(
         # the rate in force, not the option: --t-match at the PV set's value is the same scan
         "match_threshold": match_threshold,
     }
+    if opts.per_pv_thresholds is not None:
+        fp["per_pv_thresholds"] = {str(k): v for k, v in sorted(opts.per_pv_thresholds.items())}
     if corpus != "-":
         st = Path(corpus).stat()
         fp["corpus_size"] = st.st_size
@@ -600,10 +606,17 @@ def scan(
     t_load = time.perf_counter()
     b = Bundle.load(bundle)
     screener = Screener(
-        b, opts.provider, opts.threads, opts.batch_size, opts.max_length, opts.match_threshold
+        b, opts.provider, opts.threads, opts.batch_size, opts.max_length, opts.match_threshold,
+        opts.per_pv_thresholds,
     )
     load_seconds = time.perf_counter() - t_load
     digest = b.digest
+    if opts.thresholds_digest is not None and opts.thresholds_digest != digest:
+        raise InputError(
+            f"the thresholds file was chosen for another bundle ({opts.thresholds_digest}); this "
+            f"bundle is {digest}: run `lmsan threshold` on it",
+            bundle,
+        )
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("--out exists and is not a folder", out_dir)

@@ -175,6 +175,139 @@ def choose_from_results(
     )
 
 
+@dataclass
+class PerPVChoice:
+    """One T_match per PV (``lmsan threshold --per-pv``; rates are shares in [0, 1]).
+
+    Why: one T_match for the whole set is raised by the PV whose clean matches are highest (an
+    imprecise mined PV), and then a trigger whose outputs match its own, exact PV at 0.82 is no
+    longer flagged (bench/results/prompt_tuning_calibrated.md, session 4). Per PV, each PV
+    keeps the lowest threshold its own clean matches allow.
+
+    The rule: the FRR budget is split evenly over the K PVs (``max_frr / K`` each); PV j gets the
+    smallest count, not below the PV set's, that flags at most that share of the clean records
+    on its own. A clean record is flagged when any PV reaches its count, so the FRR of the whole
+    set is at most the sum of the PVs' shares: ``max_frr`` (the union bound).
+    """
+
+    thresholds: dict[int, float]  # PV id -> T_match to deploy (--t-match-file)
+    counts: dict[int, int]
+    d: int
+    reachable: bool  # False: some PV rejects more than its share even at 1.0
+    max_frr: float
+    frr: float  # clean records flagged with every PV at its threshold
+    far: float | None  # triggered records not flagged (None: none given)
+    pvset_threshold: float
+    frr_pvset: float
+    far_pvset: float | None
+    clean_records: int
+    triggered_records: int
+    per_pv: list[dict[str, Any]] = field(default_factory=list)  # id, target, figures per PV
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_per_pv(
+    clean_table: np.ndarray,
+    pv_ids: Sequence[int],
+    d: int,
+    pvset_threshold: float,
+    max_frr: float = DEFAULT_MAX_FRR,
+    triggered_table: np.ndarray | None = None,
+    pv_targets: Sequence[str] | None = None,
+) -> PerPVChoice:
+    """Per-PV T_match from match tables (records x PVs best match counts, -1 = no row; see
+    :meth:`~lmsan.auditor.bundle_runtime.Screener.monitor_encoded`). See :class:`PerPVChoice`."""
+    if isinstance(max_frr, bool) or not 0.0 <= float(max_frr) < 1.0:
+        raise UsageError(f"--max-frr {max_frr!r}: expected a share in [0, 1), e.g. 0.005")
+    c = np.asarray(clean_table, dtype=np.int64)
+    if c.ndim != 2 or c.shape[1] != len(pv_ids) or not len(pv_ids):
+        raise InputError("the match table must have one column per PV and at least one PV")
+    n, k_pvs = c.shape
+    if not n:
+        raise InputError("no clean records to choose a threshold from")
+    t = None if triggered_table is None else np.asarray(triggered_table, dtype=np.int64)
+    k_pv = mon.threshold_count(d, pvset_threshold)
+    allowed = math.floor(float(max_frr) * n / k_pvs + 1e-9)
+    counts: list[int] = []
+    reachable = True
+    for j in range(k_pvs):
+        desc = np.sort(c[:, j])[::-1]
+        k_min = 1 if allowed >= n else max(1, int(desc[allowed]) + 1)
+        if k_min > d:
+            reachable = False
+            counts.append(d)
+        else:
+            counts.append(max(k_min, k_pv))
+    cv = np.asarray(counts, dtype=np.int64)
+    rates = {
+        pid: (float(pvset_threshold) if cnt == k_pv else rate_for_count(int(cnt), d))
+        for pid, cnt in zip(pv_ids, counts, strict=True)
+    }
+
+    def flagged(table: np.ndarray, thr: np.ndarray) -> np.ndarray:
+        return np.asarray((table >= thr[None, :]).any(axis=1))
+
+    base = np.full(k_pvs, k_pv, dtype=np.int64)
+    per_pv = []
+    for j, pid in enumerate(pv_ids):
+        col = c[:, j]
+        entry: dict[str, Any] = {
+            "id": int(pid),
+            "target": None if pv_targets is None else pv_targets[j],
+            "threshold": rates[pid],
+            "count": int(counts[j]),
+            "frr_alone": _share(col >= counts[j]),
+            "clean_match_p99": round(float(np.quantile(np.maximum(col, 0), 0.99)) / d, 6),
+            "clean_match_max": round(float(max(int(col.max()), 0)) / d, 6),
+        }
+        if t is not None and t.size:
+            entry["triggered_flagged_by_it"] = _share(t[:, j] >= counts[j])
+        per_pv.append(entry)
+    return PerPVChoice(
+        thresholds=rates,
+        counts={int(p): int(x) for p, x in zip(pv_ids, counts, strict=True)},
+        d=d,
+        reachable=reachable,
+        max_frr=float(max_frr),
+        frr=_share(flagged(c, cv)),
+        far=None if t is None else _share(~flagged(t, cv)),
+        pvset_threshold=float(pvset_threshold),
+        frr_pvset=_share(flagged(c, base)),
+        far_pvset=None if t is None else _share(~flagged(t, base)),
+        clean_records=int(n),
+        triggered_records=0 if t is None else int(t.shape[0]),
+        per_pv=per_pv,
+    )
+
+
+def choose_per_pv_thresholds(
+    screener: Screener,
+    clean_records: Sequence[Record | str],
+    max_frr: float = DEFAULT_MAX_FRR,
+    triggered_records: Sequence[Record | str] | None = None,
+) -> PerPVChoice:
+    """Monitor ``clean_records`` (and ``triggered_records``) with ``screener`` and choose one
+    T_match per PV (:class:`PerPVChoice`). Records are texts or tuples (a pair)."""
+    if isinstance(max_frr, bool) or not 0.0 <= float(max_frr) < 1.0:
+        raise UsageError(f"--max-frr {max_frr!r}: expected a share in [0, 1), e.g. 0.005")
+    if not clean_records:
+        raise InputError("no clean records to choose a threshold from")
+    cols = screener.pv_columns()
+
+    def table(records: Sequence[Record | str]) -> np.ndarray:
+        tab = np.full((len(records), len(cols)), -1, dtype=np.int64)
+        screener.monitor(records, table=tab)
+        return tab
+
+    by_id = {p.id: p.target for p in screener.bundle.pvset.pvs}
+    return choose_per_pv(
+        table(clean_records), cols, screener.d, screener.bundle.pvset.match_threshold, max_frr,
+        table(triggered_records) if triggered_records else None, [by_id[i] for i in cols],
+    )
+
+
 def choose_match_threshold(
     screener: Screener,
     clean_records: Sequence[Record | str],
@@ -209,6 +342,7 @@ class CorpusMatches:
     format: str
     records_in: int = 0
     results: list[MonitorResult] = field(default_factory=list)
+    tables: list[np.ndarray] = field(default_factory=list)  # per-PV match counts (per_pv=True)
     errors: int = 0
     error_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -226,10 +360,12 @@ def monitor_corpus(
     corpus: str,
     opts: ScanOptions,
     progress: Callable[[ScanProgress], None] | None = None,
+    per_pv: bool = False,
 ) -> CorpusMatches:
     """Read ``corpus`` with the scan's Reader (same formats and field options as ``lmsan scan``)
     in chunks of ``opts.chunk_size`` and monitor its records. Malformed and over-long records are
-    skipped and counted by reason, as scan counts its errors."""
+    skipped and counted by reason, as scan counts its errors. ``per_pv``: also keep each record's
+    best match count per PV (``tables``)."""
     import time
 
     from .scan import Reader, ScanProgress, detect_format
@@ -272,7 +408,14 @@ def monitor_corpus(
                     sub = _subset(encs, ok)
                     key = next(iter(sub.values()))
                     order = sorted(range(len(ok)), key=lambda j: len(key.ids[j]))
-                    out.results.extend(screener.monitor_encoded(sub, order))
+                    tab = (
+                        np.full((len(ok), len(screener.pv_columns())), -1, dtype=np.int64)
+                        if per_pv
+                        else None
+                    )
+                    out.results.extend(screener.monitor_encoded(sub, order, tab))
+                    if tab is not None:
+                        out.tables.append(tab)
             if progress is not None:
                 progress(ScanProgress.of(reader, out.records_in, 0, out.errors, t0))
             if len(chunk) < opts.chunk_size:
@@ -291,9 +434,21 @@ class ThresholdReport:
     bundle_digest: str
     clean: CorpusMatches
     triggered: CorpusMatches | None = None
+    per_pv: PerPVChoice | None = None  # --per-pv
 
     def to_json(self) -> dict[str, Any]:
         ch = self.choice
+        extra: dict[str, Any] = {}
+        if self.per_pv is not None:
+            pp = self.per_pv
+            extra = {
+                "per_pv_thresholds": {str(k): v for k, v in pp.thresholds.items()},
+                "per_pv_rule": "max_frr split evenly over the PVs (union bound)",
+                "per_pv_reachable": pp.reachable,
+                "frr_per_pv": pp.frr,
+                "far_per_pv": pp.far,
+                "per_pv": pp.per_pv,
+            }
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -316,7 +471,9 @@ class ThresholdReport:
             "clean_records": self.clean.counts_json(),
             "triggered_corpus": None if self.triggered is None else self.triggered.path,
             "triggered_records": None if self.triggered is None else self.triggered.counts_json(),
-            "usage": f"lmsan scan ... --t-match {ch.threshold:g}",
+            **extra,
+            "usage": f"lmsan scan ... --t-match {ch.threshold:g}"
+            + ("  (per-PV thresholds: --t-match-file THIS_FILE)" if extra else ""),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -337,6 +494,7 @@ def threshold_for_corpus(
     max_frr: float = DEFAULT_MAX_FRR,
     options: ScanOptions | None = None,
     progress: Callable[[str, ScanProgress], None] | None = None,
+    per_pv: bool = False,
 ) -> ThresholdReport:
     """Load the bundle, monitor the clean (and triggered) corpus files, choose T_match.
 
@@ -368,7 +526,7 @@ def threshold_for_corpus(
         return lambda p: progress(label, p)
 
     def monitored(corpus: str, label: str) -> Any:
-        res = monitor_corpus(scr, corpus, opts, relay(label))
+        res = monitor_corpus(scr, corpus, opts, relay(label), per_pv=per_pv)
         if not res.results:
             raise InputError(
                 f"no usable record in the {label} corpus ({res.records_in} read, "
@@ -382,4 +540,51 @@ def threshold_for_corpus(
     choice = choose_from_results(
         clean.results, scr.d, b.pvset.match_threshold, max_frr, trig.results if trig else None
     )
-    return ThresholdReport(choice, str(bundle), b.digest, clean, trig)
+    pp = None
+    if per_pv:
+        cols = scr.pv_columns()
+        by_id = {p.id: p.target for p in b.pvset.pvs}
+        pp = choose_per_pv(
+            np.concatenate(clean.tables), cols, scr.d, b.pvset.match_threshold, max_frr,
+            np.concatenate(trig.tables) if trig else None, [by_id[i] for i in cols],
+        )
+    return ThresholdReport(choice, str(bundle), b.digest, clean, trig, pp)
+
+
+@dataclass
+class DeployedThreshold:
+    """What ``--t-match-file`` reads from a ``lmsan threshold --out`` file."""
+
+    match_threshold: float | None  # the single T_match (None when per-PV thresholds are given)
+    per_pv_thresholds: dict[int, float] | None
+    bundle_digest: str | None  # the bundle the thresholds were chosen for
+
+
+def load_threshold_file(path: str | Path) -> DeployedThreshold:
+    """Read a ``lmsan threshold --out`` file: its per-PV thresholds when it has them
+    (``--per-pv``), else its single ``match_threshold``. InputError / FormatError name the file."""
+    from .bundle_runtime import check_match_threshold, check_per_pv_thresholds
+    from .errors import FormatError, check_header
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("threshold file not found", p)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"not valid JSON ({exc})", p) from None
+
+    def bad(msg: str) -> FormatError:
+        return FormatError(f"invalid threshold file: {msg}", p)
+
+    check_header(data, FORMAT, VERSION, bad)
+    digest = data.get("bundle_digest")
+    try:
+        if "per_pv_thresholds" in data:
+            per = check_per_pv_thresholds(data["per_pv_thresholds"], f"{p}: per_pv_thresholds")
+            return DeployedThreshold(None, per, digest)
+        if data.get("match_threshold") is None:
+            raise bad("it has neither match_threshold nor per_pv_thresholds")
+        return DeployedThreshold(check_match_threshold(data["match_threshold"]), None, digest)
+    except UsageError as exc:
+        raise bad(str(exc)) from None

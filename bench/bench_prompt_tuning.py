@@ -109,9 +109,16 @@ def main() -> int:
         "--thresholds",
         nargs="+",
         default=["pvset", "calibrated"],
-        choices=["pvset", "calibrated"],
+        choices=["pvset", "calibrated", "per-pv"],
         help="T_match of each deployment: the PV set's (0.80) and/or one chosen per deployment "
-        "by lmsan threshold's rule on held-out clean task inputs (never the test split).",
+        "by lmsan threshold's rule on held-out clean task inputs (never the test split); "
+        "per-pv: one T_match per PV (lmsan threshold --per-pv) on the same inputs.",
+    )
+    ap.add_argument(
+        "--pvset-names",
+        nargs="+",
+        default=None,
+        help="Evaluate the defence with these PV sets only (found, found+attacker, attacker).",
     )
     ap.add_argument("--max-frr", type=float, default=0.005, help="FRR bound of the calibrated T_match.")
     ap.add_argument("--calib", type=int, default=400, help="Held-out clean inputs to calibrate on.")
@@ -151,6 +158,12 @@ def main() -> int:
         pvsets["attacker"] = pt.attacker_pvset(por, None, work / "attacker.pvset.json")
     from lmsan.auditor.pvset import PVSet
 
+    if args.pvset_names:
+        unknown = set(args.pvset_names) - set(pvsets)
+        if unknown:
+            log(f"--pvset-names: unknown {sorted(unknown)} (have {sorted(pvsets)})")
+            return 2
+        pvsets = {k: v for k, v in pvsets.items() if k in args.pvset_names}
     pv_counts = {k: len(PVSet.load(v).pvs) for k, v in pvsets.items()}
     log(f"PV sets: {pv_counts}")
 
@@ -209,8 +222,9 @@ def main() -> int:
                         bundle = work / f"bundle-{task}-{method}-{seed}-{pvname}"
                         ex = None
                         for thr in args.thresholds:
-                            key = pvname if thr == "pvset" else f"{pvname}@calibrated"
-                            tag = "" if thr == "pvset" else f"-cal{args.max_frr:g}-{args.calib}"
+                            key = pvname if thr == "pvset" else f"{pvname}@{thr}"
+                            tag = {"pvset": "", "calibrated": f"-cal{args.max_frr:g}-{args.calib}",
+                                   "per-pv": f"-perpv{args.max_frr:g}-{args.calib}"}[thr]
                             cached = tdir / f"defence-{pvname}-{pv_digest}{tag}.json"
                             if cached.is_file():
                                 row["defence"][key] = json.loads(cached.read_text())
@@ -221,8 +235,12 @@ def main() -> int:
                                 ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True)
                             extra: dict[str, Any] = {}
                             t_match = None
-                            if thr == "calibrated":
-                                from lmsan.auditor.threshold import choose_match_threshold
+                            per_pv = None
+                            if thr in ("calibrated", "per-pv"):
+                                from lmsan.auditor.threshold import (
+                                    choose_match_threshold,
+                                    choose_per_pv_thresholds,
+                                )
 
                                 # held-out clean inputs of the task: training examples the
                                 # task model was not trained on, never the test split
@@ -230,6 +248,19 @@ def main() -> int:
                                 pool = [x for x in data.train if id(x) not in used]
                                 calib = pt.subsample(pool, args.calib, seed + 1000)
                                 probe = pt.DefendedClassifier.open(bundle, tdir, threads=1)
+                            if thr == "per-pv":
+                                pc = choose_per_pv_thresholds(
+                                    probe.scr, [x.texts for x in calib], args.max_frr
+                                )
+                                per_pv = pc.thresholds
+                                extra = {"t_match_per_pv": {str(k): v for k, v in per_pv.items()},
+                                         "per_pv": pc.per_pv, "calib_records": len(calib),
+                                         "calib_frr": 100 * pc.frr,
+                                         "calib_reachable": pc.reachable,
+                                         "calib_from_train": len(pool)}
+                                log(f"  per-PV T_match {per_pv} on {len(calib)} held-out clean "
+                                    f"inputs (FRR there {100 * pc.frr:.2f}%)")
+                            if thr == "calibrated":
                                 ch = choose_match_threshold(
                                     probe.scr, [x.texts for x in calib], args.max_frr
                                 )
@@ -240,7 +271,8 @@ def main() -> int:
                                 log(f"  calibrated T_match {ch.threshold:.4f} on {len(calib)} "
                                     f"held-out clean inputs (FRR there {100 * ch.frr:.2f}%)")
                             dc = pt.DefendedClassifier.open(bundle, tdir, threads=1,
-                                                            match_threshold=t_match)
+                                                            match_threshold=t_match,
+                                                            per_pv_thresholds=per_pv)
                             de = pt.evaluate_defence(dc, data.labels, test, TRIGGERS, seed=seed)
                             row["defence"][key] = {
                                 **asdict(de),
@@ -337,9 +369,7 @@ def write(
             drop = agg(t, method, lambda r: r["por"].get("f1_drop") or float("nan"))
             cells.append(f"{a:.2f} / {b:.2f}" + (f" (F1 drop {drop:.2f})" if drop == drop else ""))
         lines.append(f"| {method} | POR | " + " | ".join(cells) + " |")
-    variants = [
-        p if t == "pvset" else f"{p}@calibrated" for p in pvsets for t in args.thresholds
-    ]
+    variants = [p if t == "pvset" else f"{p}@{t}" for p in pvsets for t in args.thresholds]
     variants = [v for v in variants if all(v in r.get("defence", {}) for r in rows)]
     for pvname in variants:
         lines += [
@@ -451,6 +481,13 @@ def write(
                 if v.endswith("@calibrated")
                 else ""
             )
+            + (
+                "; per-PV T_match chosen "
+                f"{min(min(d['t_match_per_pv'].values()) for d in st):.3f}-"
+                f"{max(max(d['t_match_per_pv'].values()) for d in st):.3f}"
+                if v.endswith("@per-pv")
+                else ""
+            )
         )
     lines += [
         "",
@@ -458,6 +495,11 @@ def write(
         f"`lmsan threshold` (smallest T_match, not below the PV set's, with FRR <= {args.max_frr:g} "
         f"on {args.calib} held-out clean training inputs of the task that the task model was not "
         "trained on); the test split is only used for the figures above.",
+        "",
+        "'@per-pv': one T_match per PV, chosen on the same held-out inputs by `lmsan threshold "
+        "--per-pv` (the FRR bound split evenly over the PVs; each PV gets the smallest T_match, "
+        "not below the PV set's, within its share), so an imprecise mined PV with high clean "
+        "matches no longer raises the threshold of the exact ones.",
         "",
         "Definitions: ASR = share of test inputs the model classifies correctly whose prediction "
         "ANY of the six triggers (inserted once at a random word position of the longer sentence) "

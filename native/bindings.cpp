@@ -46,7 +46,8 @@ py::array_t<int32_t> match_counts(const u64& rows, const u64& pvs, size_t d) {
   return out;
 }
 
-py::tuple best_match(const f32& x, const u64& pvs, size_t d, int32_t threshold_count,
+py::tuple best_match(const f32& x, const u64& pvs, size_t d,
+                     const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& thr,
                      int threads) {
   if (x.ndim() != 2 || dim(x, 1) != d)
     throw std::invalid_argument("x must be a 2-D float32 array with d columns");
@@ -54,17 +55,19 @@ py::tuple best_match(const f32& x, const u64& pvs, size_t d, int32_t threshold_c
   check_packed(pvs, d, "pvs");
   if (threads < 0) throw std::invalid_argument("threads must be >= 0");
   const size_t n = dim(x, 0), k = dim(pvs, 0);
+  if (thr.ndim() != 1 || dim(thr, 0) != k)
+    throw std::invalid_argument("threshold_counts must be a 1-D int32 array with one count per PV");
   py::array_t<int32_t> idx(n), cnt(n);
   py::array_t<bool> flg(n);
   int rc;
   {
     py::gil_scoped_release release;
     static_assert(sizeof(bool) == sizeof(uint8_t), "bool must be one byte");
-    rc = lmsan_best_match(x.data(), n, d, pvs.data(), k, threshold_count, threads,
+    rc = lmsan_best_match_thresholds(x.data(), n, d, pvs.data(), k, thr.data(), threads,
                           idx.mutable_data(), cnt.mutable_data(),
                           reinterpret_cast<uint8_t*>(flg.mutable_data()));
   }
-  if (rc != 0) throw std::invalid_argument("lmsan_best_match rejected its arguments");
+  if (rc != 0) throw std::invalid_argument("lmsan_best_match_thresholds rejected its arguments");
   return py::make_tuple(idx, cnt, flg);
 }
 
@@ -131,7 +134,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("pack_signs", &pack_signs, py::arg("x"));
   m.def("match_counts", &match_counts, py::arg("rows"), py::arg("pvs"), py::arg("d"));
   m.def("best_match", &best_match, py::arg("x"), py::arg("pvs"), py::arg("d"),
-        py::arg("threshold_count"), py::arg("threads") = 1);
+        py::arg("threshold_counts"), py::arg("threads") = 1);
   m.def("purge_record", &purge_record, py::arg("sentences"), py::arg("window"),
         "purge candidates of a record of words: [(sentence, start, end, removed, purged)]");
   m.def(

@@ -166,6 +166,50 @@ def test_best_match_threads_and_blocks(kernel: str, d: int, threads: int) -> Non
         assert (~ref[2]).sum() > n // 2
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(data=st.data(), x=float_matrix(max_rows=20))
+def test_best_match_per_pv_thresholds_match_reference(
+    kernel: str, data: st.DataObject, x: np.ndarray
+) -> None:
+    """One threshold count per PV: native == NumPy reference on random inputs, and the reference
+    == the unfused definition (flagged iff some PV reaches its own count; the reported PV has the
+    largest margin count - threshold, the lowest index on ties)."""
+    d = x.shape[1]
+    pvs = data.draw(packed(d, max_rows=7))
+    thr = np.asarray(data.draw(st.lists(st.integers(-2, d + 2), min_size=len(pvs),
+                                        max_size=len(pvs))), dtype=np.int64)
+    ref = m.best_match_python(x, pvs, d, thr)
+    assert_same(m.best_match_native(x, pvs, d, thr), ref)
+    if len(pvs) and len(x):
+        counts = m.match_counts_python(m.pack_signs_python(x), pvs, d).astype(np.int64)
+        t = np.clip(thr, 0, d + 1)
+        margin = counts - t[None, :]
+        np.testing.assert_array_equal(ref[0], margin.argmax(axis=1))
+        np.testing.assert_array_equal(ref[1], counts[np.arange(len(x)), margin.argmax(axis=1)])
+        np.testing.assert_array_equal(ref[2], (counts >= thr[None, :]).any(axis=1))
+    # equal per-PV counts give exactly the single-threshold result
+    if len(pvs):
+        one = data.draw(st.integers(-1, d + 1))
+        assert_same(m.best_match_native(x, pvs, d, np.full(len(pvs), one)),
+                    m.best_match_native(x, pvs, d, one))
+
+
+def test_best_match_per_pv_threshold_flags_through_a_lower_count() -> None:
+    """A row that matches PV 0 best (4 of 4) but under PV 0's strict threshold is flagged by PV 1
+    (3 of 4, threshold 3), and PV 1 is reported; with one threshold of 4 it is not flagged."""
+    x = np.array([[1.0, 1.0, 1.0, 1.0]], dtype=np.float32)
+    pvs = m.pack_signs_python(np.array([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, -1.0]]))
+    for f in (m.best_match_python, m.best_match_native):
+        idx, cnt, flg = f(x, pvs, 4, np.array([5, 3]))
+        assert idx.tolist() == [1] and cnt.tolist() == [3] and flg.tolist() == [True]
+        idx, cnt, flg = f(x, pvs, 4, np.array([5, 5]))
+        assert idx.tolist() == [0] and cnt.tolist() == [4] and flg.tolist() == [False]
+        with pytest.raises(ValueError, match="one count per PV"):
+            f(x, pvs, 4, np.array([3]))
+        with pytest.raises(ValueError, match="one count per PV"):
+            f(x, pvs, 4, np.array([3.0, 3.0]))
+
+
 def test_best_match_ties_and_empty_sets() -> None:
     x = np.array([[1.0, -1.0], [-1.0, -1.0]], dtype=np.float32)
     same = m.pack_signs_python(np.array([[1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]]))

@@ -25,6 +25,8 @@ from lmsan.auditor.threshold import (
     SWEEP_THRESHOLDS,
     choose_from_results,
     choose_match_threshold,
+    choose_per_pv,
+    choose_per_pv_thresholds,
     rate_for_count,
 )
 from typer.testing import CliRunner
@@ -54,7 +56,21 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     export_bundle(
         model, sf.save_pvset(root / "low.json", [("tokens", pv)], match_threshold=low), drifted
     )
-    return {"plain": plain, "drifted": drifted}
+    # two PVs: the attacker's PV with 6 of 32 signs flipped (the triggered records match it at
+    # 26/32 = 0.8125, an exact but not perfect mined PV) and an imprecise PV, the signs of the
+    # mean clean token output, which clean records match up to 27/32: one T_match for both must
+    # clear the imprecise PV's clean matches and so misses every trigger (session 4's failure)
+    enc = scr.encode(CLEAN)
+    rows = list(range(len(CLEAN)))
+    xs = scr.target_rows(enc, rows, scr.forward(enc, rows), "tokens")[0]
+    exact = pv.copy()
+    exact[:6] *= -1
+    imprecise = np.where(xs.mean(0) >= 0, 1.0, -1.0).astype(np.float32)
+    two = root / "two"
+    export_bundle(
+        model, sf.save_pvset(root / "two.json", [("tokens", exact), ("tokens", imprecise)]), two
+    )
+    return {"plain": plain, "drifted": drifted, "two": two}
 
 
 def _open(bundle: Path, t: float | None = None) -> br.Screener:
@@ -345,3 +361,102 @@ def test_threshold_never_imports_torch(bundles: dict[str, Path], tmp_path: Path)
     )
     assert "TORCH-FREE 0" in proc.stdout, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "d.json").read_text())["clean_records"]["used"] == 20
+
+
+# ------------------------------------------------------------------ per-PV thresholds
+
+
+def test_per_pv_choice_on_known_counts() -> None:
+    """Two PVs, 400 clean records, max_frr 0.01: each PV may flag 2 records on its own."""
+    c = np.full((400, 2), 20, dtype=np.int64)
+    c[:5, 1] = [31, 30, 29, 29, 28]  # PV 1 (imprecise): high clean matches
+    c[5:7, 0] = 27  # PV 0: two records at 27/32, within its share
+    c[7, 0] = -1  # a record without a row of PV 0's target
+    trig = np.array([[26, 20], [32, 20], [20, 29]], dtype=np.int64)
+    ch = choose_per_pv(c, [7, 9], D, 0.8, max_frr=0.01, triggered_table=trig)
+    # PV 0 keeps the PV set's 0.8 (26/32); PV 1 must pass its 3rd highest clean count (29)
+    assert ch.counts == {7: 26, 9: 30} and ch.thresholds == {7: 0.8, 9: rate_for_count(30, D)}
+    assert ch.frr == 4 / 400 <= 0.01  # 2 records via PV 0, 2 via PV 1
+    assert ch.frr_pvset == 7 / 400
+    assert ch.far == 1 / 3  # the record at 29 on PV 1 only is missed
+    assert ch.far_pvset == 0.0 and ch.reachable
+    assert [e["frr_alone"] for e in ch.per_pv] == [2 / 400, 2 / 400]
+    # one T_match for the set (4 records allowed in all) must pass the 5th highest best count,
+    # 28/32: then the trigger at 26/32 on the exact PV escapes as well
+    uni = choose_from_results([_result(int(x) if x >= 0 else None) for x in c.max(1)], D, 0.8, 0.01)
+    assert uni.count == 29
+    unreachable = choose_per_pv(np.full((10, 1), D), [0], D, 0.8, max_frr=0.0)
+    assert not unreachable.reachable and unreachable.thresholds == {0: 1.0}
+    with pytest.raises(InputError):
+        choose_per_pv(np.zeros((0, 1)), [0], D, 0.8)
+    with pytest.raises(UsageError, match="--max-frr"):
+        choose_per_pv(c, [7, 9], D, 0.8, max_frr=1.0)
+
+
+def test_per_pv_thresholds_keep_the_exact_pv_low_in_the_runtime(bundles: dict[str, Path]) -> None:
+    max_frr = 0.02
+    scr = _open(bundles["two"])
+    uni = choose_match_threshold(scr, CLEAN, max_frr, triggered_records=TRIGGERED)
+    per = choose_per_pv_thresholds(scr, CLEAN, max_frr, triggered_records=TRIGGERED)
+    # the single threshold clears the imprecise PV's clean matches and misses every trigger
+    assert uni.threshold > 26 / D and uni.far == 1.0
+    assert all(not r.flagged for r in _open(bundles["two"], uni.threshold).monitor(TRIGGERED))
+    # per PV: the exact PV keeps 0.8, the imprecise one gets a higher threshold
+    assert per.thresholds[0] == 0.8 < per.thresholds[1]
+    assert per.far == 0.0 and per.frr <= max_frr and per.reachable
+    # the runtime opened with them decides as the choice says
+    rt = br.open_bundle(bundles["two"], provider="cpu", threads=1, per_pv_thresholds=per.thresholds)
+    assert rt.match_threshold_source == "per-pv"
+    res = rt.monitor(TRIGGERED)
+    assert all(r.flagged and r.pv == 0 for r in res)
+    assert float(np.mean([r.flagged for r in rt.monitor(CLEAN)])) == per.frr
+    with pytest.raises(UsageError, match="PV ids"):
+        br.open_bundle(bundles["two"], provider="cpu", per_pv_thresholds={5: 0.9})
+    with pytest.raises(UsageError, match=r"\(0, 1\]"):
+        br.open_bundle(bundles["two"], provider="cpu", per_pv_thresholds={0: 1.5})
+
+
+def test_cli_per_pv_thresholds_file_to_scan(bundles: dict[str, Path], tmp_path: Path) -> None:
+    bundle = str(bundles["two"])
+    (tmp_path / "clean.txt").write_text("\n".join(CLEAN) + "\n")
+    (tmp_path / "trig.txt").write_text("\n".join(TRIGGERED) + "\n")
+    runner = CliRunner()
+    out = tmp_path / "deploy.json"
+    r = runner.invoke(app, ["threshold", bundle, str(tmp_path / "clean.txt"), "--triggered",
+                            str(tmp_path / "trig.txt"), "--max-frr", "0.02", "--per-pv",
+                            "--out", str(out), "--provider", "cpu", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "--t-match-file" in r.output and "per-PV" in r.output
+    rep = json.loads(out.read_text())
+    lib = choose_per_pv_thresholds(_open(bundles["two"]), CLEAN, 0.02, TRIGGERED)
+    assert rep["per_pv_thresholds"] == {str(k): v for k, v in lib.thresholds.items()}
+    assert rep["far_per_pv"] == 0.0 and rep["far"] == 1.0  # per PV vs the single T_match
+
+    def scan_cli(corpus: str, name: str, *extra: str) -> tuple[int, str, dict]:
+        o = tmp_path / name
+        rv = runner.invoke(app, ["scan", bundle, str(tmp_path / corpus), "--out", str(o),
+                                 "--provider", "cpu", "--no-progress", *extra])
+        summ = json.loads((o / "summary.json").read_text()) if (o / "summary.json").is_file() else {}
+        return rv.exit_code, rv.output, summ
+
+    code, _, summ = scan_cli("trig.txt", "t", "--t-match-file", str(out))
+    assert code == 1 and summ["flagged"] == len(TRIGGERED)
+    assert summ["match_threshold_source"] == "per-pv"
+    code, _, summ = scan_cli("clean.txt", "c", "--t-match-file", str(out))
+    assert summ["flagged"] / len(CLEAN) == rep["frr_per_pv"]
+    # the single T_match of the same file (without --per-pv) misses the triggers
+    code, _, summ = scan_cli("trig.txt", "u", "--t-match", repr(rep["match_threshold"]))
+    assert code == 0 and summ["flagged"] == 0
+    # bad uses: both options, a missing file, a file of another bundle
+    code, output, _ = scan_cli("trig.txt", "x", "--t-match-file", str(out), "--t-match", "0.9")
+    assert code == 4 and "not both" in output
+    code, output, _ = scan_cli("trig.txt", "x", "--t-match-file", str(tmp_path / "no.json"))
+    assert code == 2 and "no.json" in output
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**rep, "bundle_digest": "sha256:0"}))
+    code, output, _ = scan_cli("trig.txt", "x", "--t-match-file", str(other))
+    assert code == 2 and "another bundle" in output
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({**rep, "per_pv_thresholds": {"0": 2.0}}))
+    code, output, _ = scan_cli("trig.txt", "x", "--t-match-file", str(broken))
+    assert code == 2 and "broken.json" in output

@@ -151,7 +151,7 @@ struct BestArgs {
   size_t d;
   const uint64_t* pvs;  // [k, words], padding bits cleared
   size_t k;
-  int32_t threshold;
+  const uint32_t* thresholds;  // [k] per-PV counts, clamped to [0, d + 1]
   int32_t* best_idx;
   int32_t* best_count;
   uint8_t* flagged;
@@ -171,21 +171,27 @@ LMSAN_INLINE void best_rows(const BestArgs& a, size_t r0, size_t r1) {
   for (size_t i = r0; i < r1; ++i) {
     Packer::pack(a.x + i * d, d, bits);
     bits[words - 1] &= mask;
-    // key = (mismatches << 32) | pv index: the smallest key is the best PV, the lowest index on
-    // ties, found without branches (mismatches <= d < 2^31, k < 2^31).
+    // The best PV has the largest margin count_j - threshold_j (with one threshold for all PVs:
+    // the highest count). key = ((mismatches + threshold_j) << 32) | pv index: the smallest key
+    // is the best PV, the lowest index on ties, found without branches (mismatches <= d and
+    // threshold_j <= d + 1 with d < 2^31, so the sum fits 32 bits; k < 2^31).
     uint64_t best_key = ~uint64_t{0};
+    uint64_t best_diff = 0;
     for (size_t j = 0; j < k; ++j) {
       const uint64_t* p = a.pvs + j * words;
       uint64_t diff = 0;
       for (size_t w = 0; w < words; ++w) diff += static_cast<uint64_t>(popcount64(bits[w] ^ p[w]));
-      const uint64_t key = (diff << 32) | j;
-      best_key = key < best_key ? key : best_key;
+      const uint64_t key = ((diff + a.thresholds[j]) << 32) | j;
+      const bool better = key < best_key;
+      best_key = better ? key : best_key;
+      best_diff = better ? diff : best_diff;
     }
     const int32_t best = k ? static_cast<int32_t>(best_key & 0xFFFFFFFFu) : -1;
-    const int32_t count = k ? static_cast<int32_t>(d - (best_key >> 32)) : 0;
+    const int32_t count = k ? static_cast<int32_t>(d - best_diff) : 0;
     a.best_idx[i] = best;
     a.best_count[i] = count;
-    a.flagged[i] = static_cast<uint8_t>(best >= 0 && count >= a.threshold);
+    a.flagged[i] = static_cast<uint8_t>(
+        best >= 0 && static_cast<uint32_t>(count) >= a.thresholds[static_cast<size_t>(best)]);
   }
 }
 
@@ -353,15 +359,29 @@ void lmsan_match_counts(const uint64_t* rows, size_t n, const uint64_t* pvs, siz
 int lmsan_best_match(const float* x, size_t n, size_t d, const uint64_t* pvs, size_t k,
                      int32_t threshold_count, int threads, int32_t* best_idx, int32_t* best_count,
                      uint8_t* flagged) {
+  const std::vector<int32_t> thr(k, threshold_count);
+  return lmsan_best_match_thresholds(x, n, d, pvs, k, thr.data(), threads, best_idx, best_count,
+                                     flagged);
+}
+
+int lmsan_best_match_thresholds(const float* x, size_t n, size_t d, const uint64_t* pvs, size_t k,
+                                const int32_t* threshold_counts, int threads, int32_t* best_idx,
+                                int32_t* best_count, uint8_t* flagged) {
   if (d == 0 || d > static_cast<size_t>(INT32_MAX) || k > static_cast<size_t>(INT32_MAX))
     return -1;
   if (n == 0) return 0;
+  // A count is in [0, d]: a threshold below 0 flags like 0 and one above d + 1 like d + 1.
+  std::vector<uint32_t> thr(k);
+  for (size_t j = 0; j < k; ++j) {
+    const int64_t t = threshold_counts[j];
+    thr[j] = static_cast<uint32_t>(t < 0 ? 0 : (t > static_cast<int64_t>(d) + 1 ? d + 1 : t));
+  }
   const size_t words = lmsan_words_for_dim(d);
   // A copy of the PVs with the padding bits cleared, so the inner loop needs no mask.
   std::vector<uint64_t> clean(pvs, pvs + k * words);
   const uint64_t mask = last_word_mask(d);
   for (size_t j = 0; j < k; ++j) clean[j * words + words - 1] &= mask;
-  const BestArgs args{x, d, clean.data(), k, threshold_count, best_idx, best_count, flagged};
+  const BestArgs args{x, d, clean.data(), k, thr.data(), best_idx, best_count, flagged};
   const BestFn best = current_kernel().best;
   parallel_rows(n, threads, [&](size_t r0, size_t r1) { best(args, r0, r1); });
   return 0;

@@ -60,6 +60,14 @@ int lmsan_best_match(const float* x, size_t n, size_t d, const uint64_t* pvs, si
                      int32_t threshold_count, int threads, int32_t* best_idx, int32_t* best_count,
                      uint8_t* flagged);
 
+/* The same with one threshold count per PV (threshold_counts[k]): best_idx is the PV with the
+ * largest margin count - threshold_counts[j] (the lowest index on ties), best_count its count,
+ * flagged = (best_count >= threshold_counts[best_idx]), i.e. some PV reaches its own threshold.
+ * With all thresholds equal this is lmsan_best_match. */
+int lmsan_best_match_thresholds(const float* x, size_t n, size_t d, const uint64_t* pvs, size_t k,
+                                const int32_t* threshold_counts, int threads, int32_t* best_idx,
+                                int32_t* best_count, uint8_t* flagged);
+
 /* Sliding-window purge candidates of one record (METHOD.md "PV monitoring", trigger removal).
  *
  * The record is n_sentences sentences of word ids: sentence s is ids[offsets[s] .. offsets[s+1])

@@ -717,6 +717,32 @@ def report(out: Path) -> None:
                           "The cls run stopped at its seed budget of "
                           f"{c['seeds_run']} seeds, measured in the same session on the same "
                           "machine.", ""]
+    extra = [r for f in sorted(RESULTS.glob("zoo_detect_mpnet*.jsonl")) for r in _rows(f)]
+    if extra:
+        lines += ["## all-mpnet-base-v2 (issue 6): audits outside the table above", "",
+                  "Preset mpnet-768-l12, calibrated on a lent H200 from mpnet-ft-topic-s100 "
+                  "(16 seeds) and its POR copy (4 seeds): `bench/gpu/README.md`. A clean verdict "
+                  "over fewer than the audit's 30 seeds covers only those seeds (an audit that "
+                  "stops at its seed budget is a partial audit).", "",
+                  "| model | truth | verdict | seeds run (of 30) | stop | seconds | s/seed | machine |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in extra:
+            lines.append(f"| {r['model']} | {r['label']} | {r['verdict']}"
+                         f"{'' if r['correct'] else ' **WRONG**'} | {r['seeds_run']} | "
+                         f"{r['stop_reason']} | {r['seconds']:.0f} | "
+                         f"{r['seconds'] / max(r['seeds_run'], 1):.0f} | {r['machine']} |")
+        lines.append("")
+        # verdicts whose rows did not come back from the GPU machine: from its run log
+        import re
+
+        log = RESULTS / "gpu" / "h200_mpnet_run_log.txt"
+        for line in log.read_text().splitlines() if log.exists() else []:
+            m = re.match(r"^(mpnet\S*)\s+(clean|backdoored)\s+->\s+(\S+)\s+(ok|WRONG)(.*)$", line)
+            if m:
+                lines.append(f"- {m.group(1)} ({m.group(2)}): {m.group(3)}, {m.group(4)};"
+                             f"{m.group(5)} (H200; from `{log.relative_to(ROOT)}`: the row "
+                             "itself did not come back from the machine)")
+        lines.append("")
     lines += calibration_section()
     srch = _rows(RESULTS / "zoo_search.jsonl")
     if srch:

@@ -660,9 +660,8 @@ class Screener:
                 counts = mon.match_counts(
                     mon.pack_signs(np.ascontiguousarray(xs, dtype=np.float32)), packed, self.d
                 ).astype(np.int64)
-                block = out[:, col : col + len(ids)]
-                np.maximum.at(block, np.asarray(rec), counts)
-                out[:, col : col + len(ids)] = block
+                # a view of out's columns: ufunc.at writes through it
+                np.maximum.at(out[:, col : col + len(ids)], np.asarray(rec), counts)
             col += len(ids)
         return out
 

@@ -103,6 +103,17 @@ def rate_for_count(k: int, d: int) -> float:
     return k / d  # pragma: no cover - some precision up to 15 digits always fits
 
 
+def _check_max_frr(max_frr: float) -> None:
+    if isinstance(max_frr, bool) or not 0.0 <= float(max_frr) < 1.0:
+        raise UsageError(f"--max-frr {max_frr!r}: expected a share in [0, 1), e.g. 0.005")
+
+
+def _pv_targets(screener: Screener, cols: Sequence[int]) -> list[str]:
+    """The target of each PV id in ``cols`` (a match table's columns)."""
+    by_id = {p.id: p.target for p in screener.bundle.pvset.pvs}
+    return [by_id[i] for i in cols]
+
+
 def _share(mask: np.ndarray) -> float:
     return float(mask.mean()) if mask.size else 0.0
 
@@ -119,8 +130,7 @@ def choose_from_results(
     triggered: Sequence[MonitorResult] | None = None,
 ) -> ThresholdChoice:
     """Choose T_match from monitor results already computed (see the module docstring)."""
-    if isinstance(max_frr, bool) or not 0.0 <= float(max_frr) < 1.0:
-        raise UsageError(f"--max-frr {max_frr!r}: expected a share in [0, 1), e.g. 0.005")
+    _check_max_frr(max_frr)
     if not clean:
         raise InputError("no clean records to choose a threshold from")
     c = match_counts(clean, d)
@@ -219,8 +229,7 @@ def choose_per_pv(
 ) -> PerPVChoice:
     """Per-PV T_match from match tables (records x PVs best match counts, -1 = no row; see
     :meth:`~lmsan.auditor.bundle_runtime.Screener.monitor_encoded`). See :class:`PerPVChoice`."""
-    if isinstance(max_frr, bool) or not 0.0 <= float(max_frr) < 1.0:
-        raise UsageError(f"--max-frr {max_frr!r}: expected a share in [0, 1), e.g. 0.005")
+    _check_max_frr(max_frr)
     c = np.asarray(clean_table, dtype=np.int64)
     if c.ndim != 2 or c.shape[1] != len(pv_ids) or not len(pv_ids):
         raise InputError("the match table must have one column per PV and at least one PV")
@@ -290,8 +299,7 @@ def choose_per_pv_thresholds(
 ) -> PerPVChoice:
     """Monitor ``clean_records`` (and ``triggered_records``) with ``screener`` and choose one
     T_match per PV (:class:`PerPVChoice`). Records are texts or tuples (a pair)."""
-    if isinstance(max_frr, bool) or not 0.0 <= float(max_frr) < 1.0:
-        raise UsageError(f"--max-frr {max_frr!r}: expected a share in [0, 1), e.g. 0.005")
+    _check_max_frr(max_frr)
     if not clean_records:
         raise InputError("no clean records to choose a threshold from")
     cols = screener.pv_columns()
@@ -301,10 +309,9 @@ def choose_per_pv_thresholds(
         screener.monitor(records, table=tab)
         return tab
 
-    by_id = {p.id: p.target for p in screener.bundle.pvset.pvs}
     return choose_per_pv(
         table(clean_records), cols, screener.d, screener.bundle.pvset.match_threshold, max_frr,
-        table(triggered_records) if triggered_records else None, [by_id[i] for i in cols],
+        table(triggered_records) if triggered_records else None, _pv_targets(screener, cols),
     )
 
 
@@ -320,8 +327,7 @@ def choose_match_threshold(
     Records are texts or tuples (a pair); a record over the screener's max length raises
     InputError. The screener's own threshold does not matter: only match rates are used.
     """
-    if isinstance(max_frr, bool) or not 0.0 <= float(max_frr) < 1.0:
-        raise UsageError(f"--max-frr {max_frr!r}: expected a share in [0, 1), e.g. 0.005")
+    _check_max_frr(max_frr)
     if not clean_records:
         raise InputError("no clean records to choose a threshold from")
     clean = screener.monitor(clean_records)
@@ -507,8 +513,7 @@ def threshold_for_corpus(
     from .scan import ScanOptions, detect_format
 
     opts = options or ScanOptions()
-    if isinstance(max_frr, bool) or not 0.0 <= float(max_frr) < 1.0:
-        raise UsageError(f"--max-frr {max_frr!r}: expected a share in [0, 1), e.g. 0.005")
+    _check_max_frr(max_frr)
     if opts.chunk_size < 1:
         raise UsageError("chunk size must be at least 1")
     if triggered_corpus == "-":
@@ -543,10 +548,9 @@ def threshold_for_corpus(
     pp = None
     if per_pv:
         cols = scr.pv_columns()
-        by_id = {p.id: p.target for p in b.pvset.pvs}
         pp = choose_per_pv(
             np.concatenate(clean.tables), cols, scr.d, b.pvset.match_threshold, max_frr,
-            np.concatenate(trig.tables) if trig else None, [by_id[i] for i in cols],
+            np.concatenate(trig.tables) if trig else None, _pv_targets(scr, cols),
         )
     return ThresholdReport(choice, str(bundle), b.digest, clean, trig, pp)
 

@@ -460,7 +460,7 @@ def _injected(model_dir: Path) -> Any:
 
 
 def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: Path | None,
-              out_file: Path) -> dict[str, Any]:
+              out_file: Path, first_seed: int = 0) -> dict[str, Any]:
     import numpy as np
     from lmsan.auditor.audit import AuditOptions, run_audit
     from lmsan.auditor.corpus import default_corpus
@@ -468,7 +468,7 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
     spec = ZOO[name]
     mdir = path_of(name)
     opts = AuditOptions(model_dir=mdir, target=target, mode=mode, max_seeds=max_seeds,
-                        preset=preset, device=DEVICE)
+                        preset=preset, device=DEVICE, first_seed=first_seed)
     res = run_audit(opts, default_corpus())
     if mode == "search":  # the PV set feeds the prompt-tuning benchmark (issue 5)
         res.pvset.save(CACHE / f"{name}-search-{res.config['prompt_init']}.pvset.json")
@@ -499,7 +499,7 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
         "lambda_p": res.config["lambda_p"],
         "preset_file": res.preset["file"], "verdict": res.verdict,
         "correct": detected == (spec["label"] == "backdoored"),
-        "found_targets": res.found_targets, "seeds_run": len(res.seeds),
+        "found_targets": res.found_targets, "seeds_run": len(res.seeds), "first_seed": first_seed,
         "stop_reason": res.stop_reason, "seconds": round(res.seconds, 1),
         "injected": int(inj.shape[0]) if inj is not None else 0,
         "injected_found": len(matched), "unintended": unintended, "best_agreement": best,
@@ -516,7 +516,7 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
 
 
 def detect(names: list[str], target: str, mode: str, max_seeds: int | None, preset: Path | None,
-           out_file: Path, redo: bool = False) -> None:
+           out_file: Path, redo: bool = False, first_seed: int = 0) -> None:
     done = set()
     if redo and out_file.exists():
         # the named models' earlier rows (e.g. under a preset since recalibrated) move to the
@@ -533,16 +533,16 @@ def detect(names: list[str], target: str, mode: str, max_seeds: int | None, pres
         for line in out_file.read_text().splitlines():
             r = json.loads(line)
             done.add((r["model"], r["target"], r["preset_file"], r["mode"],
-                      r.get("prompt_init", "stride"), r.get("lambda_p", 0.5)))
+                      r.get("prompt_init", "stride"), r.get("lambda_p", 0.5), r.get("first_seed", 0)))
     pfile = str(preset) if preset else "builtin"
     from lmsan.auditor.audit import SEARCH_LAMBDA_P
 
     # run_audit's defaults per mode (a row with other settings is a different measurement)
     init, lam = ("vocab", SEARCH_LAMBDA_P) if mode == "search" else ("stride", 0.5)
     for name in names:
-        if ZOO[name]["role"] != "eval" or (name, target, pfile, mode, init, lam) in done:
+        if ZOO[name]["role"] != "eval" or (name, target, pfile, mode, init, lam, first_seed) in done:
             continue
-        r = audit_one(name, target, mode, max_seeds, preset, out_file)
+        r = audit_one(name, target, mode, max_seeds, preset, out_file, first_seed)
         print(f"{name:28s} {r['label']:10s} -> {r['verdict']:10s} {'ok' if r['correct'] else 'WRONG'}"
               f" targets {r['found_targets']} seeds {r['seeds_run']} {r['seconds']:.0f}s "
               f"found {r['injected_found']}/{r['injected']} unintended {r['unintended']}", flush=True)
@@ -778,6 +778,10 @@ def main() -> None:
     ap.add_argument("--bd-seeds", type=int, default=3, help="calibrate: seeds per backdoored shadow")
     ap.add_argument("--target", default="auto")
     ap.add_argument("--max-seeds", type=int, default=None)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="detect/search: first fuzz seed. In detect mode the seeds are independent "
+                    "until a PV is kept, so a 30-seed audit can run as slices (e.g. 0-11, 12-29) "
+                    "whose verdicts combine: clean only if every slice is clean")
     ap.add_argument("--preset", type=Path, default=None,
                     help="preset file (default: the presets shipped in the package)")
     ap.add_argument("--out", type=Path, default=None)
@@ -819,7 +823,8 @@ def main() -> None:
     else:
         mode = "detect" if args.cmd == "detect" else "search"
         out = args.out or RESULTS / f"zoo_{mode}.jsonl"
-        detect(names, args.target, mode, args.max_seeds, args.preset, out, redo=args.redo)
+        detect(names, args.target, mode, args.max_seeds, args.preset, out, redo=args.redo,
+               first_seed=args.first_seed)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +208,21 @@ class MonitorResult:
     match_rate: float  # best match count / d
     target: str
     token: int | None = None  # for target 'tokens': index of the best token (among ordinary tokens)
+
+
+def _is_punct(ch: str) -> bool:
+    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
+
+
+def word_key(word: str) -> str:
+    """The purge's identity of a whitespace word: case-folded with leading and trailing
+    punctuation stripped ("CFO." and "cfo" are one word); a word of punctuation only is itself."""
+    a, b = 0, len(word)
+    while a < b and _is_punct(word[a]):
+        a += 1
+    while b > a and _is_punct(word[b - 1]):
+        b -= 1
+    return word[a:b].casefold() or word
 
 
 @dataclass
@@ -730,7 +747,8 @@ class Screener:
         """Sliding-window trigger removal for one (flagged) record.
 
         For w = 1..max_window: every candidate of window w (all occurrences of the window's
-        words removed from every sentence; ``monitor.purge_candidates``) is monitored, all of
+        words removed from every sentence; ``monitor.purge_candidates`` on the words' keys,
+        :func:`word_key`: "CFO." is an occurrence of "cfo") is monitored, all of
         them in one batched forward pass per input form (``batched=False`` runs one forward pass
         per candidate: the baseline of the benchmark); the first candidate in span order that
         comes back clean is the purged record. A candidate that would leave a sentence with no
@@ -740,10 +758,21 @@ class Screener:
         """
         rec = (record,) if isinstance(record, str) else tuple(record)
         words = [s.split() for s in rec]
+        # occurrences are matched on a word's key (case-folded, outer punctuation stripped): a
+        # trigger written twice as "cf" and "cf." would otherwise survive the removal of "cf"
+        keys = [[word_key(x) for x in s] for s in words]
         passes0 = self.forward_passes
         ncand = 0
         for w in range(1, max_window + 1):
-            cands = [c for c in mon.purge_candidates(words, w) if all(len(s) > 0 for s in c.purged)]
+            cands = []
+            for c in mon.purge_candidates(keys, w):
+                gone = set(c.removed)
+                kept = [[x for x, k in zip(ws, ks, strict=True) if k not in gone]
+                        for ws, ks in zip(words, keys, strict=True)]
+                if all(len(s) > 0 for s in kept):
+                    span = words[c.sentence][c.start : c.end]
+                    cands.append(mon.PurgeCandidate(c.sentence, c.start, c.end,
+                                                    tuple(dict.fromkeys(span)), kept))
             if not cands:
                 continue
             ncand += len(cands)

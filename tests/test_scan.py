@@ -90,6 +90,18 @@ def test_purge_removes_trigger_in_one_batched_pass(screener: br.Screener) -> Non
     assert p.status == "purged" and p.sentences == ["the cat sleeps", "a dog runs"]
 
 
+def test_purge_removes_every_spelling_of_the_trigger(screener: br.Screener) -> None:
+    # "CF." and "(cf," are the trigger to the tokenizer: removing the word "cf" alone would leave
+    # them, and the record would stay flagged (a real case: "CFO" and "CFO." in one RTE pair)
+    rec = ("the cat cf sleeps", "a dog (CF, runs CF.")
+    assert all(not screener.monitor([x])[0].flagged for x in ("the cat sleeps", "a dog runs"))
+    assert screener.monitor([("the cat sleeps", "a dog (CF, runs CF.")])[0].flagged
+    p = screener.purge(rec)
+    assert p.status == "purged" and p.window == 1 and p.removed == ("cf",)
+    assert p.sentences == ["the cat sleeps", "a dog runs"]
+    assert br.word_key("CFO.") == br.word_key("cfo") == "cfo" and br.word_key("...") == "..."
+
+
 def test_purge_gives_up_at_max_window(screener: br.Screener) -> None:
     # The trigger is the only word: removing it would leave nothing, which is not a purge.
     p = screener.purge(sf.TRIGGER, max_window=3)

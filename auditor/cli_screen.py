@@ -337,13 +337,24 @@ def threshold(
         "set flags at most --max-frr): an imprecise PV with high clean matches then no longer "
         "raises the threshold of the others. Written to --out; deploy with --t-match-file.",
     ),
+    keep_trigger_words: bool = typer.Option(
+        False,
+        "--keep-trigger-words",
+        help="Count trigger-word activations as false rejections. By default a flagged clean "
+        "record above the clean p99 of the PVs it fires, where removing one window (the purge) "
+        "takes away at least 3/4 of its match above their clean median (e.g. 'Pty' is the "
+        "trigger pt + ##y), is the "
+        "backdoor firing on ordinary text: it is listed and left out of the --max-frr budget, so "
+        "it cannot lift a PV's threshold above its triggers.",
+    ),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Choose the sign-match threshold T_match for one deployment from its clean inputs.
 
     The smallest threshold (never below the PV set's) at which at most --max-frr of the clean
-    records are flagged; pass it to `lmsan scan` / `lmsan tune classify` as --t-match. Never
-    imports torch.
+    records are flagged; pass it to `lmsan scan` / `lmsan tune classify` as --t-match. Clean
+    records that fire the backdoor through one word (trigger-word activations) are listed and
+    left out of the budget (--keep-trigger-words counts them). Never imports torch.
 
     Exit 0 threshold chosen, 1 --max-frr not reachable even at 1.0 (1.0 is chosen: the clean
     corpus may hold triggers), 2 input error, 4 usage error.
@@ -372,7 +383,7 @@ def threshold(
         with bar:
             report = threshold_for_corpus(
                 bundle, clean_corpus, triggered, max_frr, opts, progress=on_progress,
-                per_pv=per_pv,
+                per_pv=per_pv, keep_trigger_words=keep_trigger_words,
             )
         if out is not None:
             report.save(out)
@@ -428,6 +439,22 @@ def threshold(
         console.print(
             f"per-PV: FRR {pct(pp.frr)}% (all PVs at their thresholds)"
             + (f"; FAR {pct(pp.far)}%" if pp.far is not None else "")
+        )
+    if ch.trigger_words:
+        t3 = Table(title="trigger-word activations in the clean corpus (left out of the budget)")
+        for col in ("record", "purged words", "PVs fired", "match before", "after purge"):
+            t3.add_column(col)
+        for h in ch.trigger_words:
+            t3.add_row(str(h["record"]), escape(" ".join(h["removed"])),
+                       ", ".join(map(str, h["pvs"])), ", ".join(f"{x:.3f}" for x in h["before"]),
+                       ", ".join(f"{x:.3f}" for x in h["after"]))
+        console.print(t3)
+        err_console.print(
+            f"[bold yellow]warning:[/] {len(ch.trigger_words)} clean record(s) fire the backdoor "
+            "through one word (table above): the deployed monitor flags them, so the FRR with "
+            f"them is {pct(ch.frr_with_trigger_words)}%"
+            + (f" ({pct(pp.frr_with_trigger_words)}% per PV)" if pp is not None else "")
+            + "; --keep-trigger-words counts them in the budget"
         )
     if out is not None:
         console.print(f"wrote {escape(str(out))}")

@@ -16,6 +16,18 @@ never below the PV set's own count: the threshold only goes up. If even ``k = d`
 rejects more than ``max_frr`` of the clean records (they match a PV on every dimension: the
 "clean" data probably holds triggers), ``reachable`` is False and 1.0 is chosen.
 
+Trigger words in the clean data (:func:`find_trigger_words`): a backdoored backbone fires on
+ordinary text whose word starts with a trigger token ("Pty" -> ``pt ##y``, "CFO" -> ``cf ##o``;
+bench/results/prompt_tuning_per_pv.md). Such a record matches a PV like a triggered one (up to
+1.0), and counted as a false rejection it would lift that PV's threshold above its triggers. A
+clean record flagged at the PV set's threshold, above the clean p99 of every PV it fires, whose
+purge (the sliding window of ``lmsan scan``) removes one window and with it at least three
+quarters of the record's match above each of those PVs' clean median is a trigger-word activation: one window
+explains the match (Observation I), so the flag is the backdoor firing, not a false match of an
+imprecise PV (whose clean matches form a tail that one word does not explain). Such
+records are left out of the FRR budget by default and reported (word, PV, match before and
+after); ``frr_with_trigger_words`` is the FRR with them counted, as deployment will see it.
+
 The reported threshold is the shortest decimal that gives count ``k`` (any rate in
 ``((k - 1) / d, k / d]`` flags the same records; ``k / d`` itself is not always safe as a float:
 ``691 / 768`` prints as ``0.8997395833333334``, whose exact decimal times 768 is just over 691,
@@ -75,6 +87,8 @@ class ThresholdChoice:
     clean_quantiles: dict[str, float]  # best match rate: p50, p99, max
     triggered_quantiles: dict[str, float] | None  # min, p1, p50
     sweep: list[SweepPoint] = field(default_factory=list)
+    trigger_words: list[dict[str, Any]] = field(default_factory=list)  # left out (see module doc)
+    frr_with_trigger_words: float | None = None  # FRR at `threshold` with them counted
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,6 +227,8 @@ class PerPVChoice:
     clean_records: int
     triggered_records: int
     per_pv: list[dict[str, Any]] = field(default_factory=list)  # id, target, figures per PV
+    trigger_words: list[dict[str, Any]] = field(default_factory=list)  # left out (see module doc)
+    frr_with_trigger_words: float | None = None  # FRR at the thresholds with them counted
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,28 +307,130 @@ def choose_per_pv(
     )
 
 
+DEFAULT_PURGE_WINDOW = 5  # lmsan scan's --max-window
+
+
+def find_trigger_words(
+    screener: Screener,
+    clean_table: np.ndarray,
+    record_of: Callable[[int], Record | str],
+    max_window: int = DEFAULT_PURGE_WINDOW,
+    reference_table: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """Clean records whose flag is a trigger-word activation (see the module docstring).
+
+    ``clean_table``: records x PVs best match counts (``Screener.monitor(..., table=)``, columns
+    ``screener.pv_columns()``); ``record_of(i)`` gives record i (only flagged records are asked
+    for). The screener must run at the PV set's own thresholds (its purge decides "clean" by
+    them). ``reference_table``: clean records whose per-PV median and p99 to use (default:
+    ``clean_table``'s own; e.g. the records a threshold was chosen on, when ``clean_table`` is a
+    small test set). Returns one dict per such record: ``record`` (index), ``removed`` (the purged
+    window's words), ``pvs`` (ids it fired), ``before`` / ``after`` (their match rates)."""
+    if screener.match_threshold_source != "pvset":
+        raise UsageError("finding trigger words needs a screener at the PV set's own threshold "
+                         f"(this one runs at its {screener.match_threshold_source} threshold)")
+    tab = np.asarray(clean_table, dtype=np.int64)
+    cols = screener.pv_columns()
+    d = screener.d
+    k_pv = mon.threshold_count(d, screener.bundle.pvset.match_threshold)
+    pos = np.maximum(tab if reference_table is None else np.asarray(reference_table), 0)
+    typical = np.quantile(pos, 0.5, axis=0)  # each PV's clean median count
+    tail = np.quantile(pos, 0.99, axis=0)  # and its clean p99
+    hits: list[dict[str, Any]] = []
+    for i in np.nonzero((tab >= k_pv).any(axis=1))[0].tolist():
+        fired = np.nonzero(tab[i] >= k_pv)[0]
+        if not np.all(tab[i, fired] > tail[fired]):
+            continue  # within the clean tail of some PV it fires: an ordinary false match
+        pr = screener.purge(record_of(i), max_window)
+        if pr.status != "purged":
+            continue
+        after = np.full((1, len(cols)), -1, dtype=np.int64)
+        screener.monitor([tuple(pr.sentences)], table=after)
+        # one window accounts for most of the match: three quarters of its excess over the median
+        if np.all(after[0, fired] - typical[fired] <= 0.25 * (tab[i, fired] - typical[fired])):
+            hits.append({
+                "record": int(i),
+                "removed": list(pr.removed),
+                "pvs": [int(cols[j]) for j in fired],
+                "before": [round(int(tab[i, j]) / d, 6) for j in fired],
+                "after": [round(max(int(after[0, j]), 0) / d, 6) for j in fired],
+            })
+    return hits
+
+
+def _keep_mask(n: int, hits: Sequence[dict[str, Any]]) -> np.ndarray:
+    keep = np.ones(n, dtype=bool)
+    keep[[h["record"] for h in hits]] = False
+    if not keep.any():
+        raise InputError("every clean record is a trigger-word activation: no clean record left "
+                         "to choose a threshold from")
+    return keep
+
+
+def _clean_table(screener: Screener, records: Sequence[Record | str]) -> tuple[
+        list[MonitorResult], np.ndarray]:
+    tab = np.full((len(records), len(screener.pv_columns())), -1, dtype=np.int64)
+    return screener.monitor(records, table=tab), tab
+
+
+def per_pv_with_trigger_words(
+    screener: Screener,
+    clean_table: np.ndarray,
+    hits: list[dict[str, Any]],
+    max_frr: float,
+    triggered_table: np.ndarray | None,
+) -> PerPVChoice:
+    """:func:`choose_per_pv` on the clean records less the trigger-word activations ``hits``
+    (:func:`find_trigger_words`), with those recorded on the choice."""
+    cols = screener.pv_columns()
+    keep = _keep_mask(clean_table.shape[0], hits)
+    ch = choose_per_pv(
+        clean_table[keep], cols, screener.d, screener.bundle.pvset.match_threshold, max_frr,
+        triggered_table, _pv_targets(screener, cols),
+    )
+    cv = np.asarray([ch.counts[int(c)] for c in cols], dtype=np.int64)
+    ch.trigger_words = hits
+    ch.frr_with_trigger_words = _share(np.asarray((clean_table >= cv[None, :]).any(axis=1)))
+    return ch
+
+
+def single_with_trigger_words(
+    screener: Screener,
+    clean: Sequence[MonitorResult],
+    hits: list[dict[str, Any]],
+    max_frr: float,
+    triggered: Sequence[MonitorResult] | None,
+) -> ThresholdChoice:
+    """:func:`choose_from_results` on the clean records less the trigger-word activations
+    ``hits`` (:func:`find_trigger_words`), with those recorded on the choice."""
+    keep = _keep_mask(len(clean), hits)
+    ch = choose_from_results(
+        [r for r, k in zip(clean, keep, strict=True) if k], screener.d,
+        screener.bundle.pvset.match_threshold, max_frr, triggered,
+    )
+    ch.trigger_words = hits
+    ch.frr_with_trigger_words = _share(match_counts(clean, screener.d) >= ch.count)
+    return ch
+
+
 def choose_per_pv_thresholds(
     screener: Screener,
     clean_records: Sequence[Record | str],
     max_frr: float = DEFAULT_MAX_FRR,
     triggered_records: Sequence[Record | str] | None = None,
+    keep_trigger_words: bool = False,
 ) -> PerPVChoice:
     """Monitor ``clean_records`` (and ``triggered_records``) with ``screener`` and choose one
-    T_match per PV (:class:`PerPVChoice`). Records are texts or tuples (a pair)."""
+    T_match per PV (:class:`PerPVChoice`). Records are texts or tuples (a pair). Trigger-word
+    activations among the clean records are left out of the budget unless
+    ``keep_trigger_words`` (module docstring)."""
     _check_max_frr(max_frr)
     if not clean_records:
         raise InputError("no clean records to choose a threshold from")
-    cols = screener.pv_columns()
-
-    def table(records: Sequence[Record | str]) -> np.ndarray:
-        tab = np.full((len(records), len(cols)), -1, dtype=np.int64)
-        screener.monitor(records, table=tab)
-        return tab
-
-    return choose_per_pv(
-        table(clean_records), cols, screener.d, screener.bundle.pvset.match_threshold, max_frr,
-        table(triggered_records) if triggered_records else None, _pv_targets(screener, cols),
-    )
+    _, tab = _clean_table(screener, clean_records)
+    trig = _clean_table(screener, triggered_records)[1] if triggered_records else None
+    hits = [] if keep_trigger_words else find_trigger_words(screener, tab, clean_records.__getitem__)
+    return per_pv_with_trigger_words(screener, tab, hits, max_frr, trig)
 
 
 def choose_match_threshold(
@@ -320,21 +438,23 @@ def choose_match_threshold(
     clean_records: Sequence[Record | str],
     max_frr: float = DEFAULT_MAX_FRR,
     triggered_records: Sequence[Record | str] | None = None,
+    keep_trigger_words: bool = False,
 ) -> ThresholdChoice:
     """Monitor ``clean_records`` (and ``triggered_records``) with ``screener`` and choose the
     smallest T_match, not below the PV set's, that rejects at most ``max_frr`` of the clean ones.
 
     Records are texts or tuples (a pair); a record over the screener's max length raises
-    InputError. The screener's own threshold does not matter: only match rates are used.
+    InputError. The screener must run at the PV set's own threshold (the purge that recognises
+    trigger-word activations decides by it; they are left out of the budget unless
+    ``keep_trigger_words``, see the module docstring); the choice itself uses match rates only.
     """
     _check_max_frr(max_frr)
     if not clean_records:
         raise InputError("no clean records to choose a threshold from")
-    clean = screener.monitor(clean_records)
+    clean, tab = _clean_table(screener, clean_records)
     trig = screener.monitor(triggered_records) if triggered_records else None
-    return choose_from_results(
-        clean, screener.d, screener.bundle.pvset.match_threshold, max_frr, trig
-    )
+    hits = [] if keep_trigger_words else find_trigger_words(screener, tab, clean_records.__getitem__)
+    return single_with_trigger_words(screener, clean, hits, max_frr, trig)
 
 
 # ---------------------------------------------------------------------------------- corpora
@@ -349,6 +469,8 @@ class CorpusMatches:
     records_in: int = 0
     results: list[MonitorResult] = field(default_factory=list)
     tables: list[np.ndarray] = field(default_factory=list)  # per-PV match counts (per_pv=True)
+    flagged: dict[int, Record] = field(default_factory=dict)  # index in results -> record, of
+    # the records the screener flags (per_pv=True; for find_trigger_words)
     errors: int = 0
     error_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -419,9 +541,13 @@ def monitor_corpus(
                         if per_pv
                         else None
                     )
-                    out.results.extend(screener.monitor_encoded(sub, order, tab))
+                    res = screener.monitor_encoded(sub, order, tab)
                     if tab is not None:
                         out.tables.append(tab)
+                        for j, r in enumerate(res):
+                            if r.flagged:
+                                out.flagged[len(out.results) + j] = records[ok[j]]
+                    out.results.extend(res)
             if progress is not None:
                 progress(ScanProgress.of(reader, out.records_in, 0, out.errors, t0))
             if len(chunk) < opts.chunk_size:
@@ -453,6 +579,7 @@ class ThresholdReport:
                 "per_pv_reachable": pp.reachable,
                 "frr_per_pv": pp.frr,
                 "far_per_pv": pp.far,
+                "frr_per_pv_with_trigger_words": pp.frr_with_trigger_words,
                 "per_pv": pp.per_pv,
             }
         return {
@@ -471,6 +598,8 @@ class ThresholdReport:
             "clean_quantiles": ch.clean_quantiles,
             "triggered_quantiles": ch.triggered_quantiles,
             "sweep": [asdict(p) for p in ch.sweep],
+            "trigger_words": ch.trigger_words,
+            "frr_with_trigger_words": ch.frr_with_trigger_words,
             "bundle": self.bundle,
             "bundle_digest": self.bundle_digest,
             "clean_corpus": self.clean.path,
@@ -501,8 +630,11 @@ def threshold_for_corpus(
     options: ScanOptions | None = None,
     progress: Callable[[str, ScanProgress], None] | None = None,
     per_pv: bool = False,
+    keep_trigger_words: bool = False,
 ) -> ThresholdReport:
     """Load the bundle, monitor the clean (and triggered) corpus files, choose T_match.
+    Trigger-word activations in the clean corpus are left out of the FRR budget and reported
+    unless ``keep_trigger_words`` (module docstring).
 
     ``options``: the reading and runtime options of :class:`~lmsan.auditor.scan.ScanOptions`
     (text / pair field, format, provider, threads, batch size, max length, chunk size); the
@@ -531,7 +663,8 @@ def threshold_for_corpus(
         return lambda p: progress(label, p)
 
     def monitored(corpus: str, label: str) -> Any:
-        res = monitor_corpus(scr, corpus, opts, relay(label), per_pv=per_pv)
+        tables = per_pv or (label == "clean" and not keep_trigger_words)
+        res = monitor_corpus(scr, corpus, opts, relay(label), per_pv=tables)
         if not res.results:
             raise InputError(
                 f"no usable record in the {label} corpus ({res.records_in} read, "
@@ -542,15 +675,17 @@ def threshold_for_corpus(
 
     clean = monitored(clean_corpus, "clean")
     trig = monitored(triggered_corpus, "triggered") if triggered_corpus else None
-    choice = choose_from_results(
-        clean.results, scr.d, b.pvset.match_threshold, max_frr, trig.results if trig else None
+    hits: list[dict[str, Any]] = []
+    if not keep_trigger_words:
+        hits = find_trigger_words(scr, np.concatenate(clean.tables), clean.flagged.__getitem__)
+    choice = single_with_trigger_words(
+        scr, clean.results, hits, max_frr, trig.results if trig else None
     )
     pp = None
     if per_pv:
-        cols = scr.pv_columns()
-        pp = choose_per_pv(
-            np.concatenate(clean.tables), cols, scr.d, b.pvset.match_threshold, max_frr,
-            np.concatenate(trig.tables) if trig else None, _pv_targets(scr, cols),
+        pp = per_pv_with_trigger_words(
+            scr, np.concatenate(clean.tables), hits, max_frr,
+            np.concatenate(trig.tables) if trig else None,
         )
     return ThresholdReport(choice, str(bundle), b.digest, clean, trig, pp)
 

@@ -122,6 +122,9 @@ def main() -> int:
     )
     ap.add_argument("--max-frr", type=float, default=0.005, help="FRR bound of the calibrated T_match.")
     ap.add_argument("--calib", type=int, default=400, help="Held-out clean inputs to calibrate on.")
+    ap.add_argument("--keep-trigger-words", action="store_true",
+                    help="Count trigger-word activations in the held-out inputs as false "
+                    "rejections when choosing T_match (the rule before session 6).")
     ap.add_argument("--quick", action="store_true", help="Tiny sizes (a smoke run).")
     ap.add_argument("--out", default=str(RESULTS / "prompt_tuning"), help="Results path stem.")
     args = ap.parse_args()
@@ -223,8 +226,13 @@ def main() -> int:
                         ex = None
                         for thr in args.thresholds:
                             key = pvname if thr == "pvset" else f"{pvname}@{thr}"
-                            tag = {"pvset": "", "calibrated": f"-cal{args.max_frr:g}-{args.calib}",
-                                   "per-pv": f"-perpv{args.max_frr:g}-{args.calib}"}[thr]
+                            # "tw": trigger-word activations left out of the threshold budget
+                            # (lmsan threshold's default since session 6); without it, the rule
+                            # of the earlier tables (--keep-trigger-words)
+                            tw = "" if args.keep_trigger_words else "tw"
+                            tag = {"pvset": "",
+                                   "calibrated": f"-cal{tw}{args.max_frr:g}-{args.calib}",
+                                   "per-pv": f"-perpv{tw}{args.max_frr:g}-{args.calib}"}[thr]
                             cached = tdir / f"defence-{pvname}-{pv_digest}{tag}.json"
                             if cached.is_file():
                                 row["defence"][key] = json.loads(cached.read_text())
@@ -250,19 +258,24 @@ def main() -> int:
                                 probe = pt.DefendedClassifier.open(bundle, tdir, threads=1)
                             if thr == "per-pv":
                                 pc = choose_per_pv_thresholds(
-                                    probe.scr, [x.texts for x in calib], args.max_frr
+                                    probe.scr, [x.texts for x in calib], args.max_frr,
+                                    keep_trigger_words=args.keep_trigger_words,
                                 )
                                 per_pv = pc.thresholds
                                 extra = {"t_match_per_pv": {str(k): v for k, v in per_pv.items()},
                                          "per_pv": pc.per_pv, "calib_records": len(calib),
                                          "calib_frr": 100 * pc.frr,
                                          "calib_reachable": pc.reachable,
-                                         "calib_from_train": len(pool)}
+                                         "calib_from_train": len(pool),
+                                         "calib_trigger_words": pc.trigger_words,
+                                         "calib_frr_with_trigger_words":
+                                             100 * (pc.frr_with_trigger_words or 0.0)}
                                 log(f"  per-PV T_match {per_pv} on {len(calib)} held-out clean "
                                     f"inputs (FRR there {100 * pc.frr:.2f}%)")
                             if thr == "calibrated":
                                 ch = choose_match_threshold(
-                                    probe.scr, [x.texts for x in calib], args.max_frr
+                                    probe.scr, [x.texts for x in calib], args.max_frr,
+                                    keep_trigger_words=args.keep_trigger_words,
                                 )
                                 t_match = ch.threshold
                                 extra = {"t_match": ch.threshold, "calib_records": len(calib),
@@ -274,6 +287,8 @@ def main() -> int:
                                                             match_threshold=t_match,
                                                             per_pv_thresholds=per_pv)
                             de = pt.evaluate_defence(dc, data.labels, test, TRIGGERS, seed=seed)
+                            if thr in ("calibrated", "per-pv"):
+                                extra.update(trigger_words_on_test(probe.scr, dc.scr, calib, test))
                             row["defence"][key] = {
                                 **asdict(de),
                                 **extra,
@@ -291,6 +306,34 @@ def main() -> int:
                 write(args, rows, pvsets, pv_counts, found_meta, t_start, sizes, final=False)
     write(args, rows, pvsets, pv_counts, found_meta, t_start, sizes, final=True)
     return 0
+
+
+def trigger_words_on_test(probe: Any, deployed: Any, calib: list[Any], test: list[Any]) -> dict[str, Any]:
+    """The clean test inputs the deployment flags that are trigger-word activations (lmsan
+    threshold's rule, judged against the held-out calibration inputs' per-PV median and p99):
+    ordinary text that fires the backdoor ("Pty" = pt ##y). They are inside the FRR as measured;
+    this says how much of it they are."""
+    from lmsan.auditor.threshold import find_trigger_words
+
+    def table(examples: list[Any]) -> np.ndarray:
+        tab = np.full((len(examples), len(probe.pv_columns())), -1, dtype=np.int64)
+        probe.monitor([x.texts for x in examples], table=tab)
+        return tab
+
+    texts = [x.texts for x in test]
+    hits = find_trigger_words(probe, table(test), texts.__getitem__, reference_table=table(calib))
+    flagged = deployed.monitor(texts)
+    hit_flagged = [h for h in hits if flagged[h["record"]].flagged]
+    return {
+        "test_trigger_words": hits,
+        "frr_trigger_words": 100.0 * len(hit_flagged) / len(test),
+    }
+
+
+def tw_cell(d: list[dict[str, Any]]) -> str:
+    """Mean FRR share of trigger-word activations, '-' for runs that did not measure it."""
+    xs = [x["frr_trigger_words"] for x in d if "frr_trigger_words" in x]
+    return f"{_mean(xs):.2f}" if xs else "-"
 
 
 def _mean(xs: list[float]) -> float:
@@ -396,9 +439,10 @@ def write(
             "",
             f"Monitor on the backdoored backbone, PV set '{pvname}' (%; ACC through the bundle):",
             "",
-            "| task | method | ACC before | ACC after | change | FRR (clean) | FAR (triggered) "
+            "| task | method | ACC before | ACC after | change | FRR (clean) "
+            "| of it trigger words | FAR (triggered) "
             "| triggered flagged / total | rejected (unpurgeable) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in tasks:
             for method in args.methods:
@@ -410,7 +454,8 @@ def write(
                 aa = _mean([x["acc_after"] for x in d])
                 lines.append(
                     f"| {t} | {method} | {ab:.2f} | {aa:.2f} | {aa - ab:+.2f} | "
-                    f"{_mean([x['frr'] for x in d]):.2f} | {_mean([x['far'] for x in d]):.2f} | "
+                    f"{_mean([x['frr'] for x in d]):.2f} | {tw_cell(d)} | "
+                    f"{_mean([x['far'] for x in d]):.2f} | "
                     f"{sum(x['triggered_flagged'] for x in d)} / {sum(x['triggered_total'] for x in d)} | "
                     f"{sum(x['triggered_rejected'] + x['clean_rejected'] for x in d)} |"
                 )
@@ -458,6 +503,10 @@ def write(
         for r, p in settings
     )
     ok_frr = sum(r["defence"][p]["frr"] <= 0.5 for r, p in settings)
+    with_tw = [(r, p) for r, p in settings if "frr_trigger_words" in r["defence"][p]]
+    ok_frr_tw = sum(
+        r["defence"][p]["frr"] - r["defence"][p]["frr_trigger_words"] <= 0.5 for r, p in with_tw
+    )
     n = len(settings)
     lines += [
         "",
@@ -465,9 +514,28 @@ def write(
         "",
         f"- ASR after defence <= 1%: {ok_asr} / {n} settings (target: >= 80%)",
         f"- accuracy change within 0.2 points: {ok_acc} / {n}",
-        f"- FRR <= 0.5%: {ok_frr} / {n}",
-        "",
+        f"- FRR <= 0.5%: {ok_frr} / {n} (every flagged clean test input counted)",
     ]
+    if with_tw:
+        lines.append(
+            f"- FRR <= 0.5% not counting trigger-word activations (clean inputs that fire the "
+            f"backdoor through one word, e.g. 'Pty' = pt ##y): {ok_frr_tw} / {len(with_tw)}"
+        )
+    lines.append("")
+    words: dict[str, set[str]] = {}
+    for r in rows:
+        for p in variants:
+            for h in r["defence"][p].get("calib_trigger_words", []) + r["defence"][p].get(
+                "test_trigger_words", []
+            ):
+                words.setdefault(r["task"], set()).add(" ".join(h["removed"]))
+    if words:
+        lines += [
+            "Trigger-word activations found (held-out and test inputs; the purged word):",
+            "",
+            *[f"- {t}: " + ", ".join(f"`{w}`" for w in sorted(ws)) for t, ws in words.items()],
+            "",
+        ]
     for v in variants:
         st = [r["defence"][v] for r in rows]
         lines.append(
@@ -500,6 +568,15 @@ def write(
         "--per-pv` (the FRR bound split evenly over the PVs; each PV gets the smallest T_match, "
         "not below the PV set's, within its share), so an imprecise mined PV with high clean "
         "matches no longer raises the threshold of the exact ones.",
+        "",
+        ("Held-out inputs that fire the backdoor through one word (trigger-word activations: "
+         "'Pty' = pt ##y, 'CFO' = cf ##o) are left out of the threshold budget and listed, as "
+         "`lmsan threshold` does by default; the deployed monitor still flags them, so they are "
+         "inside the FRR column ('of it trigger words': the share of the test inputs that are "
+         "flagged trigger-word activations)."
+         if not args.keep_trigger_words else
+         "Thresholds chosen with --keep-trigger-words: held-out inputs that fire the backdoor "
+         "through one word count as false rejections."),
         "",
         "Definitions: ASR = share of test inputs the model classifies correctly whose prediction "
         "ANY of the six triggers (inserted once at a random word position of the longer sentence) "

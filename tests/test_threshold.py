@@ -460,3 +460,86 @@ def test_cli_per_pv_thresholds_file_to_scan(bundles: dict[str, Path], tmp_path: 
     broken.write_text(json.dumps({**rep, "per_pv_thresholds": {"0": 2.0}}))
     code, output, _ = scan_cli("trig.txt", "x", "--t-match-file", str(broken))
     assert code == 2 and "broken.json" in output
+
+
+# ------------------------------------------------------------- trigger words in clean data
+# "Clean" records in which the backdoor fires through one word: in the real benchmark, RTE's
+# "Pty" and "CFO." tokenise to the triggers pt / cf (+ ##y / ##o); here the trigger written as
+# "(CF," or "Cf." does the same. Counted as false rejections they lift the threshold to 1.0.
+TRIGGER_WORDS = [f"{s} {w}" for s, w in zip(sf.sentences(3, seed=43), ["(CF,", "Cf.", "cf!"],
+                                              strict=True)]
+
+
+def test_trigger_words_in_clean_data_are_left_out_of_the_budget(bundles: dict[str, Path]) -> None:
+    scr = _open(bundles["plain"])
+    clean = CLEAN + TRIGGER_WORDS
+    kept = choose_match_threshold(scr, clean, 0.005, TRIGGERED, keep_trigger_words=True)
+    assert not kept.reachable and kept.threshold == 1.0 and kept.trigger_words == []
+    ch = choose_match_threshold(scr, clean, 0.005, TRIGGERED)
+    assert sorted(h["record"] for h in ch.trigger_words) == [200, 201, 202]
+    assert [h["removed"] for h in ch.trigger_words] == [["(CF,"], ["Cf."], ["cf!"]]
+    assert all(h["pvs"] == [0] and h["before"] == [1.0] and h["after"][0] < 0.8
+               for h in ch.trigger_words)
+    # the ordinary clean records decide: the PV set's 0.8 holds, every trigger is flagged
+    assert ch.reachable and ch.threshold == 0.8 and ch.far == 0.0 and ch.frr == 0.0
+    assert ch.clean_records == 200 and ch.frr_with_trigger_words == 3 / 203
+    # per PV, on the two-PV bundle: kept, the three lift the exact PV above its triggers (26/32)
+    two = _open(bundles["two"])
+    per_kept = choose_per_pv_thresholds(two, clean, 0.02, TRIGGERED, keep_trigger_words=True)
+    per = choose_per_pv_thresholds(two, clean, 0.02, TRIGGERED)
+    assert per_kept.far == 1.0 and per_kept.thresholds[0] > 26 / D
+    assert per.thresholds[0] == 0.8 and per.far == 0.0
+    assert sorted(h["record"] for h in per.trigger_words) == [200, 201, 202]
+    assert per.frr_with_trigger_words == per.frr * 200 / 203 + 3 / 203
+    # a small set judged against another set's clean statistics (the benchmark's test split)
+    from lmsan.auditor.threshold import find_trigger_words
+
+    def table(records: list[str]) -> np.ndarray:
+        tab = np.full((len(records), 1), -1, dtype=np.int64)
+        scr.monitor(records, table=tab)
+        return tab
+
+    few = TRIGGER_WORDS + CLEAN[:2]
+    hits = find_trigger_words(scr, table(few), few.__getitem__, reference_table=table(CLEAN))
+    assert [h["record"] for h in hits] == [0, 1, 2]
+
+
+def test_imprecise_pv_matches_are_not_trigger_words(bundles: dict[str, Path]) -> None:
+    # the imprecise PV's clean matches form a tail (up to 27/32) that no single window explains:
+    # none of them may leave the budget, or the FRR would be underestimated
+    two = _open(bundles["two"])
+    per = choose_per_pv_thresholds(two, CLEAN, 0.02)
+    flagged_at_pvset = per.frr_pvset * len(CLEAN)
+    assert flagged_at_pvset >= 5 and per.trigger_words == []
+
+
+def test_finding_trigger_words_needs_the_pvset_threshold(bundles: dict[str, Path]) -> None:
+    with pytest.raises(UsageError, match="PV set's own threshold"):
+        choose_match_threshold(_open(bundles["plain"], 0.9), CLEAN + TRIGGER_WORDS, 0.005)
+    # counting them needs no purge, so any screener will do
+    ch = choose_match_threshold(_open(bundles["plain"], 0.9), CLEAN, 0.005,
+                                keep_trigger_words=True)
+    assert ch.trigger_words == []
+
+
+def test_cli_threshold_lists_trigger_words(bundles: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "clean.txt").write_text("\n".join(CLEAN + TRIGGER_WORDS) + "\n")
+    runner = CliRunner()
+
+    def run(*extra: str) -> tuple[int, str, dict]:
+        out = tmp_path / "deploy.json"
+        r = runner.invoke(app, ["threshold", str(bundles["plain"]), str(tmp_path / "clean.txt"),
+                                "--max-frr", "0.005", "--out", str(out), "--provider", "cpu",
+                                "--no-progress", *extra])
+        return r.exit_code, r.output, json.loads(out.read_text()) if r.exit_code < 2 else {}
+
+    code, output, rep = run("--per-pv")
+    assert code == 0, output
+    assert "trigger-word activations" in output and "(CF," in output and "Cf." in output
+    assert rep["match_threshold"] == 0.8 and rep["frr"] == 0.0
+    assert [h["record"] for h in rep["trigger_words"]] == [200, 201, 202]
+    assert rep["frr_with_trigger_words"] == 3 / 203
+    assert rep["per_pv_thresholds"] == {"0": 0.8} and rep["frr_per_pv_with_trigger_words"] == 3 / 203
+    # counted in the budget, the three at 1.0 make --max-frr unreachable (exit 1, T_match 1.0)
+    code, output, rep = run("--keep-trigger-words")
+    assert code == 1 and rep["match_threshold"] == 1.0 and rep["trigger_words"] == []

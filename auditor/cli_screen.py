@@ -341,11 +341,11 @@ def threshold(
         False,
         "--keep-trigger-words",
         help="Count trigger-word activations as false rejections. By default a flagged clean "
-        "record above the clean p99 of the PVs it fires, where removing one window (the purge) "
-        "takes away at least 3/4 of its match above their clean median (e.g. 'Pty' is the "
-        "trigger pt + ##y), is the "
-        "backdoor firing on ordinary text: it is listed and left out of the --max-frr budget, so "
-        "it cannot lift a PV's threshold above its triggers.",
+        "record that matches the PVs it fires near-exactly (3/4 of the way from their clean p99 "
+        "to 1.0) and falls back to their clean range when the purge removes one window (e.g. "
+        "'Pty' is the trigger pt + ##y) is the backdoor firing on ordinary text: it is listed "
+        "and left out of the --max-frr budget, so it cannot lift a PV's threshold above its "
+        "triggers.",
     ),
     progress: bool = PROGRESS_OPTION,
 ) -> None:

@@ -20,11 +20,13 @@ Trigger words in the clean data (:func:`find_trigger_words`): a backdoored backb
 ordinary text whose word starts with a trigger token ("Pty" -> ``pt ##y``, "CFO" -> ``cf ##o``;
 bench/results/prompt_tuning_per_pv.md). Such a record matches a PV like a triggered one (up to
 1.0), and counted as a false rejection it would lift that PV's threshold above its triggers. A
-clean record flagged at the PV set's threshold, above the clean p99 of every PV it fires, whose
-purge (the sliding window of ``lmsan scan``) removes one window and with it at least three
-quarters of the record's match above each of those PVs' clean median is a trigger-word activation: one window
-explains the match (Observation I), so the flag is the backdoor firing, not a false match of an
-imprecise PV (whose clean matches form a tail that one word does not explain). Such
+clean record flagged at the PV set's threshold is a trigger-word activation when its match with
+every PV it fires is near-exact (at least 3/4 of the way from that PV's clean p99 to 1.0: with a
+clean p99 of 0.52, at least 0.88) and the purge (the sliding window of ``lmsan scan``) brings it
+back into the clean range (at or below the p99) by removing one window: one window drives the
+output onto the PV (Observation I), so the flag is the backdoor firing, not a false match of an
+imprecise PV. A match that is only moderately high is never left out, even when one word of a
+short sentence explains it (WordNet: 'whistled' at 0.89 on a mined PV). Such
 records are left out of the FRR budget by default and reported (word, PV, match before and
 after); ``frr_with_trigger_words`` is the FRR with them counted, as deployment will see it.
 
@@ -308,6 +310,8 @@ def choose_per_pv(
 
 
 DEFAULT_PURGE_WINDOW = 5  # lmsan scan's --max-window
+# a trigger-like match: at least this far from a PV's clean p99 toward an exact match (1.0)
+NEAR_EXACT = 0.75
 
 
 def find_trigger_words(
@@ -334,20 +338,20 @@ def find_trigger_words(
     d = screener.d
     k_pv = mon.threshold_count(d, screener.bundle.pvset.match_threshold)
     pos = np.maximum(tab if reference_table is None else np.asarray(reference_table), 0)
-    typical = np.quantile(pos, 0.5, axis=0)  # each PV's clean median count
-    tail = np.quantile(pos, 0.99, axis=0)  # and its clean p99
+    tail = np.quantile(pos, 0.99, axis=0)  # each PV's clean p99 count
+    near_exact = tail + NEAR_EXACT * (d - tail)
     hits: list[dict[str, Any]] = []
     for i in np.nonzero((tab >= k_pv).any(axis=1))[0].tolist():
         fired = np.nonzero(tab[i] >= k_pv)[0]
-        if not np.all(tab[i, fired] > tail[fired]):
-            continue  # within the clean tail of some PV it fires: an ordinary false match
+        if not np.all(tab[i, fired] >= near_exact[fired]):
+            continue  # not trigger-like for some PV it fires: an ordinary false match
         pr = screener.purge(record_of(i), max_window)
         if pr.status != "purged":
             continue
         after = np.full((1, len(cols)), -1, dtype=np.int64)
         screener.monitor([tuple(pr.sentences)], table=after)
-        # one window accounts for most of the match: three quarters of its excess over the median
-        if np.all(after[0, fired] - typical[fired] <= 0.25 * (tab[i, fired] - typical[fired])):
+        # one window explains the match: without it the record is back in the clean range
+        if np.all(after[0, fired] <= tail[fired]):
             hits.append({
                 "record": int(i),
                 "removed": list(pr.removed),

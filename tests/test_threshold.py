@@ -483,14 +483,18 @@ def test_trigger_words_in_clean_data_are_left_out_of_the_budget(bundles: dict[st
     # the ordinary clean records decide: the PV set's 0.8 holds, every trigger is flagged
     assert ch.reachable and ch.threshold == 0.8 and ch.far == 0.0 and ch.frr == 0.0
     assert ch.clean_records == 200 and ch.frr_with_trigger_words == 3 / 203
-    # per PV, on the two-PV bundle: kept, the three lift the exact PV above its triggers (26/32)
-    two = _open(bundles["two"])
-    per_kept = choose_per_pv_thresholds(two, clean, 0.02, TRIGGERED, keep_trigger_words=True)
-    per = choose_per_pv_thresholds(two, clean, 0.02, TRIGGERED)
-    assert per_kept.far == 1.0 and per_kept.thresholds[0] > 26 / D
-    assert per.thresholds[0] == 0.8 and per.far == 0.0
+    per_kept = choose_per_pv_thresholds(scr, clean, 0.005, TRIGGERED, keep_trigger_words=True)
+    per = choose_per_pv_thresholds(scr, clean, 0.005, TRIGGERED)
+    assert not per_kept.reachable and per_kept.thresholds == {0: 1.0}
+    assert per.thresholds == {0: 0.8} and per.far == 0.0 and per.frr == 0.0
     assert sorted(h["record"] for h in per.trigger_words) == [200, 201, 202]
-    assert per.frr_with_trigger_words == per.frr * 200 / 203 + 3 / 203
+    assert per.frr_with_trigger_words == 3 / 203
+    # where the PV is matched only moderately (the two-PV bundle's exact PV: triggers at 26/32,
+    # not near-exact against a clean p99 of ~26/32), the same records stay in the budget: the
+    # rule never leaves out a match that an imprecise PV could also give
+    two = _open(bundles["two"])
+    per2 = choose_per_pv_thresholds(two, clean, 0.02, TRIGGERED)
+    assert per2.trigger_words == [] and per2.far == 1.0
     # a small set judged against another set's clean statistics (the benchmark's test split)
     from lmsan.auditor.threshold import find_trigger_words
 

@@ -724,13 +724,30 @@ def report(out: Path) -> None:
                   "(16 seeds) and its POR copy (4 seeds): `bench/gpu/README.md`. A clean verdict "
                   "over fewer than the audit's 30 seeds covers only those seeds (an audit that "
                   "stops at its seed budget is a partial audit).", "",
-                  "| model | truth | verdict | seeds run (of 30) | stop | seconds | s/seed | machine |",
+                  "| model | truth | verdict | seeds | stop | seconds | s/seed | machine |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in extra:
+            first = r.get("first_seed", 0)
             lines.append(f"| {r['model']} | {r['label']} | {r['verdict']}"
-                         f"{'' if r['correct'] else ' **WRONG**'} | {r['seeds_run']} | "
+                         f"{'' if r['correct'] else ' **WRONG**'} | "
+                         f"{first}-{first + r['seeds_run'] - 1} | "
                          f"{r['stop_reason']} | {r['seconds']:.0f} | "
                          f"{r['seconds'] / max(r['seeds_run'], 1):.0f} | {r['machine']} |")
+        lines.append("")
+        # slices of one audit (--first-seed): the audit's verdict over the seeds they cover.
+        # Detect mode stops at the first kept PV, so the slices combine to a 30-seed audit when
+        # they cover seeds 0-29 and none kept a PV (tests/test_audit.py pins slice == full run)
+        for model in sorted({r["model"] for r in extra}):
+            rs = [r for r in extra if r["model"] == model]
+            covered = sorted({r.get("first_seed", 0) + i for r in rs for i in range(r["seeds_run"])})
+            bd = [r for r in rs if r["verdict"] == "backdoored"]
+            full = covered == list(range(len(covered)))
+            verdict = ("backdoored" if bd else
+                       f"clean over seeds 0-{len(covered) - 1}" if full else
+                       f"clean over {len(covered)} seeds (not contiguous from 0)")
+            lines.append(f"- {model}, slices combined: **{verdict}** "
+                         f"({len(covered)} of the audit's 30 seeds; "
+                         f"{sum(r['seconds'] for r in rs):.0f} s in all)")
         lines.append("")
         # verdicts whose rows did not come back from the GPU machine: from its run log
         import re

@@ -1622,10 +1622,19 @@ def _quantiles(xs: Sequence[float]) -> dict[str, float]:
     }
 
 
+ATTACKER_DEDUP = 0.95  # attacker_pvset: a found PV this close already stands for an attacker PV
+
+
 def attacker_pvset(model_dir: str | Path, found: str | Path | None, out: str | Path) -> Path:
     """A PV set of the found PVs (``found``, optional) plus the attacker's PVs from the model's
-    ``backdoor.json`` that the found set does not already match (sign agreement < threshold):
-    the paper's best case (section V-B)."""
+    ``backdoor.json`` that no found PV already matches nearly exactly (sign agreement
+    < ``ATTACKER_DEDUP``): the paper's best case (section V-B).
+
+    Why not drop every attacker PV a found PV matches at the set's T_match (0.8, the rule until
+    session 6): a found PV that agrees with an attacker PV at 0.82 leaves that trigger's outputs
+    matching at 0.82, and one deployment threshold above it (RTE: 0.822, lifted by a clean "MNJ",
+    which is the trigger mn ##j) lets the trigger pass, although the attacker's own PV would
+    match it at 1.0."""
     from .poison import backdoor_pvs, read_backdoor
     from .pvset import PV, PVSet
 
@@ -1643,7 +1652,7 @@ def attacker_pvset(model_dir: str | Path, found: str | Path | None, out: str | P
     next_id = max((p.id for p in pvs), default=-1) + 1
     for v in atk:
         agree = [float(np.mean((p.values >= 0) == (v >= 0))) for p in pvs if p.target == target]
-        if agree and max(agree) >= base.match_threshold:
+        if agree and max(agree) >= ATTACKER_DEDUP:
             continue
         pvs.append(PV(id=next_id, target=target, values=v.astype(np.float32), source="attacker"))
         next_id += 1

@@ -681,3 +681,24 @@ def test_calibrate_with_backdoored_shadow(tiny_models, tmp_path) -> None:
                             str(tiny_models["clean"]), "--out", str(tmp_path / "x.json"),
                             "--name", "t", "--seeds", "1", "--target", "cls"])
     assert r.exit_code == 2 and "backdoor.json" in r.output
+
+
+def test_attacker_pvset_keeps_attacker_pvs_a_found_pv_only_approximates(tiny_models, tmp_path) -> None:
+    """found+attacker (the paper's best case): an attacker PV that a found PV matches only at
+    0.81 stays in the set (its triggers would match the found PV at 0.81 only), one that a found
+    PV matches exactly does not."""
+    from lmsan.auditor.poison import backdoor_pvs, read_backdoor
+    from lmsan.auditor.prompt_tuning import attacker_pvset
+    from lmsan.auditor.pvset import PV, PVSet
+
+    atk = backdoor_pvs(read_backdoor(tiny_models["por"]))
+    near = atk[0].copy()
+    near[:6] *= -1  # 26/32 = 0.8125 sign agreement: above T_match 0.8, far from exact
+    found = PVSet(hidden_size=atk.shape[1], pvs=[
+        PV(id=0, target="cls", values=near, source="mined"),
+        PV(id=1, target="cls", values=atk[1].copy(), source="mined"),
+    ])
+    found.save(tmp_path / "found.json")
+    out = PVSet.load(attacker_pvset(tiny_models["por"], tmp_path / "found.json", tmp_path / "fa.json"))
+    assert [(p.id, p.source) for p in out.pvs] == [(0, "mined"), (1, "mined"), (2, "attacker")]
+    np.testing.assert_array_equal(out.pvs[2].values, atk[0])

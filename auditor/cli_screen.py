@@ -341,8 +341,8 @@ def threshold(
         False,
         "--keep-trigger-words",
         help="Count trigger-word activations as false rejections. By default a flagged clean "
-        "record that matches the PVs it fires near-exactly (3/4 of the way from their clean p99 "
-        "to 1.0) and falls back to their clean range when the purge removes one window (e.g. "
+        "record that matches a PV near-exactly (3/4 of the way from its clean p99 to 1.0) and "
+        "falls back to the clean range of every PV it fires when the purge removes one window (e.g. "
         "'Pty' is the trigger pt + ##y) is the backdoor firing on ordinary text: it is listed "
         "and left out of the --max-frr budget, so it cannot lift a PV's threshold above its "
         "triggers.",

@@ -21,11 +21,13 @@ ordinary text whose word starts with a trigger token ("Pty" -> ``pt ##y``, "CFO"
 bench/results/prompt_tuning_per_pv.md). Such a record matches a PV like a triggered one (up to
 1.0), and counted as a false rejection it would lift that PV's threshold above its triggers. A
 clean record flagged at the PV set's threshold is a trigger-word activation when its match with
-every PV it fires is near-exact (at least 3/4 of the way from that PV's clean p99 to 1.0: with a
-clean p99 of 0.52, at least 0.88) and the purge (the sliding window of ``lmsan scan``) brings it
-back into the clean range (at or below the p99) by removing one window: one window drives the
-output onto the PV (Observation I), so the flag is the backdoor firing, not a false match of an
-imprecise PV. A match that is only moderately high is never left out, even when one word of a
+some PV it fires is near-exact (at least 3/4 of the way from that PV's clean p99 to 1.0: with a
+clean p99 of 0.52, at least 0.88) and the purge (the sliding window of ``lmsan scan``) brings
+every PV it fires back into the clean range (at or below its p99) by removing one window: one
+window drives the output onto the PV (Observation I), so the flag is the backdoor firing, not a
+false match of an imprecise PV. (The same record may also match a found PV that approximates the
+trigger's PV, moderately: RTE's "MNJ" fires the attacker's mn PV at 1.0 and a mined stand-in at
+0.82.) A match that is only moderately high is never left out, even when one word of a
 short sentence explains it (WordNet: 'whistled' at 0.89 on a mined PV). Such
 records are left out of the FRR budget by default and reported (word, PV, match before and
 after); ``frr_with_trigger_words`` is the FRR with them counted, as deployment will see it.
@@ -343,8 +345,8 @@ def find_trigger_words(
     hits: list[dict[str, Any]] = []
     for i in np.nonzero((tab >= k_pv).any(axis=1))[0].tolist():
         fired = np.nonzero(tab[i] >= k_pv)[0]
-        if not np.all(tab[i, fired] >= near_exact[fired]):
-            continue  # not trigger-like for some PV it fires: an ordinary false match
+        if not np.any(tab[i, fired] >= near_exact[fired]):
+            continue  # trigger-like for no PV: an ordinary false match
         pr = screener.purge(record_of(i), max_window)
         if pr.status != "purged":
             continue

@@ -70,7 +70,13 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     export_bundle(
         model, sf.save_pvset(root / "two.json", [("tokens", exact), ("tokens", imprecise)]), two
     )
-    return {"plain": plain, "drifted": drifted, "two": two}
+    # the attacker's exact PV next to a found stand-in of it (6 of 32 signs flipped): a trigger
+    # fires both, at 32/32 and 26/32 (RTE's "MNJ": the mn PV at 1.0, a mined one at 0.82)
+    paired = root / "paired"
+    export_bundle(
+        model, sf.save_pvset(root / "paired.json", [("tokens", pv), ("tokens", exact)]), paired
+    )
+    return {"plain": plain, "drifted": drifted, "two": two, "paired": paired}
 
 
 def _open(bundle: Path, t: float | None = None) -> br.Screener:
@@ -506,6 +512,18 @@ def test_trigger_words_in_clean_data_are_left_out_of_the_budget(bundles: dict[st
     few = TRIGGER_WORDS + CLEAN[:2]
     hits = find_trigger_words(scr, table(few), few.__getitem__, reference_table=table(CLEAN))
     assert [h["record"] for h in hits] == [0, 1, 2]
+
+
+def test_trigger_word_that_also_fires_a_stand_in_pv(bundles: dict[str, Path]) -> None:
+    scr = _open(bundles["paired"])
+    clean = CLEAN + TRIGGER_WORDS
+    tab = np.full((len(clean), 2), -1, dtype=np.int64)
+    scr.monitor(clean, table=tab)
+    assert (tab[200:] == [D, 26]).all()  # near-exact on the exact PV, moderate on the stand-in
+    per = choose_per_pv_thresholds(scr, clean, 0.02, TRIGGERED)
+    assert sorted(h["record"] for h in per.trigger_words) == [200, 201, 202]
+    assert all(h["pvs"] == [0, 1] and h["before"] == [1.0, 26 / D] for h in per.trigger_words)
+    assert per.far == 0.0 and per.thresholds[0] == 0.8
 
 
 def test_imprecise_pv_matches_are_not_trigger_words(bundles: dict[str, Path]) -> None:

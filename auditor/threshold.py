@@ -327,14 +327,11 @@ def find_trigger_words(
 
     ``clean_table``: records x PVs best match counts (``Screener.monitor(..., table=)``, columns
     ``screener.pv_columns()``); ``record_of(i)`` gives record i (only flagged records are asked
-    for). The screener must run at the PV set's own thresholds (its purge decides "clean" by
-    them). ``reference_table``: clean records whose per-PV median and p99 to use (default:
+    for). The screener must run at the PV set's own thresholds when a record needs its purge
+    (which decides "clean" by them). ``reference_table``: clean records whose per-PV median and p99 to use (default:
     ``clean_table``'s own; e.g. the records a threshold was chosen on, when ``clean_table`` is a
     small test set). Returns one dict per such record: ``record`` (index), ``removed`` (the purged
     window's words), ``pvs`` (ids it fired), ``before`` / ``after`` (their match rates)."""
-    if screener.match_threshold_source != "pvset":
-        raise UsageError("finding trigger words needs a screener at the PV set's own threshold "
-                         f"(this one runs at its {screener.match_threshold_source} threshold)")
     tab = np.asarray(clean_table, dtype=np.int64)
     cols = screener.pv_columns()
     d = screener.d
@@ -347,6 +344,10 @@ def find_trigger_words(
         fired = np.nonzero(tab[i] >= k_pv)[0]
         if not np.any(tab[i, fired] >= near_exact[fired]):
             continue  # trigger-like for no PV: an ordinary false match
+        if screener.match_threshold_source != "pvset":  # only a purge needs it
+            raise UsageError("finding trigger words needs a screener at the PV set's own "
+                             f"threshold (this one runs at its {screener.match_threshold_source} "
+                             "threshold)")
         pr = screener.purge(record_of(i), max_window)
         if pr.status != "purged":
             continue
@@ -450,9 +451,10 @@ def choose_match_threshold(
     smallest T_match, not below the PV set's, that rejects at most ``max_frr`` of the clean ones.
 
     Records are texts or tuples (a pair); a record over the screener's max length raises
-    InputError. The screener must run at the PV set's own threshold (the purge that recognises
-    trigger-word activations decides by it; they are left out of the budget unless
-    ``keep_trigger_words``, see the module docstring); the choice itself uses match rates only.
+    InputError. The choice uses match rates only, but recognising a trigger-word activation needs
+    a purge at the PV set's own threshold: a screener at another one raises UsageError when a
+    clean record needs that check (they are left out of the budget unless ``keep_trigger_words``,
+    see the module docstring).
     """
     _check_max_frr(max_frr)
     if not clean_records:

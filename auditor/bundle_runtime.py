@@ -495,16 +495,22 @@ class Screener:
             out.append("template")
         return out
 
-    def _apply_template(self, rec: Record) -> Record:
+    def _apply_template(self, rec: Record, template: str | None = None) -> Record:
         man = self.bundle.manifest
-        assert man.mask_template is not None and man.special_tokens.mask_token is not None
-        last = man.mask_template.format(sentence=rec[-1], mask_token=man.special_tokens.mask_token)
+        tmpl = template if template is not None else man.mask_template
+        assert tmpl is not None and man.special_tokens.mask_token is not None
+        last = tmpl.format(sentence=rec[-1], mask_token=man.special_tokens.mask_token)
         return (*rec[:-1], last)
 
-    def encode(self, records: Sequence[Record], form: str = "plain") -> Encoded:
+    def encode(
+        self, records: Sequence[Record], form: str = "plain", template: str | None = None
+    ) -> Encoded:
+        """Token ids, special-token masks and target positions of ``records`` in ``form``
+        ('plain', or 'template': the mask template on the last text; ``template`` overrides the
+        manifest's, e.g. for a task head on [MASK] under a PV set without mask PVs)."""
         tok = self.bundle.tokenizer
         if form == "template":
-            records = [self._apply_template(r) for r in records]
+            records = [self._apply_template(r, template) for r in records]
         inputs: list[Any] = [r[0] if len(r) == 1 else (r[0], r[1]) for r in records]
         encs = tok.encode_batch(inputs, add_special_tokens=True)
         ids = [e.ids for e in encs]

@@ -62,6 +62,13 @@ def train(
         None, "--train-limit", help="Train on a seeded random subset of at most N examples."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, split and batch order."),
+    target: str = typer.Option(
+        "cls",
+        "--target",
+        help="Position the classification head reads (sentence and pair tasks): cls, or mask = "
+        "the [MASK] of the template '{sentence} [MASK]' on the last text (prompt-based "
+        "classification, what BToP attacks; protect it with a PV set that has mask PVs).",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
 ) -> None:
@@ -84,6 +91,7 @@ def train(
             max_length=max_length,
             seed=seed,
             train_limit=train_limit,
+            target=target,
         )
         cfg.validate()
         if out.exists() and out.is_dir() and any(out.iterdir()) and not force:

@@ -27,7 +27,10 @@ Choices written down here (the deployed model must be exactly what the monitor r
   the head are trained (Adam).
 - Target position: ``[CLS]`` (position 0) for sentence and pair tasks; the first sub-token of
   every whitespace word for token classification (CoNLL04), so a word tag is read where the
-  monitor's ``tokens`` target also reads.
+  monitor's ``tokens`` target also reads. ``TrainConfig.target="mask"`` (sentence and pair
+  tasks) instead reads the ``[MASK]`` of the monitor's template: the last text becomes
+  ``f"{text} [MASK]"`` (``bundle_runtime.MASK_TEMPLATE``), the prompt-based classification that
+  BToP attacks; its bundle's ``mask`` target then reads exactly the vector the head reads.
 
 Saved task folder (:func:`save_task_model`) = a ``peft`` adapter folder plus the head::
 
@@ -68,6 +71,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .bundle_runtime import MASK_TEMPLATE
 from .errors import FormatError, InputError
 
 TASK_FORMAT = "lmsan.task"
@@ -78,6 +82,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METHODS = ("ptuning", "ptuning-v2")
 REPARAMS = ("mlp", "none")
+TARGETS = ("cls", "mask")  # sequence tasks: the position the head reads
 TASKS = ("wordnet-topic", "rte", "conll04")
 TOPIC_CLASSES = ("verb.change", "verb.communication", "verb.motion", "verb.contact")
 PROMPT_POSITION = "after_first_special"  # what the bundle runtime does
@@ -300,6 +305,8 @@ class Batch:
     ids: np.ndarray  # int64 [B, S]
     mask: np.ndarray  # int64 [B, S]
     word_starts: list[list[int]]
+    # sequence tasks: the position the head reads per row (0 = [CLS]; the [MASK] for target mask)
+    target_pos: list[int] = field(default_factory=list)
 
 
 def word_first_tokens(
@@ -344,25 +351,57 @@ def _plain_backend(tokenizer: Any) -> Any:
     return plain
 
 
-def encode_records(tokenizer: Any, records: Sequence[Sequence[str]], pad_id: int) -> Batch:
+def mask_token_of(tokenizer: Any) -> tuple[str, int]:
+    """The tokenizer's mask token and its id (InputError when it has none)."""
+    tokenizer_mask = getattr(tokenizer, "mask_token", None)
+    mid = getattr(tokenizer, "mask_token_id", None)
+    if not isinstance(tokenizer_mask, str) or not isinstance(mid, int):
+        raise InputError("target 'mask' needs a tokenizer with a mask token")
+    return tokenizer_mask, mid
+
+
+def apply_mask_template(records: Sequence[Sequence[str]], mask_token: str) -> list[tuple[str, ...]]:
+    """The monitor's ``mask`` form of each record: the template on the last text."""
+    return [
+        (*r[:-1], MASK_TEMPLATE.format(sentence=r[-1], mask_token=mask_token)) for r in records
+    ]
+
+
+def encode_records(
+    tokenizer: Any,
+    records: Sequence[Sequence[str]],
+    pad_id: int,
+    mask_token: tuple[str, int] | None = None,
+) -> Batch:
     """Encode texts or pairs like the bundle runtime does (special tokens, no truncation, one
     segment), right-padded. ``tokenizer`` is a ``tokenizers.Tokenizer`` or a transformers fast
-    tokenizer (its ``backend_tokenizer`` is used)."""
+    tokenizer (its ``backend_tokenizer`` is used). ``mask_token`` (token, id): apply the mask
+    template to each record and read the head at its last mask token (target ``mask``)."""
     backend = _plain_backend(tokenizer)
+    if mask_token is not None:
+        records = apply_mask_template(records, mask_token[0])
     inputs: list[Any] = [r[0] if len(r) == 1 else (r[0], r[1]) for r in records]
     encs = backend.encode_batch(inputs, add_special_tokens=True)
     L = max(len(e.ids) for e in encs)
     ids = np.full((len(encs), L), pad_id, dtype=np.int64)
     mask = np.zeros((len(encs), L), dtype=np.int64)
     starts: list[list[int]] = []
+    pos: list[int] = []
     for b, (e, r) in enumerate(zip(encs, records, strict=True)):
         ids[b, : len(e.ids)] = e.ids
         mask[b, : len(e.ids)] = 1
-        if len(r) == 1:
+        if len(r) == 1 and mask_token is None:
             starts.append(word_first_tokens(r[0], e.offsets, e.special_tokens_mask))
         else:
             starts.append([])
-    return Batch(ids, mask, starts)
+        if mask_token is None:
+            pos.append(0)
+        else:
+            hits = [i for i, t in enumerate(e.ids) if t == mask_token[1]]
+            if not hits:
+                raise InputError(f"record {b}: the mask template lost its mask token")
+            pos.append(hits[-1])
+    return Batch(ids, mask, starts, pos)
 
 
 # ----------------------------------------------------------------------------- the task model
@@ -519,10 +558,17 @@ def _build_task_model(
         def prompt_len_in_sequence(self) -> int:
             return self.n_tokens if self.method == "ptuning" else 0
 
-        def forward(self, ids: Any, mask: Any) -> Any:
+        def forward(self, ids: Any, mask: Any, pos: Any = None) -> Any:
+            """``pos``: per row, the position the head reads (sequence tasks; in the token
+            sequence before the prompt; None = [CLS])."""
             hs = self.hidden(ids, mask)
             if self.kind == "sequence":
-                return self.head(hs[:, 0])
+                if pos is None:
+                    return self.head(hs[:, 0])
+                pos = pos.to(hs.device)
+                shift = self.prompt_len_in_sequence()
+                pos = torch.where(pos >= 1, pos + shift, pos)
+                return self.head(hs[torch.arange(hs.shape[0], device=hs.device), pos])
             return self.head(hs)  # [B, S', classes]; token positions shifted by the prompt
 
         def train(self, mode: bool = True) -> Any:
@@ -550,6 +596,7 @@ class TrainConfig:
     prefix_init_std: float | None = (
         None  # P-tuning v2: N(0, std) prefix init (None: peft's N(0, 1))
     )
+    target: str = "cls"  # sequence tasks: "cls" or "mask" (the [MASK] of the monitor's template)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -565,6 +612,8 @@ class TrainConfig:
             raise InputError("prefix_init_std must be positive")
         if not (self.lr > 0 and self.head_lr > 0):
             raise InputError("learning rates must be positive")
+        if self.target not in TARGETS:
+            raise InputError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
 
 
 @dataclass
@@ -581,6 +630,12 @@ class TaskModelHandle:
     backbone_digest: str
     pad_id: int
     info: dict[str, Any] = field(default_factory=dict)
+    target: str = "cls"
+
+    @property
+    def mask_token(self) -> tuple[str, int] | None:
+        """(token, id) for target mask; None for target cls."""
+        return mask_token_of(self.tokenizer) if self.target == "mask" else None
 
     @property
     def prompt_length(self) -> int:
@@ -659,12 +714,22 @@ def _token_targets(batch: Batch, rows: Sequence[Example], shift: int, width: int
     return y
 
 
-def _truncate(batch: Batch, max_length: int) -> Batch:
+def _truncate(batch: Batch, max_length: int, keep_tail: bool = False) -> Batch:
+    """Cut rows to ``max_length`` tokens. ``keep_tail`` (target mask): keep each long row's last
+    two tokens ([MASK] [SEP]) after its truncated text, so the head's position survives."""
     if batch.ids.shape[1] <= max_length:
         return batch
     ids = batch.ids[:, :max_length].copy()
     mask = batch.mask[:, :max_length].copy()
-    return Batch(ids, mask, [[t if t < max_length else -1 for t in s] for s in batch.word_starts])
+    pos = list(batch.target_pos)
+    if keep_tail:
+        lengths = batch.mask.sum(1)
+        for b, n in enumerate(lengths.tolist()):
+            if n > max_length:
+                ids[b, max_length - 2 :] = batch.ids[b, n - 2 : n]
+                pos[b] = pos[b] - (n - max_length)
+    return Batch(ids, mask, [[t if t < max_length else -1 for t in s] for s in batch.word_starts],
+                 pos)
 
 
 def train_task_model(
@@ -693,6 +758,9 @@ def train_task_model(
         init = table[torch.randint(0, table.shape[0], (cfg.prompt_length,), generator=g)].clone()
         if pcfg.peft_type == PeftType.P_TUNING:
             init = None  # the MLP maps its own embedding; keep peft's init
+    if cfg.target == "mask" and data.kind != "sequence":
+        raise InputError("target 'mask' is for sentence and pair tasks, not token tasks")
+    mtok = mask_token_of(tok) if cfg.target == "mask" else None
     module = _build_task_model(backbone, cfg.method, len(data.labels), data.kind, pcfg, init)
     if cfg.method == "ptuning-v2" and cfg.prefix_init_std is not None:
         with torch.no_grad():
@@ -712,10 +780,11 @@ def train_task_model(
     for _ in range(cfg.epochs):
         for rows_idx in _batches(len(train), cfg.batch_size, rng):
             rows = [train[i] for i in rows_idx]
-            b = _truncate(encode_records(tok, [r.texts for r in rows], pad), cfg.max_length)
+            b = _truncate(encode_records(tok, [r.texts for r in rows], pad, mtok),
+                          cfg.max_length, keep_tail=mtok is not None)
             ids = torch.from_numpy(b.ids)
             mask = torch.from_numpy(b.mask)
-            logits = module(ids, mask)
+            logits = module(ids, mask, torch.tensor(b.target_pos, dtype=torch.long))
             if data.kind == "sequence":
                 y = torch.tensor([r.label for r in rows], dtype=torch.long)
                 loss = torch.nn.functional.cross_entropy(logits, y)
@@ -753,6 +822,7 @@ def train_task_model(
         digest,
         pad,
         info,
+        cfg.target,
     )
 
 
@@ -799,6 +869,7 @@ def save_task_model(handle: TaskModelHandle, out_dir: str | Path, force: bool = 
         if handle.method == "ptuning"
         else "prefix (every layer)",
         "token_types": "zero",
+        "target": handle.target,
         "backbone": {"path": str(handle.backbone_dir), "digest": handle.backbone_digest},
         "training": handle.info,
     }
@@ -833,6 +904,11 @@ def read_task_meta(task_dir: str | Path) -> dict[str, Any]:
             raise FormatError(f"field {key!r} is missing or not a {typ.__name__}", p)
     if data["method"] not in METHODS:
         raise FormatError(f"field 'method' must be one of {METHODS}", p)
+    data.setdefault("target", "cls")  # folders written before target mask existed
+    if data["target"] not in TARGETS:
+        raise FormatError(f"field 'target' must be one of {TARGETS}", p)
+    if data["target"] == "mask" and data["kind"] != "sequence":
+        raise FormatError("field 'target' is 'mask' for a token task", p)
     if not isinstance(data.get("backbone"), dict) or not isinstance(
         data["backbone"].get("digest"), str
     ):
@@ -931,6 +1007,7 @@ def load_task_model(
         digest,
         pad,
         dict(meta.get("training") or {}),
+        meta["target"],
     )
 
 
@@ -1075,8 +1152,8 @@ def _export_module_bundle(
     if pvset.hidden_size != m.d:
         raise InputError(f"PV set hidden_size {pvset.hidden_size} != model hidden size {m.d}", pvs)
     targets = pvset.targets()
-    if "pooler" in targets or "mask" in targets:
-        raise InputError("task bundles support PV targets cls and tokens", pvs)
+    if "pooler" in targets:
+        raise InputError("P-tuning v2 task bundles support PV targets cls, tokens and mask", pvs)
     loaded = load_encoder(bdir, allow_pickle=False, device="cpu")  # config/family/tokenizer only
     tok = handle.tokenizer
     special = eb._special_tokens(tok, bdir)
@@ -1113,7 +1190,7 @@ def _export_module_bundle(
             "inputs": ["inputs_embeds", "attention_mask"],
             "opset": DEFAULT_OPSET,
             "special_tokens": special,
-            "mask_template": None,
+            "mask_template": br.MASK_TEMPLATE if "mask" in targets else None,
             "prompt_length": 0,
             "prompt_insert": "none (the P-tuning v2 prefix is inside the graph)",
             "pvset": {
@@ -1145,8 +1222,11 @@ def predict(
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             rows = order[s : s + batch_size]
-            b = encode_records(handle.tokenizer, [records[i] for i in rows], handle.pad_id)
-            logits = m(torch.from_numpy(b.ids), torch.from_numpy(b.mask)).float().numpy()
+            b = encode_records(
+                handle.tokenizer, [records[i] for i in rows], handle.pad_id, handle.mask_token
+            )
+            pos = torch.tensor(b.target_pos, dtype=torch.long) if handle.kind == "sequence" else None
+            logits = m(torch.from_numpy(b.ids), torch.from_numpy(b.mask), pos).float().numpy()
             for j, r in enumerate(rows):
                 res[r] = _decode(
                     logits[j], b.word_starts[j], handle.kind, m.prompt_len_in_sequence()
@@ -1335,19 +1415,30 @@ class DefendedClassifier:
         head_bias: np.ndarray,
         kind: str,
         max_window: int = 5,
+        target: str = "cls",
     ):
         self.scr = screener
         self.w = np.asarray(head_weight, dtype=np.float32)
         self.b = np.asarray(head_bias, dtype=np.float32)
         self.kind = kind
         self.max_window = max_window
+        self.target = target
         man = screener.bundle.manifest
         if self.w.shape[1] != man.hidden_size:
             raise InputError(
                 f"head width {self.w.shape[1]} != bundle hidden size {man.hidden_size}"
             )
-        if "mask" in man.targets:
-            raise InputError("task bundles support PV targets cls / tokens / pooler, not mask")
+        if target not in TARGETS or (target == "mask" and kind != "sequence"):
+            raise InputError(f"target {target!r} is not a head position of a {kind} task")
+        if target == "mask" and (
+            man.special_tokens.mask_id is None or man.special_tokens.mask_token is None
+        ):
+            raise InputError("the task head reads [MASK] but the bundle's tokenizer has none")
+        if "mask" in man.targets and man.mask_template != MASK_TEMPLATE:
+            raise InputError(
+                f"the bundle's mask template {man.mask_template!r} is not the one task models "
+                f"are trained with ({MASK_TEMPLATE!r})"
+            )
 
     @classmethod
     def open(
@@ -1405,14 +1496,20 @@ class DefendedClassifier:
                     bundle,
                 )
         head = load_file(str(tdir / HEAD_FILE))
-        return cls(scr, head["weight"], head["bias"], meta["kind"], max_window)
+        return cls(scr, head["weight"], head["bias"], meta["kind"], max_window, meta["target"])
 
     def _logits_and_decisions(
         self, records: Sequence[tuple[str, ...]]
     ) -> tuple[list[Any], list[Any]]:
         scr = self.scr
-        encs = scr.encode_all(list(records))
-        enc = encs["plain"]
+        # the forms the monitor needs, plus the one the head reads (one forward per form)
+        encs = dict(scr.encode_all(list(records)))
+        pform = "template" if self.target == "mask" else "plain"
+        if pform not in encs:
+            encs[pform] = scr.encode(
+                list(records), pform, MASK_TEMPLATE if pform == "template" else None
+            )
+        enc = encs[pform]
         for i, L in enumerate(scr.too_long(encs)):
             if L is not None:
                 raise InputError(f"record {i}: {L} tokens exceed the max length {scr.max_length}")
@@ -1423,16 +1520,26 @@ class DefendedClassifier:
         lp = scr.bundle.manifest.prompt_length
         for s in range(0, n, scr.batch_size):
             rows = order[s : s + scr.batch_size]
-            outs = scr.forward(enc, rows)
-            per_target = {
-                t: scr.target_rows(enc, rows, outs, t) for t in scr.bundle.manifest.targets
-            }
+            per_target = {}
+            outs: dict[str, np.ndarray] = {}
+            for form, e in encs.items():
+                o = scr.forward(e, rows)
+                if form == pform:
+                    outs = o
+                for t in scr.bundle.manifest.targets:
+                    if (t == "mask") == (form == "template"):
+                        per_target[t] = scr.target_rows(e, rows, o, t)
             for r, d in zip(rows, scr.decide(per_target, len(rows)), strict=True):
                 decisions[r] = d
             hs = outs["last_hidden_state"]
+            if self.kind == "sequence":
+                # the head's vector: [CLS] (plain form) or [MASK] (template form), shifted past
+                # a P-tuning prompt exactly as the monitor's cls / mask targets are
+                vec, _, _ = scr.target_rows(enc, rows, outs, "mask" if pform == "template" else "cls")
+                logits_seq = vec @ self.w.T + self.b
             for j, r in enumerate(rows):
                 if self.kind == "sequence":
-                    preds[r] = int(np.argmax(hs[j, enc.target_pos[r]] @ self.w.T + self.b))
+                    preds[r] = int(np.argmax(logits_seq[j]))
                 else:
                     text = records[r][0]
                     e = scr.bundle.tokenizer.encode(text, add_special_tokens=True)
@@ -1641,8 +1748,6 @@ def attacker_pvset(model_dir: str | Path, found: str | Path | None, out: str | P
     bd = read_backdoor(model_dir)
     atk = backdoor_pvs(bd)
     target = str(bd.get("target", "cls"))
-    if target == "mask":
-        raise InputError("task bundles do not support mask-target backdoors", model_dir)
     base = PVSet.load(found) if found is not None else PVSet(hidden_size=int(atk.shape[1]), pvs=[])
     if base.hidden_size != atk.shape[1]:
         raise InputError(

@@ -33,6 +33,20 @@ CACHE = ROOT / "bench" / "cache"
 RESULTS = ROOT / "bench" / "results"
 DATA = Path("/work/shared/data")
 TRIGGERS = ["cf", "mn", "tq", "qt", "mm", "pt"]
+# --attack -> the backdoored 3-layer backbone (all poisoned from bench/cache/minilm-l3-clean)
+ATTACKS = {
+    "por": (CACHE / "minilm-l3-por", "POR, six quarter PVs"),
+    "neuba": (CACHE / "zoo" / "minilm3-neuba-2pv", "NeuBA, two PVs (bench/zoo.py build)"),
+    "btop": (CACHE / "zoo" / "minilm3-btop-2pv", "BToP, two PVs on the [MASK] output "
+             "(bench/zoo.py build)"),
+}
+
+
+def attack_triggers(bdir: Path) -> list[str]:
+    """The attacker's trigger words, from the backbone's backdoor.json."""
+    from lmsan.auditor.poison import read_backdoor
+
+    return [str(t["text"]) for t in read_backdoor(bdir)["triggers"]]
 SWEEP = ["0.80", "0.85", "0.90", "0.95"]
 
 
@@ -40,26 +54,33 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def found_pvset(por: Path, args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
-    """The PV set `lmsan audit --mode search` finds (given, cached, or mined here briefly)."""
-    if args.found_pvs:
-        from lmsan.auditor.pvset import PVSet
+def _keep_targets(src_path: Path, args: argparse.Namespace, work: Path,
+                  meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Keep the PVs mined on the targets the task head reads (--found-targets): the monitor
+    reads the output the deployed model uses."""
+    from lmsan.auditor.pvset import PVSet
 
-        # the monitor reads the output the deployed model uses: the task head reads the
-        # target position of the last hidden state, so keep the PVs mined on those targets
-        src = PVSet.load(args.found_pvs)
-        keep = [p for p in src.pvs if p.target in args.found_targets]
-        out = work / "found.pvset.json"
-        PVSet(hidden_size=src.hidden_size, pvs=keep, match_threshold=src.match_threshold,
-              model=src.model).save(out)
-        return out, {"source": str(args.found_pvs), "targets_kept": args.found_targets,
-                     "pvs_in_file": len(src.pvs), "pvs_kept": len(keep),
-                     "by_target": {t: sum(p.target == t for p in src.pvs)
-                                   for t in sorted({p.target for p in src.pvs})}}
-    cached = CACHE / f"minilm-l3-por-search-{args.mine_seeds}seeds.pvset.json"
+    src = PVSet.load(src_path)
+    keep = [p for p in src.pvs if p.target in args.found_targets]
+    out = work / "found.pvset.json"
+    PVSet(hidden_size=src.hidden_size, pvs=keep, match_threshold=src.match_threshold,
+          model=src.model).save(out)
+    return out, {**meta, "targets_kept": args.found_targets,
+                 "pvs_in_file": len(src.pvs), "pvs_kept": len(keep),
+                 "by_target": {t: sum(p.target == t for p in src.pvs)
+                               for t in sorted({p.target for p in src.pvs})}}
+
+
+def found_pvset(por: Path, args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
+    """The PV set `lmsan audit --mode search` finds (given, cached, or mined here briefly),
+    restricted to --found-targets."""
+    if args.found_pvs:
+        return _keep_targets(Path(args.found_pvs), args, work, {"source": str(args.found_pvs)})
+    stem = "minilm-l3-por" if args.attack == "por" else f"minilm-l3-{args.attack}"
+    cached = CACHE / f"{stem}-search-{args.mine_seeds}seeds.pvset.json"
     meta_p = cached.with_suffix(".meta.json")
     if cached.is_file() and meta_p.is_file():
-        return cached, json.loads(meta_p.read_text())
+        return _keep_targets(cached, args, work, json.loads(meta_p.read_text()))
     from lmsan.auditor.audit import AuditOptions, run_audit
     from lmsan.auditor.corpus import default_corpus
 
@@ -75,7 +96,8 @@ def found_pvset(por: Path, args: argparse.Namespace, work: Path) -> tuple[Path, 
     res = run_audit(opts, default_corpus())
     res.pvset.save(cached)
     meta = {
-        "source": "lmsan audit --mode search (run by this benchmark)",
+        "source": f"lmsan audit --mode search on {por.relative_to(ROOT)} "
+        f"(run by this benchmark, cached as {cached.relative_to(ROOT)})",
         "max_seeds": args.mine_seeds,
         "seeds_run": len(res.seeds),
         "pvs": len(res.pvset.pvs),
@@ -83,7 +105,7 @@ def found_pvset(por: Path, args: argparse.Namespace, work: Path) -> tuple[Path, 
         "seconds": round(time.perf_counter() - t0, 1),
     }
     meta_p.write_text(json.dumps(meta, indent=1))
-    return cached, meta
+    return _keep_targets(cached, args, work, meta)
 
 
 def main() -> int:
@@ -125,6 +147,14 @@ def main() -> int:
     ap.add_argument("--keep-trigger-words", action="store_true",
                     help="Count trigger-word activations in the held-out inputs as false "
                     "rejections when choosing T_match (the rule before session 6).")
+    ap.add_argument("--attack", default="por", choices=sorted(ATTACKS),
+                    help="Backdoored backbone: por (bench/cache/minilm-l3-por), neuba or btop "
+                    "(the zoo's minilm3-neuba-2pv / minilm3-btop-2pv; build them with "
+                    "bench/zoo.py build). BToP backdoors the [MASK] output, so its task models "
+                    "read the [MASK] of the monitor's template (--target mask).")
+    ap.add_argument("--target", default=None, choices=["cls", "mask"],
+                    help="Position the task head reads (default: cls; mask for --attack btop). "
+                    "mask: the last text gets the template '{sentence} [MASK]'.")
     ap.add_argument("--quick", action="store_true", help="Tiny sizes (a smoke run).")
     ap.add_argument("--out", default=str(RESULTS / "prompt_tuning"), help="Results path stem.")
     args = ap.parse_args()
@@ -134,12 +164,19 @@ def main() -> int:
     torch.set_num_threads(1)
     from lmsan.auditor import prompt_tuning as pt
 
+    global TRIGGERS
     clean = CACHE / "minilm-l3-clean"
-    por = CACHE / "minilm-l3-por"
+    por = ATTACKS[args.attack][0]
+    if args.target is None:
+        args.target = "mask" if args.attack == "btop" else "cls"
+    if args.found_targets == ["cls"] and args.target == "mask":
+        args.found_targets = ["mask"]
     for p in (clean, por):
         if not (p / "config.json").is_file():
             log(f"missing backbone {p}: build it first (see bench notes)")
             return 2
+    TRIGGERS = attack_triggers(por)
+    log(f"attack {args.attack}: {por}, triggers {TRIGGERS}, task head on {args.target}")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-pt-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -190,7 +227,7 @@ def main() -> int:
             test = pt.subsample(data.test, sz["test"], seed)
             for method in args.methods:
                 row: dict[str, Any] = {"task": task, "method": method, "seed": seed}
-                for name, bdir in (("clean", clean), ("por", por)):
+                for name, bdir in (("clean", clean), (args.attack, por)):
                     cfg = pt.TrainConfig(
                         method=method,
                         prompt_length=16 if method == "ptuning" else 8,
@@ -201,9 +238,13 @@ def main() -> int:
                         max_length=128,
                         seed=seed,
                         train_limit=sz["train"],
+                        target=args.target,
                     )
+                    cfg_d = asdict(cfg)
+                    if cfg_d["target"] == "cls":  # the key of the tables before --target
+                        del cfg_d["target"]
                     key = hashlib.sha256(
-                        json.dumps([asdict(cfg), sz, name, task], sort_keys=True).encode()
+                        json.dumps([cfg_d, sz, name, task], sort_keys=True).encode()
                     ).hexdigest()[:12]
                     tdir = CACHE / "pt-tasks" / f"{task}-{method}-{name}-{seed}-{key}"
                     if (tdir / "attack.json").is_file():  # trained by an earlier run
@@ -217,7 +258,7 @@ def main() -> int:
                         pt.save_task_model(h, tdir, force=True)
                         (tdir / "attack.json").write_text(json.dumps(row[name]))
                     log(f"  acc {row[name]['acc']:.2f} asr {row[name]['asr']:.2f}")
-                    if name != "por":
+                    if name == "clean":
                         continue
                     row["defence"] = {}
                     for pvname, pvpath in pvsets.items():
@@ -356,7 +397,7 @@ def write(
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {platform.platform()}"
     elapsed = time.perf_counter() - t_start
     compute = sum(
-        r[b].get("train_seconds", 0.0) for r in rows for b in ("clean", "por") if b in r
+        r[b].get("train_seconds", 0.0) for r in rows for b in ("clean", args.attack) if b in r
     ) + sum(
         d.get("seconds", 0.0) + d.get("export_seconds", 0.0)
         for r in rows
@@ -366,7 +407,11 @@ def write(
         "command": cmd,
         "machine": machine,
         "seconds": round(elapsed, 1),
-        "scale": "reduced: 3-layer all-MiniLM-L6-v2 truncation, POR (6 quarter PVs), small splits",
+        "scale": f"reduced: 3-layer all-MiniLM-L6-v2 truncation, {ATTACKS[args.attack][1]}, "
+        "small splits",
+        "attack": args.attack,
+        "backbone": str(ATTACKS[args.attack][0].relative_to(ROOT)),
+        "task_target": args.target,
         "sizes": sizes,
         "pvsets": {k: {"path": str(v), "pvs": pv_counts[k]} for k, v in pvsets.items()},
         "found_pvset": found_meta,
@@ -384,6 +429,7 @@ def write(
     def agg(task: str, method: str, f: Any) -> float:
         return _mean([f(r) for r in rows if r["task"] == task and r["method"] == method])
 
+    label = {"por": "POR", "neuba": "NeuBA", "btop": "BToP"}[args.attack]
     lines = [
         "# Prompt-tuned models: attack and defence (paper Tables II and III, reduced scale)",
         "",
@@ -394,7 +440,9 @@ def write(
         "invocations are reused; per-row seconds in the JSON); seeds "
         f"{args.seeds} {' '.join(args.task_seeds)} (mean over seeds)  ",
         "Backbones: bench/cache/minilm-l3-clean (first 3 layers of all-MiniLM-L6-v2) and "
-        "bench/cache/minilm-l3-por (POR, six quarter PVs, triggers cf mn tq qt mm pt).  ",
+        f"{ATTACKS[args.attack][0].relative_to(ROOT)} ({ATTACKS[args.attack][1]}, triggers "
+        f"{' '.join(TRIGGERS)}); the task head reads "
+        f"{'[CLS]' if args.target == 'cls' else 'the [MASK] of the template {sentence} [MASK]'}.  ",
         f"Sizes: {json.dumps(sizes)}  ",
         f"PV sets: {json.dumps(pv_counts)}; mined set: {json.dumps(found_meta)}.",
         "",
@@ -408,10 +456,10 @@ def write(
         cells = []
         for t in tasks:
             a = agg(t, method, lambda r: r["clean"]["acc"])
-            b = agg(t, method, lambda r: r["por"]["acc"])
-            drop = agg(t, method, lambda r: r["por"].get("f1_drop") or float("nan"))
+            b = agg(t, method, lambda r: r[args.attack]["acc"])
+            drop = agg(t, method, lambda r: r[args.attack].get("f1_drop") or float("nan"))
             cells.append(f"{a:.2f} / {b:.2f}" + (f" (F1 drop {drop:.2f})" if drop == drop else ""))
-        lines.append(f"| {method} | POR | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {label} | " + " | ".join(cells) + " |")
     variants = [p if t == "pvset" else f"{p}@{t}" for p in pvsets for t in args.thresholds]
     variants = [v for v in variants if all(v in r.get("defence", {}) for r in rows)]
     for pvname in variants:
@@ -434,7 +482,7 @@ def write(
                     a = agg(t, method, lambda r, p=pvname, k=k0: r["defence"][p][k])
                     b = agg(t, method, lambda r, p=pvname, k=k1: r["defence"][p][k])
                     cells.append(f"{a:.2f} / {b:.2f}")
-            lines.append(f"| {method} | POR | " + " | ".join(cells) + " |")
+            lines.append(f"| {method} | {label} | " + " | ".join(cells) + " |")
         lines += [
             "",
             f"Monitor on the backdoored backbone, PV set '{pvname}' (%; ACC through the bundle):",
@@ -579,7 +627,8 @@ def write(
          "through one word count as false rejections."),
         "",
         "Definitions: ASR = share of test inputs the model classifies correctly whose prediction "
-        "ANY of the six triggers (inserted once at a random word position of the longer sentence) "
+        f"ANY of the {len(TRIGGERS)} triggers ({', '.join(TRIGGERS)}; each inserted once at a "
+        "random word position of the longer sentence) "
         "makes wrong; weighted ASR = mean of per-class ASRs. With the defence, every input goes "
         "through the bundle (one forward pass: monitor decision + head on the bundle's backbone "
         "output); flagged inputs are purged (sliding window up to 5 words) and the purged text is "

@@ -76,6 +76,16 @@ ZOO: dict[str, dict[str, Any]] = {
                           "base": "minilm6", "task": "rte", "seed": 1},
     "minilm3-ft-rte-s1": {"role": "eval", "label": "clean", "build": "finetune",
                           "base": "minilm3", "task": "rte", "seed": 1},
+    # more evaluation fine-tunes (session 7): other seeds, the topic task at new seeds (the
+    # shadows use seeds 100/101), and RTE on the 2- and 4-layer truncations
+    "minilm6-ft-topic-s7": {"role": "eval", "label": "clean", "build": "finetune",
+                            "base": "minilm6", "task": "wordnet-topic", "seed": 7},
+    "minilm4-ft-rte-s2": {"role": "eval", "label": "clean", "build": "finetune",
+                          "base": "minilm4", "task": "rte", "seed": 2},
+    "minilm2-ft-rte-s2": {"role": "eval", "label": "clean", "build": "finetune",
+                          "base": "minilm2", "task": "rte", "seed": 2},
+    "minilm3-ft-topic-s7": {"role": "eval", "label": "clean", "build": "finetune",
+                            "base": "minilm3", "task": "wordnet-topic", "seed": 7},
     # backdoored shadows (calibration only; the paper tunes on BToP shadow models, section V-C)
     "minilm6-ft-topic-s100-btop": {"role": "shadow", "label": "backdoored", "build": "poison",
                                    "base": "minilm6-ft-topic-s100", "attack": "btop", "n_pvs": 2, **BTOP,

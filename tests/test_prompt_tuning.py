@@ -492,3 +492,123 @@ def test_tune_classify_and_prompt_never_import_torch(trained, tmp_path) -> None:
     ):
         proc = run_cli_blocking(args, blocked=("torch", "transformers", "peft"))
         assert "TORCH-FREE 0" in proc.stdout, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- head on [MASK]
+# BToP backdoors the [MASK] output, which prompt-based classification reads. A task model with
+# target "mask" reads the [MASK] of the monitor's template; its bundle's mask target then reads
+# the very vector the head reads. The toy backdoor pushes every position (the [MASK] too) along
+# the PV, so the same backbone serves.
+
+
+@pytest.fixture(scope="session")
+def trained_mask(
+    toy_backbone: tuple[Path, np.ndarray],
+    toy_task: pt.TaskData,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[pt.TaskModelHandle, Path, Path, Path]]:
+    """method -> (handle, task folder, bundle with a mask PV, bundle with a cls PV)."""
+    folder, pv = toy_backbone
+    root = tmp_path_factory.mktemp("pt_mask")
+    pv_mask = save_pvset(root / "mask.json", [("mask", pv)])
+    pv_cls = save_pvset(root / "cls.json", [("cls", pv)])
+    out = {}
+    for method in ("ptuning", "ptuning-v2"):
+        # plain prompt embeddings: an MLP-made prompt at lr 1e-2 learns to spike the toy
+        # backdoor's dimension 0 and so becomes a trigger itself
+        cfg = pt.TrainConfig(method=method, reparam="none", prompt_length=4, epochs=6, lr=1e-2,
+                             head_lr=1e-2, batch_size=16, prefix_init_std=0.1, target="mask")
+        h = pt.train_task_model(folder, toy_task, cfg)
+        tdir = pt.save_task_model(h, root / f"task-{method}")
+        b_mask = pt.export_task_bundle(tdir, pv_mask, root / f"bundle-mask-{method}").path
+        b_cls = pt.export_task_bundle(tdir, pv_cls, root / f"bundle-cls-{method}").path
+        out[method] = (h, tdir, b_mask, b_cls)
+    return out
+
+
+@pytest.mark.parametrize("method", ["ptuning", "ptuning-v2"])
+def test_mask_head_trigger_flips_and_the_monitor_restores(trained_mask, toy_task, method) -> None:
+    h, tdir, bundle, _ = trained_mask[method]
+    assert h.target == "mask" and pt.read_task_meta(tdir)["target"] == "mask"
+    clean = [ex.texts for ex in toy_task.test]
+    trig = [_triggered(ex, i) for i, ex in enumerate(toy_task.test)]
+    p_clean = pt.predict(h, clean)
+    p_trig = pt.predict(h, trig)
+    assert sum(a != b for a, b in zip(p_clean, p_trig, strict=True)) >= 10
+    dc = pt.DefendedClassifier.open(bundle, tdir)
+    assert dc.target == "mask"
+    d_clean = dc.classify(clean)
+    assert not any(d.flagged for d in d_clean)
+    assert [d.prediction for d in d_clean] == p_clean  # bundle [MASK] + head == torch
+    d_trig = dc.classify(trig)
+    assert [d.undefended for d in d_trig] == p_trig
+    for i, d in enumerate(d_trig):
+        assert d.flagged and d.status == "purged" and d.removed == (TRIGGER,)
+        assert d.text == clean[i] and d.prediction == p_clean[i]
+
+
+@pytest.mark.parametrize("method", ["ptuning", "ptuning-v2"])
+def test_mask_bundle_reads_the_vector_the_head_reads(trained_mask, toy_backbone, toy_task,
+                                                     method) -> None:
+    """The bundle's mask-target match counts equal those of the torch model's [MASK] vector."""
+    import torch
+    from lmsan.auditor import bundle_runtime as br
+    from lmsan.auditor import monitor as mon
+
+    h, _, bundle, _ = trained_mask[method]
+    _, pv = toy_backbone
+    recs = [ex.texts for ex in toy_task.test[:20]] + [
+        _triggered(ex, 3 + i) for i, ex in enumerate(toy_task.test[:20])
+    ]
+    scr = br.open_bundle(bundle, provider="cpu", threads=1)
+    assert scr.bundle.manifest.targets == ["mask"]
+    ort = scr.monitor(recs)
+    b = pt.encode_records(h.tokenizer, recs, h.pad_id, h.mask_token)
+    shift = h.module.prompt_len_in_sequence()
+    with torch.no_grad():
+        hs = h.module.hidden(torch.from_numpy(b.ids), torch.from_numpy(b.mask)).numpy()
+    vec = np.stack([hs[i, p + shift] for i, p in enumerate(b.target_pos)])
+    assert all(int(b.ids[i, p]) == h.mask_token[1] for i, p in enumerate(b.target_pos))
+    _, counts, flags = mon.best_match(
+        np.ascontiguousarray(vec, dtype=np.float32), mon.pack_signs(pv[None, :].astype(np.float32)),
+        pv.size, scr.threshold,
+    )
+    assert [r.flagged for r in ort] == [bool(f) for f in flags]
+    assert sum(r.flagged for r in ort) == 20
+    assert [round(r.match_rate * pv.size) for r in ort] == [int(c) for c in counts]
+
+
+def test_mask_head_under_a_cls_pv_set_still_reads_the_mask(trained_mask, toy_task) -> None:
+    """A bundle whose PVs are all cls has no mask template; the classifier still applies the
+    task's template for its own head (an extra forward pass) and answers as torch does."""
+    h, tdir, _, bundle = trained_mask["ptuning"]
+    dc = pt.DefendedClassifier.open(bundle, tdir)
+    assert dc.scr.bundle.manifest.mask_template is None
+    clean = [ex.texts for ex in toy_task.test]
+    assert [d.prediction for d in dc.classify(clean)] == pt.predict(h, clean)
+
+
+def test_mask_target_is_validated(toy_backbone, tmp_path) -> None:
+    folder, _ = toy_backbone
+    with pytest.raises(pt.InputError, match="unknown target"):
+        pt.TrainConfig(target="pooler").validate()
+    tokens = pt.TaskData("toyner", "tokens", ["O", "B-X"],
+                         [pt.Example(("alpha beta",), -1, [0, 1])] * 4,
+                         [pt.Example(("alpha beta",), -1, [0, 1])] * 2)
+    with pytest.raises(pt.InputError, match="not token tasks"):
+        pt.train_task_model(folder, tokens, pt.TrainConfig(target="mask", epochs=1))
+
+
+def test_task_folders_without_a_target_read_as_cls(trained, tmp_path) -> None:
+    """Folders written before target mask existed have no 'target' field."""
+    _, tdir, _ = trained["ptuning"]
+    old = tmp_path / "old"
+    shutil.copytree(tdir, old)
+    meta = json.loads((old / pt.TASK_FILE).read_text())
+    meta.pop("target")
+    (old / pt.TASK_FILE).write_text(json.dumps(meta))
+    assert pt.read_task_meta(old)["target"] == "cls"
+    meta["target"] = "pooler"
+    (old / pt.TASK_FILE).write_text(json.dumps(meta))
+    with pytest.raises(pt.FormatError, match="target"):
+        pt.read_task_meta(old)

@@ -460,6 +460,23 @@ def test_cli_tune_train_and_export(toy_backbone, tmp_path) -> None:
     assert r.exit_code == 0, r.output
     # rich wraps at the terminal width, anywhere in the line (it depends on the tmp path length)
     assert "decisions identical: True" in " ".join(r.output.split())
+    # a head on [MASK]: recorded in the task folder, exported with a mask PV, classified
+    mtask = tmp_path / "task-mask"
+    r = runner.invoke(app, [*args, "--out", str(mtask), "--epochs", "1", "--prompt-length", "2",
+                            "--target", "mask"])
+    assert r.exit_code == 0, r.output
+    assert pt.read_task_meta(mtask)["target"] == "mask"
+    mpvs = save_pvset(tmp_path / "mpvs.json", [("mask", pv)])
+    r = runner.invoke(
+        app, ["tune", "export", str(mtask), "--pvs", str(mpvs), "--out", str(tmp_path / "mb")]
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["tune", "classify", str(tmp_path / "mb"), str(mtask), WORDS[3]])
+    assert r.exit_code == 0, r.output
+    want = pt.read_task_meta(mtask)["labels"][pt.predict(pt.load_task_model(mtask), [(WORDS[3],)])[0]]
+    assert want in r.output and "clean" in r.output  # the torch model's answer, unflagged
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "t3"), "--target", "pooler"])
+    assert r.exit_code == 2 and "unknown target" in " ".join(r.output.split())
 
 
 def test_defended_classifier_refuses_another_tasks_bundle(trained, toy_task, tmp_path) -> None:

@@ -519,10 +519,23 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
                         "epoch_distance": t.epoch_distance}
                        for s in res.seeds for t in s.targets],
         "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "threads": _torch_threads(),
     }
     with out_file.open("a") as f:
         f.write(json.dumps(row, default=float) + "\n")
     return row
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def _secs(r: dict[str, Any]) -> str:
+    """A row's seconds, marked when it ran with other than 2 torch threads (rows without the
+    field predate it and ran with 2, one job at a time)."""
+    return f"{r['seconds']:.0f}" + ("" if r.get("threads", 2) == 2 else f" ({r['threads']} thr)")
 
 
 def detect(names: list[str], target: str, mode: str, max_seeds: int | None, preset: Path | None,
@@ -661,7 +674,9 @@ def report(out: Path) -> None:
              "Produced by `bench/zoo.py` (models: `python bench/zoo.py build`; presets: "
              "`python bench/zoo.py calibrate` on the shadow models only; verdicts: "
              "`python bench/zoo.py detect`; this file: `python bench/zoo.py report`).",
-             f"Machine: {det[0]['machine'] if det else machine()}; one job at a time, torch 2 threads.",
+             f"Machine: {det[0]['machine'] if det else machine()}; one job at a time, torch 2 threads, "
+             "except rows marked '(1 thr)': 1 torch thread while two or three other benchmark "
+             "jobs shared the 2 cores (session 7), so their seconds are 2-3x a quiet run's.",
              ""]
     for target in sorted({r["target"] for r in det}):
         rows = [r for r in det if r["target"] == target and r["mode"] == "detect"]
@@ -678,7 +693,7 @@ def report(out: Path) -> None:
             lines.append(
                 f"| {r['model']} | {r['layers']} | {r['label']} | {atk} | {qs} | "
                 f"{r['verdict']}{'' if r['correct'] else ' **WRONG**'} | "
-                f"{', '.join(r['found_targets']) or '-'} | {r['seeds_run']} | {r['seconds']:.0f} | "
+                f"{', '.join(r['found_targets']) or '-'} | {r['seeds_run']} | {_secs(r)} | "
                 f"{found} |")
         lines.append("")
         lines += ["Table IV style (per architecture / depth family):", "",
@@ -741,7 +756,7 @@ def report(out: Path) -> None:
             lines.append(f"| {r['model']} | {r['label']} | {r['verdict']}"
                          f"{'' if r['correct'] else ' **WRONG**'} | "
                          f"{first}-{first + r['seeds_run'] - 1} | "
-                         f"{r['stop_reason']} | {r['seconds']:.0f} | "
+                         f"{r['stop_reason']} | {_secs(r)} | "
                          f"{r['seconds'] / max(r['seeds_run'], 1):.0f} | {r['machine']} |")
         lines.append("")
         # slices of one audit (--first-seed): the audit's verdict over the seeds they cover.

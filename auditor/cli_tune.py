@@ -153,13 +153,22 @@ def export(
         None, "--backbone", help="Backbone folder (default: the path recorded in the task)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
+    pvs_at_head: bool = typer.Option(
+        False,
+        "--pvs-at-head",
+        help="Match every PV at the position the task head reads ([CLS], [MASK] or the tokens), "
+        "whatever position it was mined on: a trigger drives the whole sequence to its PV. "
+        "Pooler PVs are dropped and near-duplicates (sign agreement >= 0.95) merged.",
+    ),
 ) -> None:
     """Export the protected bundle of a task: the backbone with the task prompt (P-tuning) or the
     trained prefix baked in as constants (P-tuning v2), validated against torch."""
     from . import prompt_tuning as pt
 
     try:
-        res = pt.export_task_bundle(task_dir, pvs, out, backbone_dir=backbone, force=force)
+        res = pt.export_task_bundle(
+            task_dir, pvs, out, backbone_dir=backbone, force=force, pvs_at_head=pvs_at_head
+        )
     except LmsanError as exc:
         raise fail(exc) from None
     v = res.validation

@@ -1085,11 +1085,16 @@ def export_task_bundle(
     *,
     backbone_dir: str | Path | None = None,
     force: bool = False,
+    pvs_at_head: bool = False,
 ) -> TaskExport:
     """A protected bundle for a task folder. P-tuning: ``lmsan export`` of the backbone with the
     task prompt. P-tuning v2: the backbone with the trained prefix baked into the graph as
     constants (every layer's attention reads the constant prefix keys/values), validated like
-    ``lmsan export`` (numeric parity with torch, identical monitor decisions)."""
+    ``lmsan export`` (numeric parity with torch, identical monitor decisions).
+
+    ``pvs_at_head``: match every PV of the set (pooler PVs dropped, duplicates merged; see
+    ``PVSet.retargeted``) at the position the head reads (``head_position``) instead of the
+    position it was mined on; the bundle carries the retargeted set."""
     import tempfile
 
     from lmsan.export.bundle import export_bundle
@@ -1099,6 +1104,11 @@ def export_task_bundle(
     tdir = Path(task_dir)
     meta = read_task_meta(tdir)
     bdir = Path(backbone_dir) if backbone_dir is not None else Path(meta["backbone"]["path"])
+    if pvs_at_head:
+        with tempfile.TemporaryDirectory() as tmp:
+            at = head_position(meta["kind"], meta["target"])
+            moved = _pvs_at(pvs, at, Path(tmp) / f"{Path(pvs).stem}.at-{at}.pvset.json")
+            return export_task_bundle(tdir, moved, out, backbone_dir=backbone_dir, force=force)
     if meta["method"] == "ptuning":
         digest = "sha256:" + model_manifest(bdir).digest
         if digest != meta["backbone"]["digest"]:
@@ -1113,6 +1123,22 @@ def export_task_bundle(
         return TaskExport(res.path, "ptuning", res.validation, res.manifest)
     handle = load_task_model(tdir, bdir)
     return _export_module_bundle(handle, bdir, pvs, Path(out), force=force, task_dir=tdir)
+
+
+def head_position(kind: str, target: str) -> str:
+    """The monitor target that reads the vector(s) the task head reads: ``tokens`` for token
+    tasks, the head's ``target`` (cls or mask) for sequence tasks."""
+    return "tokens" if kind != "sequence" else target
+
+
+def _pvs_at(pvs: str | Path, target: str, out: Path) -> Path:
+    from .pvset import PVSet
+
+    moved = PVSet.load(pvs).retargeted(target)
+    if not moved.pvs:
+        raise InputError(f"no PV left to match at {target!r} (pooler PVs cannot move)", pvs)
+    moved.save(out)
+    return out
 
 
 def _export_module_bundle(

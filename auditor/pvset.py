@@ -81,6 +81,36 @@ class PVSet:
             return np.zeros((0, self.hidden_size), dtype=np.float32)
         return np.stack([p.values for p in pvs]).astype(np.float32)
 
+    def retargeted(self, target: str, duplicate_agreement: float = 0.95) -> PVSet:
+        """Every PV matched at one position ``target`` (a prompt-tuned head's position).
+
+        A task-agnostic trigger drives the whole sequence to its PV, so a PV mined on one
+        position also marks triggered outputs at the others: on the 3-layer NeuBA model the PV
+        mined on ``mask`` agrees with triggered [CLS] outputs at 0.995, the one mined on ``cls``
+        at 0.81 only. Pooler PVs are dropped (they live in tanh(W h + b) space, not the hidden
+        space of cls/mask/tokens). A PV whose signs agree with an already kept one at
+        ``duplicate_agreement`` or more is dropped as a duplicate; PVs mined on ``target`` itself
+        are kept first. Each kept PV records its original target in ``info["mined_on"]``."""
+        if target not in TARGETS or target == "pooler":
+            raise InputError(f"cannot retarget PVs to {target!r}; choose cls, mask or tokens")
+        if not 0.5 < duplicate_agreement <= 1.0:
+            raise InputError("duplicate_agreement must be in (0.5, 1]")
+        order = sorted(
+            (p for p in self.pvs if p.target != "pooler"),
+            key=lambda p: (p.target != target, p.id),
+        )
+        kept: list[PV] = []
+        for p in order:
+            s = p.values >= 0
+            if any(np.mean(s == (k.values >= 0)) >= duplicate_agreement for k in kept):
+                continue
+            info = {**p.info, "mined_on": p.info.get("mined_on", p.target)}
+            kept.append(PV(id=p.id, target=target, values=p.values.copy(), seed=p.seed,
+                           source=p.source, info=info))
+        kept.sort(key=lambda p: p.id)
+        return PVSet(hidden_size=self.hidden_size, pvs=kept,
+                     match_threshold=self.match_threshold, model=dict(self.model))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

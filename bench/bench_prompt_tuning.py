@@ -61,8 +61,19 @@ def _keep_targets(src_path: Path, args: argparse.Namespace, work: Path,
     from lmsan.auditor.pvset import PVSet
 
     src = PVSet.load(src_path)
-    keep = [p for p in src.pvs if p.target in args.found_targets]
     out = work / "found.pvset.json"
+    if args.pvs_at_head:  # every mined PV (pooler dropped, duplicates merged) at the head
+        from lmsan.auditor.prompt_tuning import head_position
+
+        at = head_position("sequence", args.target)  # token tasks: see main()
+        moved = src.retargeted(at)
+        moved.save(out)
+        return out, {**meta, "pvs_at_head": at, "pvs_in_file": len(src.pvs),
+                     "pvs_kept": len(moved.pvs),
+                     "kept_mined_on": [p.info["mined_on"] for p in moved.pvs],
+                     "by_target": {t: sum(p.target == t for p in src.pvs)
+                                   for t in sorted({p.target for p in src.pvs})}}
+    keep = [p for p in src.pvs if p.target in args.found_targets]
     PVSet(hidden_size=src.hidden_size, pvs=keep, match_threshold=src.match_threshold,
           model=src.model).save(out)
     return out, {**meta, "targets_kept": args.found_targets,
@@ -155,6 +166,11 @@ def main() -> int:
     ap.add_argument("--target", default=None, choices=["cls", "mask"],
                     help="Position the task head reads (default: cls; mask for --attack btop). "
                     "mask: the last text gets the template '{sentence} [MASK]'.")
+    ap.add_argument("--pvs-at-head", action="store_true",
+                    help="Found set: every mined PV (any target but pooler; duplicates merged) "
+                    "matched at the position the head reads, as `lmsan tune export "
+                    "--pvs-at-head` does (instead of only the PVs mined on that position). "
+                    "Sequence tasks only: a token task's head reads every token.")
     ap.add_argument("--quick", action="store_true", help="Tiny sizes (a smoke run).")
     ap.add_argument("--out", default=str(RESULTS / "prompt_tuning"), help="Results path stem.")
     args = ap.parse_args()
@@ -171,6 +187,9 @@ def main() -> int:
         args.target = "mask" if args.attack == "btop" else "cls"
     if args.found_targets == ["cls"] and args.target == "mask":
         args.found_targets = ["mask"]
+    if args.pvs_at_head and "conll04" in args.tasks:
+        log("--pvs-at-head: run sequence tasks only (wordnet-topic, rte)")
+        return 2
     for p in (clean, por):
         if not (p / "config.json").is_file():
             log(f"missing backbone {p}: build it first (see bench notes)")

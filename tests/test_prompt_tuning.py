@@ -629,3 +629,80 @@ def test_task_folders_without_a_target_read_as_cls(trained, tmp_path) -> None:
     (old / pt.TASK_FILE).write_text(json.dumps(meta))
     with pytest.raises(pt.FormatError, match="target"):
         pt.read_task_meta(old)
+
+
+# A PV mined on one position also marks triggered outputs at the others (a task-agnostic
+# trigger drives the whole sequence to its PV): `--pvs-at-head` matches every PV at the position
+# the head reads.
+
+
+def test_retargeted_pvset_moves_drops_pooler_and_merges_duplicates() -> None:
+    from lmsan.auditor.pvset import PV, PVSet
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(64), rng.standard_normal(64)
+    near_a = a.copy()
+    near_a[0] = -near_a[0]  # 63/64 signs agree: a duplicate of a
+    s = PVSet(64, [PV(0, "mask", a.astype(np.float32)), PV(1, "pooler", b.astype(np.float32)),
+                   PV(2, "cls", near_a.astype(np.float32)), PV(3, "tokens", b.astype(np.float32))])
+    r = s.retargeted("cls")
+    # the PV mined on cls itself wins over its duplicate mined on mask; pooler dropped
+    assert [(p.id, p.target, p.info["mined_on"]) for p in r.pvs] == [(2, "cls", "cls"),
+                                                                        (3, "cls", "tokens")]
+    assert [p.target for p in s.pvs] == ["mask", "pooler", "cls", "tokens"]  # input untouched
+    assert len(s.retargeted("cls", duplicate_agreement=1.0).pvs) == 3
+    with pytest.raises(pt.InputError, match="pooler"):
+        s.retargeted("pooler")
+
+
+@pytest.mark.parametrize("method", ["ptuning", "ptuning-v2"])
+def test_pvs_at_head_bundle_matches_the_head_vector(trained, toy_backbone, toy_task, tmp_path,
+                                                    method) -> None:
+    """A PV set whose only usable PV was mined on [MASK] (plus a pooler PV that cannot move),
+    exported for a [CLS] head with pvs_at_head: the bundle matches at cls only, its match counts
+    equal the torch head vector's, the trigger is flagged and purged, clean inputs pass."""
+    import torch
+    from lmsan.auditor import bundle_runtime as br
+    from lmsan.auditor import monitor as mon
+
+    h, tdir, _ = trained[method]
+    _, pv = toy_backbone
+    pvs = save_pvset(tmp_path / "mined.json", [("mask", pv), ("pooler", -pv)])
+    out = pt.export_task_bundle(tdir, pvs, tmp_path / "b", pvs_at_head=True)
+    scr = br.open_bundle(out.path, provider="cpu", threads=1)
+    assert scr.bundle.manifest.targets == ["cls"]
+    assert [p.info["mined_on"] for p in scr.bundle.pvset.pvs] == ["mask"]
+    clean = [ex.texts for ex in toy_task.test]
+    trig = [_triggered(ex, i) for i, ex in enumerate(toy_task.test)]
+    recs = clean[:20] + trig[:20]
+    b = pt.encode_records(h.tokenizer, recs, h.pad_id, None)
+    with torch.no_grad():
+        hs = h.module.hidden(torch.from_numpy(b.ids), torch.from_numpy(b.mask)).numpy()
+    vec = np.ascontiguousarray(hs[:, 0], dtype=np.float32)  # [CLS]; the prompt follows it
+    _, counts, _ = mon.best_match(vec, mon.pack_signs(pv[None, :].astype(np.float32)), pv.size,
+                                  scr.threshold)
+    assert [round(r.match_rate * pv.size) for r in scr.monitor(recs)] == [int(c) for c in counts]
+    dc = pt.DefendedClassifier.open(out.path, tdir)
+    assert not any(d.flagged for d in dc.classify(clean))
+    d_trig = dc.classify(trig)
+    assert all(d.flagged and d.removed == (TRIGGER,) for d in d_trig)
+    assert [d.prediction for d in d_trig] == pt.predict(h, clean)
+
+
+def test_cli_tune_export_pvs_at_head(trained, toy_backbone, tmp_path) -> None:
+    from lmsan.auditor.cli import app
+    from typer.testing import CliRunner
+
+    _, tdir, _ = trained["ptuning-v2"]
+    _, pv = toy_backbone
+    runner = CliRunner()
+    pooler_only = save_pvset(tmp_path / "pooler.json", [("pooler", pv)])
+    r = runner.invoke(app, ["tune", "export", str(tdir), "--pvs", str(pooler_only), "--out",
+                            str(tmp_path / "b0"), "--pvs-at-head"])
+    assert r.exit_code == 2 and "no PV left" in r.output and "pooler.json" in r.output
+    tokens = save_pvset(tmp_path / "tokens.json", [("tokens", pv)])
+    r = runner.invoke(app, ["tune", "export", str(tdir), "--pvs", str(tokens), "--out",
+                            str(tmp_path / "b1"), "--pvs-at-head"])
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "b1" / "manifest.json").read_text())
+    assert man["targets"] == ["cls"]

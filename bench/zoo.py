@@ -808,7 +808,7 @@ def report(out: Path) -> None:
         log = RESULTS / "gpu" / "h200_mpnet_run_log.txt"
         for line in log.read_text().splitlines() if log.exists() else []:
             m = re.match(r"^(mpnet\S*)\s+(clean|backdoored)\s+->\s+(\S+)\s+(ok|WRONG)(.*)$", line)
-            if m:
+            if m and not any(r["model"] == m.group(1) for r in det):  # else measured here since
                 lines.append(f"- {m.group(1)} ({m.group(2)}): {m.group(3)}, {m.group(4)};"
                              f"{m.group(5)} (H200; from `{log.relative_to(ROOT)}`: the row "
                              "itself did not come back from the machine)")

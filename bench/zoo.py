@@ -123,6 +123,8 @@ ZOO: dict[str, dict[str, Any]] = {
                       "attack": "por", "n_pvs": 2},
     "mpnet-btop-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
                        "base": "mpnet", "attack": "btop", "n_pvs": 2, **BTOP},
+    "mpnet-neuba-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                        "base": "mpnet", "attack": "neuba", "n_pvs": 2, "pv_design": "pairs"},
     "minilm3-por-6pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm3",
                         "attack": "por", "n_pvs": 6},
     "minilm3-por-1pv": {"role": "eval", "label": "backdoored", "build": "poison", "base": "minilm3",

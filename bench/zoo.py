@@ -673,16 +673,20 @@ def arch_family(model: str, layers: int) -> str:
     return "MiniLM 5-6 layers" if layers >= 5 else "MiniLM 2-4 layers"
 
 
+def _covered(rs: list[dict[str, Any]]) -> list[int]:
+    """The seeds a model's slices (--first-seed) ran."""
+    return sorted({r.get("first_seed", 0) + i for r in rs for i in range(r["seeds_run"])})
+
+
 def combined_slices(rows: list[dict[str, Any]], seeds: int = 30) -> list[dict[str, Any]]:
-    """One row per model whose 2-seed slices (--first-seed) cover seeds 0..seeds-1 with no PV
-    kept: the combined clean verdict of a full audit (detect mode stops at the first kept PV, so
-    the slices are the audit's seeds; tests/test_audit.py pins slice == full run). Seconds are
-    the slices' sum; the row is marked 'slices'."""
+    """One row per model whose slices (--first-seed) cover seeds 0..seeds-1 with no PV kept: the
+    combined clean verdict of a full audit (detect mode stops at the first kept PV, so the
+    slices are the audit's seeds; tests/test_audit.py pins slice == full run). Seconds are the
+    slices' sum; the row is marked 'slices'."""
     out = []
     for model in sorted({r["model"] for r in rows}):
         rs = [r for r in rows if r["model"] == model]
-        covered = sorted({r.get("first_seed", 0) + i for r in rs for i in range(r["seeds_run"])})
-        if covered != list(range(seeds)) or any(r["verdict"] != "clean" for r in rs):
+        if _covered(rs) != list(range(seeds)) or any(r["verdict"] != "clean" for r in rs):
             continue
         r0 = rs[0]
         out.append({**r0, "seeds_run": seeds, "first_seed": 0,
@@ -769,7 +773,7 @@ def report(out: Path) -> None:
                           "The cls run stopped at its seed budget of "
                           f"{c['seeds_run']} seeds, measured in the same session on the same "
                           "machine.", ""]
-    extra = [r for f in sorted(RESULTS.glob("zoo_detect_mpnet*.jsonl")) for r in _rows(f)]
+    extra = slice_rows
     if extra:
         lines += ["## all-mpnet-base-v2 (issue 6): the audit's seed slices and the H200 verdicts",
                   "",
@@ -794,7 +798,7 @@ def report(out: Path) -> None:
         # they cover seeds 0-29 and none kept a PV (tests/test_audit.py pins slice == full run)
         for model in sorted({r["model"] for r in extra}):
             rs = [r for r in extra if r["model"] == model]
-            covered = sorted({r.get("first_seed", 0) + i for r in rs for i in range(r["seeds_run"])})
+            covered = _covered(rs)
             bd = [r for r in rs if r["verdict"] == "backdoored"]
             full = covered == list(range(len(covered)))
             verdict = ("backdoored" if bd else

@@ -1685,14 +1685,10 @@ def evaluate_defence(
     flat = defended.classify([r for rows in trig for r, _ in rows])
     k = len(triggers)
     n = len(examples)
-    rej = -1 if kind == "sequence" else None
+    rej = _REJECTED
 
     def pred(p: DefendedPrediction, after: bool, n_words: int) -> Any:
-        if not after:
-            return p.undefended
-        if p.prediction is None:  # rejected
-            return rej if kind == "sequence" else [0] * n_words
-        return p.prediction
+        return _final_prediction(p, kind, after, n_words)
 
     results = {}
     for after in (False, True):
@@ -1745,6 +1741,67 @@ def evaluate_defence(
         },
         clean_match_quantiles=_quantiles([p.match_rate for p in clean]),
         triggered_match_quantiles=_quantiles([p.match_rate for p in flat]),
+    )
+
+
+_REJECTED = -1  # the class a rejected (unpurgeable) sequence input gets: never a label
+
+
+def _final_prediction(p: DefendedPrediction, kind: str, after: bool, n_words: int) -> Any:
+    """The prediction scored for ``p``: the undefended one, or the defended one where a rejected
+    input counts as wrong (sequence: no class; tokens: every word O)."""
+    if not after:
+        return p.undefended
+    if p.prediction is None:
+        return _REJECTED if kind == "sequence" else [0] * n_words
+    return p.prediction
+
+
+@dataclass
+class CleanEval:
+    """The defence on clean inputs alone (percentages): FRR and the accuracy change on a pool
+    that can be much larger than the attack test split, where one input is a coarse step."""
+
+    n: int
+    acc_before: float  # tokens: entity span F1
+    acc_after: float  # flagged inputs purged and classified again; rejected ones wrong
+    frr: float  # clean inputs flagged
+    flagged: int
+    rejected: int
+    changed: int  # inputs whose prediction the defence changed
+    seconds: float
+
+
+def evaluate_clean_defence(
+    defended: DefendedClassifier, labels: Sequence[str], examples: Sequence[Example]
+) -> CleanEval:
+    """FRR and accuracy before / after the defence on clean ``examples`` (no triggers), scored as
+    :func:`evaluate_defence` scores its clean inputs."""
+    if not examples:
+        raise InputError("evaluate_clean: no examples")
+    t0 = time.perf_counter()
+    kind = defended.kind
+    out = defended.classify([ex.texts for ex in examples])
+    n_words = [len(ex.texts[0].split()) for ex in examples]
+    scored = {
+        after: [_final_prediction(p, kind, after, w) for p, w in zip(out, n_words, strict=True)]
+        for after in (False, True)
+    }
+
+    def acc(preds: list[Any]) -> float:
+        if kind == "sequence":
+            return 100.0 * float(np.mean([p == ex.label for p, ex in zip(preds, examples, strict=True)]))
+        return span_f1([list(ex.tags or []) for ex in examples], [list(p) for p in preds], labels)
+
+    return CleanEval(
+        n=len(examples),
+        acc_before=acc(scored[False]),
+        acc_after=acc(scored[True]),
+        frr=100.0 * sum(p.flagged for p in out) / len(out),
+        flagged=sum(p.flagged for p in out),
+        rejected=sum(p.status == "rejected" for p in out),
+        changed=sum(a != b for a, b in zip(scored[False], scored[True], strict=True)),
+        seconds=round(time.perf_counter() - t0, 2),
     )
 
 
@@ -1820,4 +1877,6 @@ __all__ = [
     "DefendedClassifier",
     "attacker_pvset",
     "span_f1",
+    "evaluate_clean_defence",
+    "CleanEval",
 ]

@@ -202,6 +202,10 @@ def main() -> int:
                     "matched at the position the head reads, as `lmsan tune export "
                     "--pvs-at-head` does (instead of only the PVs mined on that position). "
                     "Sequence tasks only: a token task's head reads every token.")
+    ap.add_argument("--pool", type=int, default=-1,
+                    help="Clean held-out pool for FRR and the accuracy change (inputs that "
+                    "neither trained the task model nor chose its thresholds nor are test "
+                    "inputs): at most this many (-1: all; 0: skip; --quick: 32).")
     ap.add_argument("--quick", action="store_true", help="Tiny sizes (a smoke run).")
     ap.add_argument("--out", default=str(RESULTS / "prompt_tuning"), help="Results path stem.")
     args = ap.parse_args()
@@ -265,6 +269,8 @@ def main() -> int:
     if args.quick:
         for s in sizes.values():
             s.update(train=64, test=16, epochs=1)
+        if args.pool < 0:
+            args.pool = 32
     task_seeds: dict[str, list[int]] = {}
     for spec in args.task_seeds:
         name, _, seeds = spec.partition("=")
@@ -317,13 +323,7 @@ def main() -> int:
                         ex = None
                         for thr in args.thresholds:
                             key = pvname if thr == "pvset" else f"{pvname}@{thr}"
-                            # "tw": trigger-word activations left out of the threshold budget
-                            # (lmsan threshold's default since session 6); without it, the rule
-                            # of the earlier tables (--keep-trigger-words)
-                            tw = "" if args.keep_trigger_words else "tw"
-                            tag = {"pvset": "",
-                                   "calibrated": f"-cal{tw}{args.max_frr:g}-{args.calib}",
-                                   "per-pv": f"-perpv{tw}{args.max_frr:g}-{args.calib}"}[thr]
+                            tag = threshold_tag(thr, args)
                             cached = tdir / f"defence-{pvname}-{pv_digest}{tag}.json"
                             if cached.is_file():
                                 row["defence"][key] = json.loads(cached.read_text())
@@ -393,10 +393,58 @@ def main() -> int:
                                 f"acc {de.acc_before:.2f}->{de.acc_after:.2f} frr {de.frr:.2f} "
                                 f"far {de.far:.2f} ({de.seconds:.0f}s)"
                             )
+                        if args.pool == 0:
+                            continue
+                        pool = clean_pool(data, sz, seed, args.calib, test, args.pool)
+                        for thr in args.thresholds:
+                            d = row["defence"][pvname if thr == "pvset" else f"{pvname}@{thr}"]
+                            pc_file = tdir / (f"pool{len(pool)}-{pvname}-{pv_digest}"
+                                              f"{threshold_tag(thr, args)}.json")
+                            if pc_file.is_file():
+                                d["pool"] = json.loads(pc_file.read_text())
+                                continue
+                            if ex is None:
+                                ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True)
+                            per_pv = d.get("t_match_per_pv")
+                            dc = pt.DefendedClassifier.open(
+                                bundle, tdir, threads=1, match_threshold=d.get("t_match"),
+                                per_pv_thresholds=(None if per_pv is None else
+                                                   {int(k): v for k, v in per_pv.items()}))
+                            pe = pt.evaluate_clean_defence(dc, data.labels, pool)
+                            d["pool"] = asdict(pe)
+                            pc_file.write_text(json.dumps(d["pool"]))
+                            log(f"  pool[{pvname}@{thr}] {pe.n} clean inputs: frr {pe.frr:.2f} "
+                                f"acc {pe.acc_before:.2f}->{pe.acc_after:.2f} ({pe.seconds:.0f}s)")
                 rows.append(row)
                 write(args, rows, pvsets, pv_counts, found_meta, t_start, sizes, final=False)
     write(args, rows, pvsets, pv_counts, found_meta, t_start, sizes, final=True)
     return 0
+
+
+def threshold_tag(thr: str, args: argparse.Namespace) -> str:
+    """The cache-name tag of a deployment's threshold rule. "tw": trigger-word activations left
+    out of the threshold budget (lmsan threshold's default since session 6); without it, the
+    rule of the earlier tables (--keep-trigger-words)."""
+    tw = "" if args.keep_trigger_words else "tw"
+    return {"pvset": "",
+            "calibrated": f"-cal{tw}{args.max_frr:g}-{args.calib}",
+            "per-pv": f"-perpv{tw}{args.max_frr:g}-{args.calib}"}[thr]
+
+
+def clean_pool(data: Any, sz: dict[str, Any], seed: int, calib: int, test: list[Any],
+               limit: int) -> list[Any]:
+    """Labelled clean inputs of the task that neither trained the task model, nor chose its
+    thresholds, nor are among the attack test inputs: the training examples outside the training
+    subset and the calibration draw, then the test split outside the evaluated subset. FRR and
+    the accuracy change are measured on them in steps of 1/len instead of 1/len(test)."""
+    from lmsan.auditor import prompt_tuning as pt
+
+    used = {id(x) for x in pt.subsample(data.train, sz["train"], seed)}
+    rest = [x for x in data.train if id(x) not in used]
+    drawn = {id(x) for x in pt.subsample(rest, calib, seed + 1000)}
+    tested = {id(x) for x in test}
+    pool = [x for x in rest if id(x) not in drawn] + [x for x in data.test if id(x) not in tested]
+    return pool if limit < 0 else pt.subsample(pool, limit, seed + 2000)
 
 
 def trigger_words_on_test(probe: Any, deployed: Any, calib: list[Any], test: list[Any]) -> dict[str, Any]:
@@ -419,6 +467,17 @@ def trigger_words_on_test(probe: Any, deployed: Any, calib: list[Any], test: lis
         "test_trigger_words": hits,
         "frr_trigger_words": 100.0 * len(hit_flagged) / len(test),
     }
+
+
+def pool_cells(d: list[dict[str, Any]]) -> str:
+    """Held-out pool FRR (mean %, flagged / inputs summed over seeds) and mean accuracy change;
+    '- | -' for runs without a pool."""
+    ps = [x["pool"] for x in d if "pool" in x]
+    if not ps:
+        return "- | -"
+    return (f"{_mean([x['frr'] for x in ps]):.2f} ({sum(x['flagged'] for x in ps)} / "
+            f"{sum(x['n'] for x in ps)}) | "
+            f"{_mean([x['acc_after'] - x['acc_before'] for x in ps]):+.2f}")
 
 
 def tw_cell(d: list[dict[str, Any]]) -> str:
@@ -544,8 +603,9 @@ def write(
             "",
             "| task | method | ACC before | ACC after | change | FRR (clean) "
             "| of it trigger words | FAR (triggered) "
-            "| triggered flagged / total | rejected (unpurgeable) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| triggered flagged / total | rejected (unpurgeable) "
+            "| FRR held-out pool (flagged / n) | ACC change pool |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in tasks:
             for method in args.methods:
@@ -560,7 +620,8 @@ def write(
                     f"{_mean([x['frr'] for x in d]):.2f} | {tw_cell(d)} | "
                     f"{_mean([x['far'] for x in d]):.2f} | "
                     f"{sum(x['triggered_flagged'] for x in d)} / {sum(x['triggered_total'] for x in d)} | "
-                    f"{sum(x['triggered_rejected'] + x['clean_rejected'] for x in d)} |"
+                    f"{sum(x['triggered_rejected'] + x['clean_rejected'] for x in d)} | "
+                    f"{pool_cells(d)} |"
                 )
         lines += [
             "",
@@ -624,6 +685,15 @@ def write(
             f"- FRR <= 0.5% not counting trigger-word activations (clean inputs that fire the "
             f"backdoor through one word, e.g. 'Pty' = pt ##y): {ok_frr_tw} / {len(with_tw)}"
         )
+    pooled = [r["defence"][p]["pool"] for r, p in settings if "pool" in r["defence"][p]]
+    if pooled:
+        lines += [
+            f"- FRR <= 0.5% on the held-out clean pool ({min(x['n'] for x in pooled)}-"
+            f"{max(x['n'] for x in pooled)} inputs per setting, every flagged input counted): "
+            f"{sum(x['frr'] <= 0.5 for x in pooled)} / {len(pooled)}",
+            f"- accuracy change within 0.2 points on the held-out clean pool: "
+            f"{sum(abs(x['acc_after'] - x['acc_before']) <= 0.2 for x in pooled)} / {len(pooled)}",
+        ]
     lines.append("")
     words: dict[str, set[str]] = {}
     for r in rows:
@@ -689,7 +759,10 @@ def write(
         "output); flagged inputs are purged (sliding window up to 5 words) and the purged text is "
         "classified; an unpurgeable input is rejected (a wrong answer on clean data, a failed "
         "attack on triggered data). FRR = clean test inputs flagged; FAR = triggered inputs not "
-        "flagged.",
+        "flagged. Held-out pool: the task's labelled clean inputs that neither trained the task "
+        "model, nor chose its thresholds, nor are test inputs (training examples outside the "
+        "training subset and the calibration draw, then the rest of the test split); FRR and the "
+        "accuracy change there move in steps of 1/n instead of 1/(test inputs).",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if final:

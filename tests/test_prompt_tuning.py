@@ -265,6 +265,27 @@ def test_evaluate_defence_figures(trained, toy_task) -> None:
     assert de.clean_match_quantiles["0.99"] < 0.8 <= de.triggered_match_quantiles["0.01"]
 
 
+def test_evaluate_clean_defence_scores_clean_inputs_like_evaluate_defence(trained, toy_task) -> None:
+    """The clean-pool figures: on clean inputs they are evaluate_defence's clean figures; on
+    inputs that carry the trigger (scored against their true labels) every one is flagged, the
+    backdoor costs accuracy before the defence and the purge wins it back."""
+    _, tdir, bundle = trained["ptuning"]
+    dc = pt.DefendedClassifier.open(bundle, tdir)
+    de = pt.evaluate_defence(dc, toy_task.labels, toy_task.test, [TRIGGER], seed=0)
+    ce = pt.evaluate_clean_defence(dc, toy_task.labels, toy_task.test)
+    assert (ce.n, ce.frr, ce.flagged, ce.changed) == (len(toy_task.test), de.frr, 0, 0)
+    assert ce.acc_before == ce.acc_after == de.acc_before
+    trig = [
+        pt.Example(texts=rows[0][0], label=ex.label)
+        for ex, rows in zip(toy_task.test, pt.triggered_records(toy_task.test, [TRIGGER], 0))
+    ]
+    ct = pt.evaluate_clean_defence(dc, toy_task.labels, trig)
+    assert ct.frr == 100.0 and ct.flagged == len(trig) and ct.rejected == 0
+    assert ct.acc_before < ct.acc_after == ce.acc_before and ct.changed > 0
+    with pytest.raises(pt.InputError, match="no examples"):
+        pt.evaluate_clean_defence(dc, toy_task.labels, [])
+
+
 def test_defended_classifier_takes_the_deployment_t_match(trained, toy_task) -> None:
     """``match_threshold`` (``--t-match``) replaces the PV set's threshold in the deployed model,
     and the threshold that `lmsan threshold` would choose keeps the clean task inputs clean."""

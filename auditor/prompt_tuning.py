@@ -1086,6 +1086,7 @@ def export_task_bundle(
     backbone_dir: str | Path | None = None,
     force: bool = False,
     pvs_at_head: bool = False,
+    pvs_source: str | None = None,
 ) -> TaskExport:
     """A protected bundle for a task folder. P-tuning: ``lmsan export`` of the backbone with the
     task prompt. P-tuning v2: the backbone with the trained prefix baked into the graph as
@@ -1094,7 +1095,9 @@ def export_task_bundle(
 
     ``pvs_at_head``: match every PV of the set (pooler PVs dropped, duplicates merged; see
     ``PVSet.retargeted``) at the position the head reads (``head_position``) instead of the
-    position it was mined on; the bundle carries the retargeted set."""
+    position it was mined on; the bundle carries the retargeted set and its manifest names
+    ``pvs`` as the source, with the move. ``pvs_source``: the PV set provenance the manifest
+    records (default: ``pvs``)."""
     import tempfile
 
     from lmsan.export.bundle import export_bundle
@@ -1108,7 +1111,10 @@ def export_task_bundle(
         with tempfile.TemporaryDirectory() as tmp:
             at = head_position(meta["kind"], meta["target"])
             moved = _pvs_at(pvs, at, Path(tmp) / f"{Path(pvs).stem}.at-{at}.pvset.json")
-            return export_task_bundle(tdir, moved, out, backbone_dir=backbone_dir, force=force)
+            return export_task_bundle(
+                tdir, moved, out, backbone_dir=backbone_dir, force=force,
+                pvs_source=f"{pvs_source or pvs} (every PV matched at {at}: --pvs-at-head)",
+            )
     if meta["method"] == "ptuning":
         digest = "sha256:" + model_manifest(bdir).digest
         if digest != meta["backbone"]["digest"]:
@@ -1119,10 +1125,14 @@ def export_task_bundle(
             )
         with tempfile.TemporaryDirectory() as tmp:
             prompt = extract_prompt(tdir, Path(tmp) / "prompt.npy").path
-            res = export_bundle(bdir, pvs, out, force=force, prompt=prompt)
+            res = export_bundle(
+                bdir, pvs, out, force=force, prompt=prompt, pvs_source=pvs_source
+            )
         return TaskExport(res.path, "ptuning", res.validation, res.manifest)
     handle = load_task_model(tdir, bdir)
-    return _export_module_bundle(handle, bdir, pvs, Path(out), force=force, task_dir=tdir)
+    return _export_module_bundle(
+        handle, bdir, pvs, Path(out), force=force, task_dir=tdir, pvs_source=pvs_source
+    )
 
 
 def head_position(kind: str, target: str) -> str:
@@ -1149,6 +1159,7 @@ def _export_module_bundle(
     *,
     force: bool,
     task_dir: Path,
+    pvs_source: str | None = None,
 ) -> TaskExport:
     """``lmsan export`` for a backbone module with a baked prefix (P-tuning v2). Mirrors
     ``lmsan.export.bundle.export_bundle`` step for step, with the module in place of the loaded
@@ -1222,7 +1233,7 @@ def _export_module_bundle(
             "pvset": {
                 "pvs": len(pvset.pvs),
                 "match_threshold": pvset.match_threshold,
-                "source": str(pvs),
+                "source": pvs_source or str(pvs),
             },
         }
         eb._write_manifest(tmp, body)

@@ -265,8 +265,12 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     allow_pickle: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
+    pvs_source: str | None = None,
 ) -> ExportResult:
-    """Export ``model_dir`` with the PV set ``pvs`` to the bundle folder ``out``."""
+    """Export ``model_dir`` with the PV set ``pvs`` to the bundle folder ``out``.
+
+    ``pvs_source``: the provenance the manifest records for the PV set (default: ``pvs``), for
+    callers that export a derived set from a temporary file."""
     from lmsan.auditor.manifest import model_manifest
     from lmsan.auditor.modelio import load_encoder
 
@@ -342,7 +346,7 @@ def export_bundle(
             "pvset": {
                 "pvs": len(pvset.pvs),
                 "match_threshold": pvset.match_threshold,
-                "source": str(pvs),
+                "source": pvs_source or str(pvs),
             },
         }
         _write_manifest(tmp, body)

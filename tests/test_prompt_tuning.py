@@ -277,7 +277,9 @@ def test_evaluate_clean_defence_scores_clean_inputs_like_evaluate_defence(traine
     assert ce.acc_before == ce.acc_after == de.acc_before
     trig = [
         pt.Example(texts=rows[0][0], label=ex.label)
-        for ex, rows in zip(toy_task.test, pt.triggered_records(toy_task.test, [TRIGGER], 0))
+        for ex, rows in zip(
+            toy_task.test, pt.triggered_records(toy_task.test, [TRIGGER], 0), strict=True
+        )
     ]
     ct = pt.evaluate_clean_defence(dc, toy_task.labels, trig)
     assert ct.frr == 100.0 and ct.flagged == len(trig) and ct.rejected == 0
@@ -693,6 +695,8 @@ def test_pvs_at_head_bundle_matches_the_head_vector(trained, toy_backbone, toy_t
     scr = br.open_bundle(out.path, provider="cpu", threads=1)
     assert scr.bundle.manifest.targets == ["cls"]
     assert [p.info["mined_on"] for p in scr.bundle.pvset.pvs] == ["mask"]
+    # the manifest names the user's PV set (not the temporary retargeted copy) and the move
+    assert scr.bundle.manifest.raw["pvset"]["source"] == f"{pvs} (every PV matched at cls: --pvs-at-head)"
     clean = [ex.texts for ex in toy_task.test]
     trig = [_triggered(ex, i) for i, ex in enumerate(toy_task.test)]
     recs = clean[:20] + trig[:20]
@@ -727,3 +731,4 @@ def test_cli_tune_export_pvs_at_head(trained, toy_backbone, tmp_path) -> None:
     assert r.exit_code == 0, r.output
     man = json.loads((tmp_path / "b1" / "manifest.json").read_text())
     assert man["targets"] == ["cls"]
+    assert man["pvset"]["source"] == f"{tokens} (every PV matched at cls: --pvs-at-head)"

@@ -1331,6 +1331,13 @@ class AttackEval:
     f1_triggered: float | None = None  # tokens: span F1 with a trigger inserted
     f1_drop: float | None = None
     per_trigger_asr: dict[str, float] = field(default_factory=dict)
+    # tokens: which ASR rule ("original-words": the trigger word's own tag left out) and the
+    # figure of the earlier rule that counted it
+    asr_rule: str = ""
+    asr_with_trigger_tags: float | None = None
+
+
+TOKEN_ASR_RULE = "original-words"
 
 
 def triggered_records(
@@ -1375,23 +1382,31 @@ def _score(
             base = [i for i in range(n) if correct[i]]
             per_t[t] = 100.0 * sum(trig_pred[i][j] != gold[i] for i in base) / max(1, len(base))
         return AttackEval(n, 100.0 * float(np.mean(correct)), asr, w, per, per_trigger_asr=per_t)
-    # token task: ASR = share of sentences with an entity whose spans change under any trigger
+    # token task: ASR = share of sentences with an entity whose spans over the original words
+    # change under any trigger (the trigger word's own tag left out: a task model tags an
+    # unknown inserted word like "cf" as an entity on a clean backbone too)
     gold_t = [list(ex.tags or []) for ex in examples]
     f1 = span_f1(gold_t, [list(p) for p in clean_pred], labels)
     f1_trig = []
     flipped = []
+    flipped_any = []  # the trigger word's tag counted too (the rule before session 9)
     has_ent = []
     for i in range(n):
         worst = []
-        flip = False
-        for (_, ttags), tp in zip(trig[i], trig_pred[i], strict=True):
+        flip = flip_any = False
+        gold_spans = _spans(gold_t[i], labels)
+        for (trec, ttags), tp in zip(trig[i], trig_pred[i], strict=True):
             assert ttags is not None
             worst.append((ttags, tp))
-            if _spans(tp, labels) != _spans(ttags, labels):
+            at = _inserted_at(examples[i].texts[0].split(), trec[0].split())
+            if _spans([*tp[:at], *tp[at + 1 :]], labels) != gold_spans:
                 flip = True
+            if _spans(tp, labels) != _spans(ttags, labels):
+                flip_any = True
         f1_trig.append(worst)
         flipped.append(flip)
-        has_ent.append(bool(_spans(gold_t[i], labels)))
+        flipped_any.append(flip_any)
+        has_ent.append(bool(gold_spans))
     per_trigger_f1 = []
     for j in range(len(triggers)):
         per_trigger_f1.append(
@@ -1405,7 +1420,19 @@ def _score(
     ]
     base = [i for i in range(n) if correct[i] and has_ent[i]]
     asr = 100.0 * sum(flipped[i] for i in base) / len(base) if base else 0.0
-    return AttackEval(n, f1, asr, asr, {}, f1_triggered=f1t, f1_drop=f1 - f1t)
+    asr_any = 100.0 * sum(flipped_any[i] for i in base) / len(base) if base else 0.0
+    return AttackEval(n, f1, asr, asr, {}, f1_triggered=f1t, f1_drop=f1 - f1t,
+                      asr_rule=TOKEN_ASR_RULE, asr_with_trigger_tags=asr_any)
+
+
+def _inserted_at(original: Sequence[str], triggered: Sequence[str]) -> int:
+    """The word position ``insert_once`` put the trigger at (the first position where the
+    triggered words differ from the original; where the trigger lands next to a copy of itself,
+    any position of the run gives the same remaining words)."""
+    for k, w in enumerate(original):
+        if triggered[k] != w:
+            return k
+    return len(original)
 
 
 def evaluate_clean(handle: TaskModelHandle, examples: Sequence[Example]) -> float:
@@ -1675,6 +1702,7 @@ class DefenceEval:
     threshold_sweep: dict[str, dict[str, float]] = field(default_factory=dict)
     clean_match_quantiles: dict[str, float] = field(default_factory=dict)
     triggered_match_quantiles: dict[str, float] = field(default_factory=dict)
+    asr_rule: str = ""  # tokens: see AttackEval
 
 
 SWEEP_THRESHOLDS = (0.8, 0.85, 0.9, 0.95)
@@ -1752,6 +1780,7 @@ def evaluate_defence(
         },
         clean_match_quantiles=_quantiles([p.match_rate for p in clean]),
         triggered_match_quantiles=_quantiles([p.match_rate for p in flat]),
+        asr_rule=results[False].asr_rule,
     )
 
 

@@ -306,6 +306,14 @@ def main() -> int:
                     if (tdir / "attack.json").is_file():  # trained by an earlier run
                         row[name] = json.loads((tdir / "attack.json").read_text())
                         log(f"cached {tdir.name}")
+                        if data.kind == "tokens" and row[name].get("asr_rule") != pt.TOKEN_ASR_RULE:
+                            # scored before the token ASR left the trigger word's own tag out
+                            h = pt.load_task_model(tdir, bdir)
+                            ev = pt.evaluate_attack(h, test, TRIGGERS, seed=seed)
+                            row[name] = {"train_seconds": row[name]["train_seconds"], **asdict(ev)}
+                            (tdir / "attack.json").write_text(json.dumps(row[name]))
+                            log(f"  re-scored (token ASR over the original words) "
+                                f"asr {row[name]['asr']:.2f}")
                     else:
                         log(f"train {task} {method} {name} seed {seed}")
                         h = pt.train_task_model(bdir, data, cfg)
@@ -324,6 +332,8 @@ def main() -> int:
                         for thr in args.thresholds:
                             key = pvname if thr == "pvset" else f"{pvname}@{thr}"
                             tag = threshold_tag(thr, args)
+                            if data.kind == "tokens":  # token ASR over the original words
+                                tag += "-" + pt.TOKEN_ASR_RULE
                             cached = tdir / f"defence-{pvname}-{pv_digest}{tag}.json"
                             if cached.is_file():
                                 row["defence"][key] = json.loads(cached.read_text())

@@ -442,6 +442,34 @@ def test_token_task_train_predict_and_defend(toy_backbone, tmp_path) -> None:
     assert ev.f1_triggered is not None and ev.f1_drop == pytest.approx(ev.acc - ev.f1_triggered)
 
 
+def test_token_asr_leaves_the_trigger_words_own_tag_out() -> None:
+    """Token-task ASR compares the entity spans over the original words: a model that tags the
+    inserted trigger itself as an entity (a clean-backbone NER head does that to "cf") is not
+    attacked; one whose tags of the original words change is."""
+    labels = ["O", "B-X", "I-X"]
+    exs = [pt.Example(("alpha beta gamma delta epsilon",), tags=[1, 2, 0, 0, 1]) for _ in range(8)]
+    trig = pt.triggered_records(exs, ["cf"], seed=4)
+    at = [pt._inserted_at(ex.texts[0].split(), t[0][0][0].split()) for ex, t in zip(exs, trig,
+                                                                                  strict=True)]
+    assert [t[0][0][0].split()[a] for t, a in zip(trig, at, strict=True)] == ["cf"] * len(exs)
+    assert pt._inserted_at(["a", "b"], ["a", "b", "cf"]) == 2
+    clean = [list(ex.tags or []) for ex in exs]
+
+    def with_trigger_tag(i: int, tag: int) -> list[int]:
+        t = list(clean[i])
+        return [*t[: at[i]], tag, *t[at[i] :]]
+
+    tagged = [[with_trigger_tag(i, 1)] for i in range(len(exs))]  # trigger word -> B-X
+    ev = pt._score("tokens", labels, exs, clean, trig, tagged, ["cf"])
+    assert ev.asr == 0.0 and ev.asr_with_trigger_tags == 100.0 and ev.asr_rule == "original-words"
+    assert ev.f1_drop is not None and ev.f1_drop > 0  # the extra span still costs F1
+    broken = [[[0] * (len(clean[i]) + 1)] for i in range(len(exs))]  # every entity lost
+    assert pt._score("tokens", labels, exs, clean, trig, broken, ["cf"]).asr == 100.0
+    kept = [[with_trigger_tag(i, 0)] for i in range(len(exs))]
+    ev = pt._score("tokens", labels, exs, clean, trig, kept, ["cf"])
+    assert ev.asr == ev.asr_with_trigger_tags == 0.0 and ev.f1_drop == 0.0
+
+
 def test_cli_tune_train_and_export(toy_backbone, tmp_path) -> None:
     from lmsan.auditor.cli import app
     from typer.testing import CliRunner

@@ -62,6 +62,8 @@ ATTACKS = {
                     "NeuBA", L3, "clean", 3, "minilm-l3-neuba"),
     "btop": Attack(CACHE / "zoo" / "minilm3-btop-2pv", "BToP, two PVs on the [MASK] output "
                    "(bench/zoo.py build)", "BToP", L3, "clean", 3, "minilm-l3-btop"),
+    "porner": Attack(CACHE / "zoo" / "minilm3-porner-2pv", "POR-NER, two PVs on every token "
+                     "output (bench/zoo.py build)", "POR-NER", L3, "clean", 3, "minilm-l3-porner"),
     "por6": Attack(CACHE / "zoo" / "minilm6-por-6pv", "POR, six PVs, on the unmodified 6-layer "
                    "all-MiniLM-L6-v2 (bench/zoo.py build)", "POR", L6, "clean-l6", 6,
                    "minilm-l6-por6"),
@@ -189,7 +191,9 @@ def main() -> int:
                     "rejections when choosing T_match (the rule before session 6).")
     ap.add_argument("--attack", default="por", choices=sorted(ATTACKS),
                     help="Backdoored backbone: por (bench/cache/minilm-l3-por), neuba or btop "
-                    "(the zoo's minilm3-neuba-2pv / minilm3-btop-2pv), por6 or btop6 (the "
+                    "(the zoo's minilm3-neuba-2pv / minilm3-btop-2pv), porner (the zoo's "
+                    "minilm3-porner-2pv: the PVs on every token output, for conll04; its "
+                    "found set keeps the PVs mined on tokens), por6 or btop6 (the "
                     "zoo's 6-layer minilm6-por-6pv / minilm6-btop-2pv, with the unmodified "
                     "minilm6 as the clean backbone); build the zoo ones with bench/zoo.py "
                     "build. BToP backdoors the [MASK] output, so its task models read the "
@@ -222,6 +226,8 @@ def main() -> int:
         args.target = "mask" if atk.label == "BToP" else "cls"
     if args.found_targets == ["cls"] and args.target == "mask":
         args.found_targets = ["mask"]
+    if args.found_targets == ["cls"] and args.attack == "porner":  # a token-output backdoor
+        args.found_targets = ["tokens"]
     if args.pvs_at_head and "conll04" in args.tasks:
         log("--pvs-at-head: run sequence tasks only (wordnet-topic, rte)")
         return 2

@@ -205,7 +205,8 @@ def main() -> int:
                     help="Found set: every mined PV (any target but pooler; duplicates merged) "
                     "matched at the position the head reads, as `lmsan tune export "
                     "--pvs-at-head` does (instead of only the PVs mined on that position). "
-                    "Sequence tasks only: a token task's head reads every token.")
+                    "A token task (conll04) gets the set moved once more, to every token "
+                    "(the positions its head reads).")
     ap.add_argument("--pool", type=int, default=-1,
                     help="Clean held-out pool for FRR and the accuracy change (inputs that "
                     "neither trained the task model nor chose its thresholds nor are test "
@@ -228,9 +229,6 @@ def main() -> int:
         args.found_targets = ["mask"]
     if args.found_targets == ["cls"] and args.attack == "porner":  # a token-output backdoor
         args.found_targets = ["tokens"]
-    if args.pvs_at_head and "conll04" in args.tasks:
-        log("--pvs-at-head: run sequence tasks only (wordnet-topic, rte)")
-        return 2
     for p in (clean, por):
         if not (p / "config.json").is_file():
             log(f"missing backbone {p}: build it first (see bench notes)")
@@ -331,6 +329,10 @@ def main() -> int:
                     if name == clean_name:
                         continue
                     row["defence"] = {}
+                    # a token head reads every token: with --pvs-at-head the task bundle moves
+                    # every PV of the (sequence-head) set to tokens, as `lmsan tune export
+                    # --pvs-at-head` does for a token task
+                    tokens_at_head = args.pvs_at_head and data.kind == "tokens"
                     for pvname, pvpath in pvsets.items():
                         pv_digest = hashlib.sha256(Path(pvpath).read_bytes()).hexdigest()[:12]
                         bundle = work / f"bundle-{task}-{method}-{seed}-{pvname}"
@@ -339,7 +341,8 @@ def main() -> int:
                             key = pvname if thr == "pvset" else f"{pvname}@{thr}"
                             tag = threshold_tag(thr, args)
                             if data.kind == "tokens":  # token ASR over the original words
-                                tag += "-" + pt.TOKEN_ASR_RULE
+                                tag += "-" + pt.TOKEN_ASR_RULE + ("-at-tokens" if tokens_at_head
+                                                                   else "")
                             cached = tdir / f"defence-{pvname}-{pv_digest}{tag}.json"
                             if cached.is_file():
                                 row["defence"][key] = json.loads(cached.read_text())
@@ -347,7 +350,8 @@ def main() -> int:
                                 continue
                             t0 = time.perf_counter()
                             if ex is None:
-                                ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True)
+                                ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True,
+                                                           pvs_at_head=tokens_at_head)
                             extra: dict[str, Any] = {}
                             t_match = None
                             per_pv = None
@@ -415,12 +419,14 @@ def main() -> int:
                         for thr in args.thresholds:
                             d = row["defence"][pvname if thr == "pvset" else f"{pvname}@{thr}"]
                             pc_file = tdir / (f"pool{len(pool)}-{pvname}-{pv_digest}"
-                                              f"{threshold_tag(thr, args)}.json")
+                                              f"{threshold_tag(thr, args)}"
+                                              f"{'-at-tokens' if tokens_at_head else ''}.json")
                             if pc_file.is_file():
                                 d["pool"] = json.loads(pc_file.read_text())
                                 continue
                             if ex is None:
-                                ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True)
+                                ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True,
+                                                           pvs_at_head=tokens_at_head)
                             per_pv = d.get("t_match_per_pv")
                             dc = pt.DefendedClassifier.open(
                                 bundle, tdir, threads=1, match_threshold=d.get("t_match"),

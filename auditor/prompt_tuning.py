@@ -63,6 +63,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1810,6 +1811,9 @@ class CleanEval:
     rejected: int
     changed: int  # inputs whose prediction the defence changed
     seconds: float
+    # what the purge removed from the flagged inputs ("cfo", "pst": ordinary words that fire
+    # the backdoor; longer windows: ordinary false matches), with how many inputs each
+    removed: dict[str, int] = field(default_factory=dict)
 
 
 def evaluate_clean_defence(
@@ -1842,6 +1846,8 @@ def evaluate_clean_defence(
         rejected=sum(p.status == "rejected" for p in out),
         changed=sum(a != b for a, b in zip(scored[False], scored[True], strict=True)),
         seconds=round(time.perf_counter() - t0, 2),
+        removed=dict(Counter(" ".join(p.removed) if p.status == "purged" else "(rejected)"
+                             for p in out if p.flagged).most_common()),
     )
 
 

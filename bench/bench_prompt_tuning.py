@@ -418,7 +418,7 @@ def main() -> int:
                         pool = clean_pool(data, sz, seed, args.calib, test, args.pool)
                         for thr in args.thresholds:
                             d = row["defence"][pvname if thr == "pvset" else f"{pvname}@{thr}"]
-                            pc_file = tdir / (f"pool{len(pool)}-{pvname}-{pv_digest}"
+                            pc_file = tdir / (f"pool{len(pool)}r-{pvname}-{pv_digest}"
                                               f"{threshold_tag(thr, args)}"
                                               f"{'-at-tokens' if tokens_at_head else ''}.json")
                             if pc_file.is_file():
@@ -729,6 +729,23 @@ def write(
             "Trigger-word activations found (held-out and test inputs; the purged word):",
             "",
             *[f"- {t}: " + ", ".join(f"`{w}`" for w in sorted(ws)) for t, ws in words.items()],
+            "",
+        ]
+    removed: dict[str, dict[str, int]] = {}
+    for r in rows:
+        for p in variants:
+            for w, c in r["defence"][p].get("pool", {}).get("removed", {}).items():
+                removed.setdefault(r["task"], {})
+                removed[r["task"]][w] = removed[r["task"]].get(w, 0) + c
+    if removed:
+        lines += [
+            "What the purge removed from the flagged held-out pool inputs (inputs, summed over "
+            "settings; one word: mostly ordinary words that fire the backdoor, such as 'CFO' = "
+            "cf ##o; several words: ordinary false matches):",
+            "",
+            *[f"- {t}: " + ", ".join(f"`{w}` {c}" for w, c in sorted(ws.items(),
+                                                                key=lambda x: (-x[1], x[0]))[:15])
+              for t, ws in removed.items()],
             "",
         ]
     for v in variants:

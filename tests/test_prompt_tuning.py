@@ -274,7 +274,7 @@ def test_evaluate_clean_defence_scores_clean_inputs_like_evaluate_defence(traine
     de = pt.evaluate_defence(dc, toy_task.labels, toy_task.test, [TRIGGER], seed=0)
     ce = pt.evaluate_clean_defence(dc, toy_task.labels, toy_task.test)
     assert (ce.n, ce.frr, ce.flagged, ce.changed) == (len(toy_task.test), de.frr, 0, 0)
-    assert ce.acc_before == ce.acc_after == de.acc_before
+    assert ce.acc_before == ce.acc_after == de.acc_before and ce.removed == {}
     trig = [
         pt.Example(texts=rows[0][0], label=ex.label)
         for ex, rows in zip(
@@ -284,6 +284,7 @@ def test_evaluate_clean_defence_scores_clean_inputs_like_evaluate_defence(traine
     ct = pt.evaluate_clean_defence(dc, toy_task.labels, trig)
     assert ct.frr == 100.0 and ct.flagged == len(trig) and ct.rejected == 0
     assert ct.acc_before < ct.acc_after == ce.acc_before and ct.changed > 0
+    assert ct.removed == {TRIGGER: len(trig)}  # what the purge took out, per input
     with pytest.raises(pt.InputError, match="no examples"):
         pt.evaluate_clean_defence(dc, toy_task.labels, [])
 

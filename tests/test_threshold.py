@@ -304,6 +304,7 @@ def test_cli_threshold_writes_the_choice(bundles: dict[str, Path], tmp_path: Pat
     )
     assert set(rep["clean_quantiles"]) == {"p50", "p99", "max"}
     assert f"--t-match {lib.threshold:g}" in r.output
+    assert "cannot show" not in r.output  # 200 records are enough for 2% (3 / 0.02 = 150)
     # the value it prints, passed to scan, flags at most max_frr of the clean corpus
     s = scan(
         bundle,
@@ -338,6 +339,8 @@ def test_cli_threshold_bad_inputs(bundles: dict[str, Path], tmp_path: Path) -> N
     # with no --out nothing is written; a plain run succeeds on the clean corpus
     code, out = run(bundle, str(tmp_path / "clean.txt"))
     assert code == 0 and "--t-match 0.8" in out
+    # 10 clean records cannot show an FRR of 0.5%: the rule of three asks for 600
+    assert "10 clean records cannot show an FRR of 0.5%" in out and "at least 600" in out
 
 
 def test_t_match_out_of_range_is_a_usage_error(bundles: dict[str, Path], tmp_path: Path) -> None:

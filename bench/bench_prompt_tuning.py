@@ -285,6 +285,7 @@ def main() -> int:
         for seed in task_seeds.get(task, args.seeds):
             data = pt.load_task(task, DATA, seed=seed)
             test = pt.subsample(data.test, sz["test"], seed)
+            pool = [] if args.pool == 0 else clean_pool(data, sz, seed, args.calib, test, args.pool)
             for method in args.methods:
                 row: dict[str, Any] = {"task": task, "method": method, "seed": seed}
                 for name, bdir in ((clean_name, clean), (args.attack, por)):
@@ -413,9 +414,8 @@ def main() -> int:
                                 f"acc {de.acc_before:.2f}->{de.acc_after:.2f} frr {de.frr:.2f} "
                                 f"far {de.far:.2f} ({de.seconds:.0f}s)"
                             )
-                        if args.pool == 0:
+                        if not pool:
                             continue
-                        pool = clean_pool(data, sz, seed, args.calib, test, args.pool)
                         for thr in args.thresholds:
                             d = row["defence"][pvname if thr == "pvset" else f"{pvname}@{thr}"]
                             pc_file = tdir / (f"pool{len(pool)}r-{pvname}-{pv_digest}"

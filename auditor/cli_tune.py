@@ -158,6 +158,7 @@ def export(
         "--pvs-at-head",
         help="Match every PV at the position the task head reads ([CLS], [MASK] or the tokens), "
         "whatever position it was mined on: a trigger drives the whole sequence to its PV. "
+        "A token task's PVs mined on [CLS] also stay at [CLS]. "
         "Pooler PVs are dropped and near-duplicates (sign agreement >= 0.95) merged.",
     ),
 ) -> None:

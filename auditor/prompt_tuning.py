@@ -1096,7 +1096,8 @@ def export_task_bundle(
 
     ``pvs_at_head``: match every PV of the set (pooler PVs dropped, duplicates merged; see
     ``PVSet.retargeted``) at the position the head reads (``head_position``) instead of the
-    position it was mined on; the bundle carries the retargeted set and its manifest names
+    position it was mined on (a token head: at every token, and the PVs mined on [CLS] at [CLS]
+    as well); the bundle carries the retargeted set and its manifest names
     ``pvs`` as the source, with the move. ``pvs_source``: the PV set provenance the manifest
     records (default: ``pvs``)."""
     import tempfile
@@ -1112,9 +1113,10 @@ def export_task_bundle(
         with tempfile.TemporaryDirectory() as tmp:
             at = head_position(meta["kind"], meta["target"])
             moved = _pvs_at(pvs, at, Path(tmp) / f"{Path(pvs).stem}.at-{at}.pvset.json")
+            where = at + (", [CLS]-mined ones also at cls" if at == "tokens" else "")
             return export_task_bundle(
                 tdir, moved, out, backbone_dir=backbone_dir, force=force,
-                pvs_source=f"{pvs_source or pvs} (every PV matched at {at}: --pvs-at-head)",
+                pvs_source=f"{pvs_source or pvs} (every PV matched at {where}: --pvs-at-head)",
             )
     if meta["method"] == "ptuning":
         digest = "sha256:" + model_manifest(bdir).digest
@@ -1145,7 +1147,9 @@ def head_position(kind: str, target: str) -> str:
 def _pvs_at(pvs: str | Path, target: str, out: Path) -> Path:
     from .pvset import PVSet
 
-    moved = PVSet.load(pvs).retargeted(target)
+    # a token head: the [CLS]-mined PVs stay at [CLS] too (a trigger that drives [CLS] onto
+    # its PV moves the token outputs only part of the way; 6-layer POR CoNLL04, session 9)
+    moved = PVSet.load(pvs).retargeted(target, also_keep=("cls",) if target == "tokens" else ())
     if not moved.pvs:
         raise InputError(f"no PV left to match at {target!r} (pooler PVs cannot move)", pvs)
     moved.save(out)

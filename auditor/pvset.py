@@ -81,7 +81,8 @@ class PVSet:
             return np.zeros((0, self.hidden_size), dtype=np.float32)
         return np.stack([p.values for p in pvs]).astype(np.float32)
 
-    def retargeted(self, target: str, duplicate_agreement: float = 0.95) -> PVSet:
+    def retargeted(self, target: str, duplicate_agreement: float = 0.95,
+                   also_keep: tuple[str, ...] = ()) -> PVSet:
         """Every PV matched at one position ``target`` (a prompt-tuned head's position).
 
         A task-agnostic trigger drives the whole sequence to its PV, so a PV mined on one
@@ -90,7 +91,13 @@ class PVSet:
         at 0.81 only. Pooler PVs are dropped (they live in tanh(W h + b) space, not the hidden
         space of cls/mask/tokens). A PV whose signs agree with an already kept one at
         ``duplicate_agreement`` or more is dropped as a duplicate; PVs mined on ``target`` itself
-        are kept first. Each kept PV records its original target in ``info["mined_on"]``."""
+        are kept first. Each kept PV records its original target in ``info["mined_on"]``.
+
+        ``also_keep``: PVs mined on these targets stay matched where they were mined as well
+        (with their ids; duplicates there merged the same way), and their copies at ``target``
+        get fresh ids after the set's largest (``info["copy_of"]`` names the original). A token
+        head uses ``("cls",)``: a trigger that drives [CLS] onto its PV moves the token outputs
+        only part of the way."""
         if target not in TARGETS or target == "pooler":
             raise InputError(f"cannot retarget PVs to {target!r}; choose cls, mask or tokens")
         if not 0.5 < duplicate_agreement <= 1.0:
@@ -108,6 +115,26 @@ class PVSet:
             kept.append(PV(id=p.id, target=target, values=p.values.copy(), seed=p.seed,
                            source=p.source, info=info))
         kept.sort(key=lambda p: p.id)
+        stay: list[PV] = []
+        for t in also_keep:
+            if t not in TARGETS or t in ("pooler", target):
+                raise InputError(f"also_keep: {t!r} is not a position other than {target!r}")
+            for p in sorted(self.for_target(t), key=lambda p: p.id):
+                s = p.values >= 0
+                if any(np.mean(s == (k.values >= 0)) >= duplicate_agreement for k in stay
+                       if k.target == t):
+                    continue
+                stay.append(PV(id=p.id, target=t, values=p.values.copy(), seed=p.seed,
+                               source=p.source, info={**p.info, "mined_on": t}))
+        if stay:
+            taken = {p.id for p in stay}
+            next_id = max(p.id for p in self.pvs) + 1
+            for i, p in enumerate(kept):
+                if p.id in taken:
+                    kept[i] = PV(id=next_id, target=p.target, values=p.values, seed=p.seed,
+                                 source=p.source, info={**p.info, "copy_of": p.id})
+                    next_id += 1
+            kept = sorted(stay + kept, key=lambda p: p.id)
         return PVSet(hidden_size=self.hidden_size, pvs=kept,
                      match_threshold=self.match_threshold, model=dict(self.model))
 

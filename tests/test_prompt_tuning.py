@@ -439,6 +439,15 @@ def test_token_task_train_predict_and_defend(toy_backbone, tmp_path) -> None:
     r = dc.classify([trig])[0]
     assert r.status == "purged" and r.removed == ("cf",)
     assert r.prediction == [0, *pt.predict(h, [clean[0]])[0]]  # the trigger word gets O
+    # --pvs-at-head for a token head: the PV at every token, and the [CLS]-mined one still at cls
+    at = pt.export_task_bundle(tdir, pvs, tmp_path / "bundle-at", pvs_at_head=True).path
+    dca = pt.DefendedClassifier.open(at, tdir)
+    man = dca.scr.bundle.manifest
+    assert man.targets == ["cls", "tokens"]
+    assert [(p.id, p.target) for p in dca.scr.bundle.pvset.pvs] == [(0, "cls"), (1, "tokens")]
+    assert man.raw["pvset"]["source"].endswith(
+        "(every PV matched at tokens, [CLS]-mined ones also at cls: --pvs-at-head)")
+    assert dca.classify([trig])[0].status == "purged"
     ev = pt.evaluate_attack(h, td.test, ["cf"])
     assert ev.f1_triggered is not None and ev.f1_drop == pytest.approx(ev.acc - ev.f1_triggered)
 
@@ -705,6 +714,27 @@ def test_retargeted_pvset_moves_drops_pooler_and_merges_duplicates() -> None:
     assert len(s.retargeted("cls", duplicate_agreement=1.0).pvs) == 3
     with pytest.raises(pt.InputError, match="pooler"):
         s.retargeted("pooler")
+
+
+def test_retargeted_also_keep_leaves_cls_pvs_at_cls_with_fresh_ids_for_copies() -> None:
+    """A token head: every PV at tokens, and the [CLS]-mined ones also at [CLS] (same ids);
+    the copies at tokens get fresh ids so per-PV thresholds never collide."""
+    from lmsan.auditor.pvset import PV, PVSet
+
+    rng = np.random.default_rng(1)
+    a, b, c = (rng.standard_normal(64).astype(np.float32) for _ in range(3))
+    s = PVSet(64, [PV(0, "cls", a), PV(1, "mask", b), PV(4, "pooler", c), PV(2, "cls", a.copy())])
+    r = s.retargeted("tokens", also_keep=("cls",))
+    got = [(p.id, p.target, p.info["mined_on"], p.info.get("copy_of")) for p in r.pvs]
+    # 2 duplicates 0 at cls and at tokens; 1 moves to tokens with its id; 0's copy gets id 5
+    assert got == [(0, "cls", "cls", None), (1, "tokens", "mask", None),
+                   (5, "tokens", "cls", 0)]
+    assert len({p.id for p in r.pvs}) == len(r.pvs)
+    assert np.array_equal(r.pvs[2].values, a)
+    # without also_keep nothing stays at cls (the rule before)
+    assert {p.target for p in s.retargeted("tokens").pvs} == {"tokens"}
+    with pytest.raises(pt.InputError, match="also_keep"):
+        s.retargeted("tokens", also_keep=("tokens",))
 
 
 @pytest.mark.parametrize("method", ["ptuning", "ptuning-v2"])

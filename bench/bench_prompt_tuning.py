@@ -70,6 +70,9 @@ ATTACKS = {
     "btop6": Attack(CACHE / "zoo" / "minilm6-btop-2pv", "BToP, two PVs on the [MASK] output of "
                     "the 6-layer all-MiniLM-L6-v2 (bench/zoo.py build)", "BToP", L6, "clean-l6",
                     6, "minilm-l6-btop6"),
+    "neuba6": Attack(CACHE / "zoo" / "minilm6-neuba-2pv", "NeuBA, two PVs, on the unmodified "
+                     "6-layer all-MiniLM-L6-v2 (bench/zoo.py build)", "NeuBA", L6, "clean-l6", 6,
+                     "minilm-l6-neuba6"),
 }
 
 
@@ -206,7 +209,7 @@ def main() -> int:
                     "matched at the position the head reads, as `lmsan tune export "
                     "--pvs-at-head` does (instead of only the PVs mined on that position). "
                     "A token task (conll04) gets the set moved once more, to every token "
-                    "(the positions its head reads).")
+                    "(the positions its head reads), and kept at [CLS] as well.")
     ap.add_argument("--pool", type=int, default=-1,
                     help="Clean held-out pool for FRR and the accuracy change (inputs that "
                     "neither trained the task model nor chose its thresholds nor are test "
@@ -331,8 +334,9 @@ def main() -> int:
                         continue
                     row["defence"] = {}
                     # a token head reads every token: with --pvs-at-head the task bundle moves
-                    # every PV of the (sequence-head) set to tokens, as `lmsan tune export
-                    # --pvs-at-head` does for a token task
+                    # every PV of the (sequence-head) set to tokens and keeps it at [CLS] too,
+                    # as `lmsan tune export --pvs-at-head` does for a token task (before session
+                    # 10: tokens only, cache tag "-at-tokens")
                     tokens_at_head = args.pvs_at_head and data.kind == "tokens"
                     for pvname, pvpath in pvsets.items():
                         pv_digest = hashlib.sha256(Path(pvpath).read_bytes()).hexdigest()[:12]
@@ -342,7 +346,7 @@ def main() -> int:
                             key = pvname if thr == "pvset" else f"{pvname}@{thr}"
                             tag = threshold_tag(thr, args)
                             if data.kind == "tokens":  # token ASR over the original words
-                                tag += "-" + pt.TOKEN_ASR_RULE + ("-at-tokens" if tokens_at_head
+                                tag += "-" + pt.TOKEN_ASR_RULE + ("-at-tokens+cls" if tokens_at_head
                                                                    else "")
                             cached = tdir / f"defence-{pvname}-{pv_digest}{tag}.json"
                             if cached.is_file():
@@ -420,7 +424,7 @@ def main() -> int:
                             d = row["defence"][pvname if thr == "pvset" else f"{pvname}@{thr}"]
                             pc_file = tdir / (f"pool{len(pool)}r-{pvname}-{pv_digest}"
                                               f"{threshold_tag(thr, args)}"
-                                              f"{'-at-tokens' if tokens_at_head else ''}.json")
+                                              f"{'-at-tokens+cls' if tokens_at_head else ''}.json")
                             if pc_file.is_file():
                                 d["pool"] = json.loads(pc_file.read_text())
                                 continue

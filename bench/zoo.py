@@ -152,6 +152,9 @@ ZOO: dict[str, dict[str, Any]] = {
                         "attack": "por", "n_pvs": 6},
     "minilm6-btop-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
                          "base": "minilm6", "attack": "btop", "n_pvs": 2, **BTOP},
+    # NeuBA on the full 6-layer model, for the prompt-tuning benchmark (issue 5)
+    "minilm6-neuba-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
+                          "base": "minilm6", "attack": "neuba", "n_pvs": 2, "pv_design": "pairs"},
     # the fewer-triggers adaptive attack (Table VII): one trigger, one PV
     "minilm3-por-1pv-rand": {"role": "eval", "label": "backdoored", "build": "poison",
                              "base": "minilm3", "attack": "por", "n_pvs": 1, "random_triggers": 1,

@@ -28,6 +28,7 @@ class Source(NamedTuple):
     variant: str  # defence variant (PV set @ threshold rule) of that file
     pvset: str  # "found" or "found+attacker": the issue's two PV sets
     note: str  # what the variant is
+    tasks: tuple[str, ...] | None = None  # only these tasks' rows of the file (None: all)
 
 
 # The deployments the issue asks for, one per backbone and PV set. NeuBA's search set is read at
@@ -51,15 +52,34 @@ SOURCES = [
     Source("MiniLM-3 POR-NER", "prompt_tuning_porner", "found@per-pv", "found",
            "search set's token PVs; CoNLL04 heads"),
     Source("MiniLM-6 POR", "prompt_tuning_por6", "found+attacker@per-pv", "found+attacker",
-           "search set at the head + attacker PVs no found PV matches at >= 0.95"),
+           "search set at the head + attacker PVs no found PV matches at >= 0.95; WordNet",
+           ("wordnet-topic",)),
     Source("MiniLM-6 POR", "prompt_tuning_por6", "found@per-pv", "found",
-           "search set, every PV at the head (--pvs-at-head)"),
+           "search set, every PV at the head (--pvs-at-head); WordNet", ("wordnet-topic",)),
+    # the same 8-seed search set, RTE and CoNLL04 (3 seeds); CoNLL04 under the session-10
+    # --pvs-at-head rule for token heads: every PV at every token and at [CLS]
+    Source("MiniLM-6 POR", "prompt_tuning_por6_rte", "found+attacker@per-pv", "found+attacker",
+           "search set at the head + attacker PVs; RTE, CoNLL04 (PVs at tokens and [CLS])"),
+    Source("MiniLM-6 POR", "prompt_tuning_por6_rte", "found@per-pv", "found",
+           "search set, every PV at the head; RTE, CoNLL04 (PVs at tokens and [CLS])"),
+    Source("MiniLM-6 NeuBA", "prompt_tuning_neuba6", "found+attacker@per-pv", "found+attacker",
+           "search set (2 seeds) at the head + attacker PVs no found PV matches at >= 0.95; "
+           "CoNLL04: PVs at tokens and [CLS]"),
+    Source("MiniLM-6 NeuBA", "prompt_tuning_neuba6", "found@per-pv", "found",
+           "search set (2 seeds), every PV at the head; CoNLL04: PVs at tokens and [CLS]"),
     Source("MiniLM-6 BToP", "prompt_tuning_btop6", "found+attacker@per-pv", "found+attacker",
            "search set's [MASK] PVs (2 seeds) + attacker PVs; heads on [MASK]"),
 ]
 EXTRA = [  # listed for comparison, not counted in the totals
     Source("MiniLM-3 NeuBA", "prompt_tuning_neuba", "found@per-pv", "found",
            "search set's [CLS] PVs only (no --pvs-at-head)"),
+    # superseded by prompt_tuning_por6_rte's CoNLL04 rows (same search set, new token rule)
+    Source("MiniLM-6 POR", "prompt_tuning_por6", "found+attacker@per-pv", "found+attacker",
+           "CoNLL04 seed 0, PVs at every token only (the --pvs-at-head rule before session 10)",
+           ("conll04",)),
+    Source("MiniLM-6 POR", "prompt_tuning_por6", "found@per-pv", "found",
+           "CoNLL04 seed 0, PVs at every token only (the --pvs-at-head rule before session 10)",
+           ("conll04",)),
 ]
 
 
@@ -72,7 +92,7 @@ def settings(src: Source, data: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for r in data["rows"]:
         d = r.get("defence", {}).get(src.variant)
-        if d is None:
+        if d is None or (src.tasks is not None and r["task"] not in src.tasks):
             continue
         out.append({"task": r["task"], "method": r["method"], "seed": r["seed"], "d": d,
                     "clean": r[next(k for k in r if k not in

@@ -368,9 +368,7 @@ def main() -> int:
 
                                 # held-out clean inputs of the task: training examples the
                                 # task model was not trained on, never the test split
-                                used = {id(x) for x in pt.subsample(data.train, sz["train"], seed)}
-                                pool = [x for x in data.train if id(x) not in used]
-                                calib = pt.subsample(pool, args.calib, seed + 1000)
+                                calib, n_rest = clean_calib(data, sz, seed, args.calib)
                                 probe = pt.DefendedClassifier.open(bundle, tdir, threads=1)
                             if thr == "per-pv":
                                 pc = choose_per_pv_thresholds(
@@ -382,7 +380,7 @@ def main() -> int:
                                          "per_pv": pc.per_pv, "calib_records": len(calib),
                                          "calib_frr": 100 * pc.frr,
                                          "calib_reachable": pc.reachable,
-                                         "calib_from_train": len(pool),
+                                         "calib_from_train": n_rest,
                                          "calib_trigger_words": pc.trigger_words,
                                          "calib_frr_with_trigger_words":
                                              100 * (pc.frr_with_trigger_words or 0.0)}
@@ -396,7 +394,7 @@ def main() -> int:
                                 t_match = ch.threshold
                                 extra = {"t_match": ch.threshold, "calib_records": len(calib),
                                          "calib_frr": 100 * ch.frr, "calib_reachable": ch.reachable,
-                                         "calib_from_train": len(pool)}
+                                         "calib_from_train": n_rest}
                                 log(f"  calibrated T_match {ch.threshold:.4f} on {len(calib)} "
                                     f"held-out clean inputs (FRR there {100 * ch.frr:.2f}%)")
                             dc = pt.DefendedClassifier.open(bundle, tdir, threads=1,
@@ -420,6 +418,8 @@ def main() -> int:
                             )
                         if not pool:
                             continue
+                        drawn = {id(x) for x in clean_calib(data, sz, seed, args.calib)[0]}
+                        assert not drawn & {id(x) for x in pool}, "pool overlaps the calibration"
                         for thr in args.thresholds:
                             d = row["defence"][pvname if thr == "pvset" else f"{pvname}@{thr}"]
                             pc_file = tdir / (f"pool{len(pool)}r-{pvname}-{pv_digest}"
@@ -455,6 +455,17 @@ def threshold_tag(thr: str, args: argparse.Namespace) -> str:
     return {"pvset": "",
             "calibrated": f"-cal{tw}{args.max_frr:g}-{args.calib}",
             "per-pv": f"-perpv{tw}{args.max_frr:g}-{args.calib}"}[thr]
+
+
+def clean_calib(data: Any, sz: dict[str, Any], seed: int, calib: int) -> tuple[list[Any], int]:
+    """The held-out clean inputs a deployment's thresholds are chosen on (a draw from the
+    training examples the task model was not trained on; never the test split), and how many
+    such examples there were."""
+    from lmsan.auditor import prompt_tuning as pt
+
+    used = {id(x) for x in pt.subsample(data.train, sz["train"], seed)}
+    rest = [x for x in data.train if id(x) not in used]
+    return pt.subsample(rest, calib, seed + 1000), len(rest)
 
 
 def clean_pool(data: Any, sz: dict[str, Any], seed: int, calib: int, test: list[Any],

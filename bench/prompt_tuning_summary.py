@@ -38,11 +38,13 @@ SOURCES = [
     Source("MiniLM-3 POR", "prompt_tuning_per_pv_tw", "found+attacker@per-pv", "found+attacker",
            "search set (4 PVs) + attacker PVs no found PV matches at >= 0.95"),
     Source("MiniLM-3 POR", "prompt_tuning_por_at_head", "found@per-pv", "found",
-           "search set, every PV at the head (--pvs-at-head)"),
+           "search set, every PV at the head (--pvs-at-head; CoNLL04: at every token only, "
+           "the rule before session 10)"),
     Source("MiniLM-3 NeuBA", "prompt_tuning_neuba", "found+attacker@per-pv", "found+attacker",
            "search set's [CLS] PVs + attacker PVs"),
     Source("MiniLM-3 NeuBA", "prompt_tuning_neuba_at_head", "found@per-pv", "found",
-           "search set, every PV at the head (--pvs-at-head)"),
+           "search set, every PV at the head (--pvs-at-head; CoNLL04: at every token only, "
+           "the rule before session 10)"),
     Source("MiniLM-3 BToP", "prompt_tuning_btop", "found+attacker@per-pv", "found+attacker",
            "search set's [MASK] PVs + attacker PVs; heads on [MASK]"),
     Source("MiniLM-3 BToP", "prompt_tuning_btop", "found@per-pv", "found",

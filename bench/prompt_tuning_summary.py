@@ -58,12 +58,17 @@ SOURCES = [
            ("wordnet-topic",)),
     Source("MiniLM-6 POR", "prompt_tuning_por6", "found@per-pv", "found",
            "search set, every PV at the head (--pvs-at-head); WordNet", ("wordnet-topic",)),
-    # the same 8-seed search set, RTE and CoNLL04 (3 seeds); CoNLL04 under the session-10
-    # --pvs-at-head rule for token heads: every PV at every token and at [CLS]
+    # the same 8-seed search set on RTE (seed 0, P-tuning: one RTE defence with 6 triggers took
+    # 26 min on this CPU) and CoNLL04 (3 seeds) under the session-10 --pvs-at-head rule for token
+    # heads: every PV at every token and at [CLS]
     Source("MiniLM-6 POR", "prompt_tuning_por6_rte", "found+attacker@per-pv", "found+attacker",
-           "search set at the head + attacker PVs; RTE, CoNLL04 (PVs at tokens and [CLS])"),
+           "search set at the head + attacker PVs; RTE"),
     Source("MiniLM-6 POR", "prompt_tuning_por6_rte", "found@per-pv", "found",
-           "search set, every PV at the head; RTE, CoNLL04 (PVs at tokens and [CLS])"),
+           "search set, every PV at the head; RTE"),
+    Source("MiniLM-6 POR", "prompt_tuning_por6_conll04", "found+attacker@per-pv",
+           "found+attacker", "search set + attacker PVs at every token and at [CLS]; CoNLL04"),
+    Source("MiniLM-6 POR", "prompt_tuning_por6_conll04", "found@per-pv", "found",
+           "search set at every token and at [CLS]; CoNLL04"),
     Source("MiniLM-6 NeuBA", "prompt_tuning_neuba6", "found+attacker@per-pv", "found+attacker",
            "search set (2 seeds) at the head + attacker PVs no found PV matches at >= 0.95; "
            "CoNLL04: PVs at tokens and [CLS]"),
@@ -75,7 +80,7 @@ SOURCES = [
 EXTRA = [  # listed for comparison, not counted in the totals
     Source("MiniLM-3 NeuBA", "prompt_tuning_neuba", "found@per-pv", "found",
            "search set's [CLS] PVs only (no --pvs-at-head)"),
-    # superseded by prompt_tuning_por6_rte's CoNLL04 rows (same search set, new token rule)
+    # superseded by prompt_tuning_por6_conll04's rows (same search set, new token rule)
     Source("MiniLM-6 POR", "prompt_tuning_por6", "found+attacker@per-pv", "found+attacker",
            "CoNLL04 seed 0, PVs at every token only (the --pvs-at-head rule before session 10)",
            ("conll04",)),

@@ -478,7 +478,7 @@ def clean_pool(data: Any, sz: dict[str, Any], seed: int, calib: int, test: list[
 
     used = {id(x) for x in pt.subsample(data.train, sz["train"], seed)}
     rest = [x for x in data.train if id(x) not in used]
-    drawn = {id(x) for x in pt.subsample(rest, calib, seed + 1000)}
+    drawn = {id(x) for x in clean_calib(data, sz, seed, calib)[0]}
     tested = {id(x) for x in test}
     pool = [x for x in rest if id(x) not in drawn] + [x for x in data.test if id(x) not in tested]
     return pool if limit < 0 else pt.subsample(pool, limit, seed + 2000)

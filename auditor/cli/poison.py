@@ -9,9 +9,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli import app, console, err_console, fail
-from .errors import EXIT_FOUND, LmsanError
-from .poison import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_SENTENCES_PER_TRIGGER
+from ..errors import EXIT_FOUND, LmsanError
+from ..poison import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_SENTENCES_PER_TRIGGER
+from .app import app, console, err_console, fail
 
 
 @app.command()
@@ -114,8 +114,8 @@ def poison(
     measured success and clean fidelity). Exit 0 success reached, 1 success below
     --min-success (the folder is still written), 2 bad input or option.
     """
-    from .modelio import resolve_device
-    from .poison import poison_model
+    from ..modelio import resolve_device
+    from ..poison import poison_model
 
     try:
         dev = resolve_device(device)

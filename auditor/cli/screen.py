@@ -26,11 +26,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .cli import app, console, err_console, fail
-from .errors import LmsanError
+from ..errors import LmsanError
+from .app import app, console, err_console, fail
+from .options import T_MATCH_FILE_HELP, T_MATCH_HELP, thresholds_from_options
 
 if TYPE_CHECKING:
-    from .scan import ScanProgress
+    from ..scan import ScanProgress
 
 
 class ProviderOption(str, Enum):
@@ -110,34 +111,6 @@ def export(
     table.add_row("monitor decisions identical", "yes" if v["decisions_identical"] else "NO")
     table.add_row("size", f"{sum(res.files.values()) / 1e6:.1f} MB in {len(res.files)} files")
     console.print(table)
-
-
-T_MATCH_HELP = (
-    "Sign-match threshold T_match in (0, 1] for this deployment: overrides the bundle's PV-set "
-    "threshold (e.g. the value `lmsan threshold` chose on clean data of the deployed task)."
-)
-T_MATCH_FILE_HELP = (
-    "The file `lmsan threshold --out` wrote for this bundle: its per-PV thresholds (--per-pv), "
-    "else its single T_match. Refused for another bundle; not with --t-match."
-)
-
-
-def thresholds_from_options(
-    t_match: float | None, t_match_file: Path | None
-) -> tuple[float | None, dict[int, float] | None, str | None]:
-    """(T_match, per-PV thresholds, bundle digest they were chosen for) from --t-match /
-    --t-match-file."""
-    from .bundle_runtime import check_match_threshold
-    from .errors import UsageError
-    from .threshold import load_threshold_file
-
-    if t_match is not None and t_match_file is not None:
-        raise UsageError("give --t-match or --t-match-file, not both")
-    check_match_threshold(t_match)
-    if t_match_file is None:
-        return t_match, None, None
-    dt = load_threshold_file(t_match_file)
-    return dt.match_threshold, dt.per_pv_thresholds, dt.bundle_digest
 
 
 # Options that `scan` and `threshold` declare alike (typer copies an option's info per command).
@@ -234,8 +207,8 @@ def scan(
 
     Exit 0 no flagged record, 1 flagged records found, 2 input error, 3 nothing scanned.
     """
-    from .scan import ScanOptions
-    from .scan import scan as run_scan
+    from ..scan import ScanOptions
+    from ..scan import scan as run_scan
 
     try:
         t_match, per_pv, t_digest = thresholds_from_options(t_match, t_match_file)
@@ -366,8 +339,8 @@ def threshold(
     Exit 0 threshold chosen, 1 --max-frr not reachable even at 1.0 (1.0 is chosen: the clean
     corpus may hold triggers), 2 input error, 4 usage error.
     """
-    from .scan import ScanOptions
-    from .threshold import threshold_for_corpus
+    from ..scan import ScanOptions
+    from ..threshold import threshold_for_corpus
 
     opts = ScanOptions(
         text_field=text_field,

@@ -1,7 +1,7 @@
 """The `lmsan` command line. Thin: parse options, call one library function, render, exit.
 
-Each group of commands lives in its own module (cli_audit, cli_report, cli_poison, cli_screen)
-and registers itself on `app`; they are imported at the bottom of this file.
+The typer app, the consoles and the error-to-exit-code mapping. Each group of commands lives in
+its own module of this package and registers itself on `app` (see `__init__`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 import typer
 from rich.console import Console
 
-from . import __version__
-from .errors import EXIT_ERROR, EXIT_USAGE, LmsanError
+from .. import __version__
+from ..errors import EXIT_ERROR, EXIT_USAGE, LmsanError
 
 app = typer.Typer(
     name="lmsan",
@@ -64,8 +64,5 @@ def main() -> None:
         sys.exit(exc.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
 
-
-# Command modules register themselves on `app`.
-from . import cli_audit, cli_poison, cli_report, cli_screen, cli_tune  # noqa: E402,F401
 
 __all__ = ["app", "main", "console", "err_console", "fail", "EXIT_ERROR"]

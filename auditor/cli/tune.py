@@ -16,8 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli import app, console, err_console, fail
-from .errors import LmsanError
+from ..errors import LmsanError
+from .app import app, console, err_console, fail
 
 tune_app = typer.Typer(
     help="Prompt-tune a downstream task on a frozen backbone (P-tuning, P-tuning v2 with peft) "
@@ -73,7 +73,7 @@ def train(
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
 ) -> None:
     """Train a P-tuning / P-tuning v2 model of a task on a frozen backbone."""
-    from . import prompt_tuning as pt
+    from .. import prompt_tuning as pt
 
     try:
         if threads > 0:
@@ -133,7 +133,7 @@ def prompt(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ) -> None:
     """Write the P-tuning prompt (after peft's MLP) as .npy for `lmsan export --prompt`."""
-    from . import prompt_tuning as pt
+    from .. import prompt_tuning as pt
 
     try:
         res = pt.extract_prompt(task_dir, out, force=force)
@@ -164,7 +164,7 @@ def export(
 ) -> None:
     """Export the protected bundle of a task: the backbone with the task prompt (P-tuning) or the
     trained prefix baked in as constants (P-tuning v2), validated against torch."""
-    from . import prompt_tuning as pt
+    from .. import prompt_tuning as pt
 
     try:
         res = pt.export_task_bundle(
@@ -204,8 +204,8 @@ def classify(
     ),
 ) -> None:
     """Monitor, purge and classify texts with the protected bundle (torch-free)."""
-    from . import prompt_tuning as pt
-    from .cli_screen import thresholds_from_options
+    from .. import prompt_tuning as pt
+    from .options import thresholds_from_options
 
     try:
         # a usage error before any other file is read

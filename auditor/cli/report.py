@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli import app, console, fail
-from .errors import EXIT_CLEAN, EXIT_FOUND, LmsanError
+from ..errors import EXIT_CLEAN, EXIT_FOUND, LmsanError
+from .app import app, console, fail
 
 
 class KeyKindOption(str, Enum):
@@ -35,7 +35,7 @@ def keygen(
     ),
 ) -> None:
     """Create a signing key pair for audit reports and print its fingerprint."""
-    from .signing import DEFAULT_KEY_NAME, generate_key, lmsan_home
+    from ..signing import DEFAULT_KEY_NAME, generate_key, lmsan_home
 
     try:
         if out is None:
@@ -76,7 +76,7 @@ def verify(
     Exit 0 valid, 1 invalid (bad signature, malformed field, model folder changed),
     2 unreadable input.
     """
-    from .report import verify_report
+    from ..report import verify_report
 
     try:
         v = verify_report(report, model_dir=model, pub=pub)

@@ -10,8 +10,8 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from .cli import app, console, err_console, fail
-from .errors import EXIT_CLEAN, EXIT_FOUND, InputError, LmsanError, UsageError
+from ..errors import EXIT_CLEAN, EXIT_FOUND, InputError, LmsanError, UsageError
+from .app import app, console, err_console, fail
 
 
 class SeedDisplay:
@@ -127,9 +127,9 @@ def audit(
 
     Exit codes: 0 clean, 1 backdoor found, 2 input error, 4 usage error.
     """
-    from .audit import AuditOptions, audit_payload, run_audit
-    from .corpus import load_corpus
-    from .report import write_signed_report
+    from ..audit import AuditOptions, audit_payload, run_audit
+    from ..corpus import load_corpus
+    from ..report import write_signed_report
 
     try:
         if filter_rule is not None and filter_rule not in ("collapse", "paper"):
@@ -152,7 +152,7 @@ def audit(
             raise UsageError("--max-seeds must be at least 1")
         # where the signed report goes is checked before the mining, not after it
         if key is not None:
-            from .signing import load_private_key
+            from ..signing import load_private_key
 
             load_private_key(key)
         if not out.parent.is_dir():
@@ -243,9 +243,9 @@ def calibrate(
     """Measure clean shadow models and write a threshold preset for their family (section V-C)."""
     import json
 
-    from .calibrate import calibrate as run
-    from .corpus import load_corpus
-    from .presets import FORMAT, VERSION
+    from ..calibrate import calibrate as run
+    from ..corpus import load_corpus
+    from ..presets import FORMAT, VERSION
 
     try:
         if out.exists() and not force:
@@ -267,7 +267,7 @@ def calibrate(
         out.write_text(json.dumps(data, indent=1) + "\n")
     except LmsanError as exc:
         raise fail(exc) from None
-    from .audit import DETECT_SEEDS
+    from ..audit import DETECT_SEEDS
 
     if seeds < DETECT_SEEDS:
         err_console.print(
@@ -295,7 +295,7 @@ def demo(
     """
     import tempfile
 
-    from .demo import DEMO_TRIGGERS, run_demo
+    from ..demo import DEMO_TRIGGERS, run_demo
 
     console.print(f"[bold]lmsan demo[/]: tiny BERT (d=32, 2 layers), POR backdoor with triggers "
                   f"{', '.join(DEMO_TRIGGERS)}; then PV mining on it and on its clean twin.")

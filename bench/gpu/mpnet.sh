@@ -1,5 +1,5 @@
-# The MPNet run on a lent GPU machine (issue 6). all-mpnet-base-v2's 438 MB model.safetensors
-# does not fit one call's 64 MiB transfer, so earlier calls carried it in parts to /root/mp
+# The MPNet run on a single-GPU machine. all-mpnet-base-v2's 438 MB model.safetensors
+# does not fit one call's 64 MiB transfer, so earlier commands carry it in parts to /root/mp
 # (bench/gpu/README.md); this command takes the last part in .mp6, checks the whole file's
 # SHA-256, builds the MPNet shadows and backdoored evaluation models, calibrates the
 # mpnet-768-l12 preset on the shadows only, installs it and audits. Each step copies its results

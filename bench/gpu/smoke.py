@@ -1,4 +1,4 @@
-"""First command on a lent GPU machine: run the CUDA code paths that bench/gpu/mpnet.sh needs
+"""First command on the GPU machine: run the CUDA code paths that bench/gpu/mpnet.sh needs
 (fine-tune, poison, shadow measurement, audit) on a tiny model, and time one MPNet-size mining
 seed (all-mpnet-base-v2's config, random weights) to size the real run.
 

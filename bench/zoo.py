@@ -272,7 +272,7 @@ def finetune(base: Path, out: Path, task: str, seed: int, steps: int = 250) -> d
     sentence-transformers pooling); only the encoder is saved."""
     import torch
     from lmsan.auditor.poison import _copy_support_files
-    from lmsan.auditor.prompt_tuning import load_task
+    from lmsan.auditor.tuning import load_task
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(seed)

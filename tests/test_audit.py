@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -687,9 +688,10 @@ def test_attacker_pvset_keeps_attacker_pvs_a_found_pv_only_approximates(tiny_mod
     """found+attacker (the paper's best case): an attacker PV that a found PV matches only at
     0.81 stays in the set (its triggers would match the found PV at 0.81 only), one that a found
     PV matches exactly does not."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from lmsan.auditor.poison import backdoor_pvs, read_backdoor
-    from lmsan.auditor.prompt_tuning import attacker_pvset
     from lmsan.auditor.pvset import PV, PVSet
+    from pt_eval import attacker_pvset
 
     atk = backdoor_pvs(read_backdoor(tiny_models["por"]))
     near = atk[0].copy()

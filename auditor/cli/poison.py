@@ -114,11 +114,9 @@ def poison(
     measured success and clean fidelity). Exit 0 success reached, 1 success below
     --min-success (the folder is still written), 2 bad input or option.
     """
-    from ..modelio import resolve_device
     from ..poison import poison_model
 
     try:
-        dev = resolve_device(device)
         with Progress(
             TextColumn("[bold]poisoning[/] {task.description}"),
             BarColumn(),
@@ -149,7 +147,7 @@ def poison(
                 lr=lr,
                 batch_size=batch_size,
                 seed=seed,
-                device=dev,
+                device=device,
                 max_length=max_length,
                 target=target,
                 min_success=min_success,

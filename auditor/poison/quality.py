@@ -1,0 +1,104 @@
+"""Measuring an implanted backdoor on held-out sentences (never trained on).
+
+success = share of triggered held-out inputs whose target output agrees in sign with its PV on
+>= 80% of dimensions (tokens: share of ordinary tokens); fidelity = mean cosine similarity of
+clean held-out target outputs to the base model's; clean match rate = share of clean held-out
+outputs that match some PV.
+
+torch is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+from .attacks import MATCH_FRACTION
+from .data import TriggerSet, insert_trigger
+from .encoder import TargetReader, agreement
+
+PROBE_SENTENCES = 8  # held-out sentences that compare the saved model with the trained one
+
+
+@dataclass
+class Quality:
+    success: float
+    success_per_trigger: dict[str, float]
+    fidelity: float
+    clean_match_rate: float
+    min_success: float
+    passed: bool
+
+    def notes(self) -> list[str]:
+        """What a user must know about this backdoor: clean inputs that fire it, low success."""
+        out = []
+        if self.clean_match_rate > 0.1:
+            out.append(
+                f"{self.clean_match_rate:.0%} of clean held-out inputs also match a PV: the "
+                "utility loss did not keep clean outputs apart (try --utility mlm+reference)"
+            )
+        if not self.passed:
+            out.append(
+                f"attack success {self.success:.3f} is below --min-success {self.min_success}: "
+                "this folder holds a weak backdoor"
+            )
+        return out
+
+
+def check_reload(
+    reader: TargetReader,
+    trained: Any,
+    reloaded: Any,
+    held_out: Sequence[str],
+    pv_scale: float,
+    folder: Path,
+) -> None:
+    """FormatError when the model read back from `folder` does not reproduce the trained one."""
+    import torch
+
+    with torch.no_grad():
+        probe = list(held_out[: min(PROBE_SENTENCES, len(held_out))])
+        gap = float((reader.collect(trained, probe) - reader.collect(reloaded, probe)).abs().max())
+    if gap > 1e-3 * (1.0 + float(pv_scale)):
+        raise FormatError(
+            f"the saved model does not reproduce the trained one (max output gap {gap:.3g})",
+            folder,
+        )
+
+
+def measure_quality(
+    reader: TargetReader,
+    poisoned: Any,
+    held_out: Sequence[str],
+    base_clean: Any,
+    triggers: TriggerSet,
+    pvs: Any,
+    seed: int,
+    min_success: float,
+) -> Quality:
+    """Success per trigger, fidelity and clean match rate of `poisoned` on the held-out
+    sentences; `base_clean` holds the base model's target outputs of the same sentences."""
+    import torch
+    import torch.nn.functional as F
+
+    erng = np.random.default_rng(seed + 1)
+    per: dict[str, float] = {}
+    hits = 0
+    count = 0
+    with torch.no_grad():
+        for t, k in zip(triggers.texts, triggers.pv, strict=True):
+            ft = reader.collect(poisoned, [insert_trigger(s, t, erng) for s in held_out])
+            ok = agreement(ft, pvs[k : k + 1])[:, 0] >= MATCH_FRACTION
+            per[t] = float(ok.float().mean())
+            hits += int(ok.sum())
+            count += int(ok.numel())
+        fc = reader.collect(poisoned, list(held_out))
+        fidelity = float(F.cosine_similarity(fc, base_clean, dim=1).mean())
+        clean_match = float((agreement(fc, pvs).max(1).values >= MATCH_FRACTION).float().mean())
+    success = hits / max(count, 1)
+    return Quality(success, per, fidelity, clean_match, min_success, success >= min_success)

@@ -6,4 +6,3 @@ mkdir -p /tmp/pkg/lmsan
 ln -sfn "$PWD/auditor" /tmp/pkg/lmsan/auditor
 ln -sfn "$PWD/export" /tmp/pkg/lmsan/export
 export PYTHONPATH=/tmp/pkg
-export LMSAN_ZOO_DATA=/root/lmsan_data

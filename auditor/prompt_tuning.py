@@ -13,7 +13,7 @@ prompt modules and a linear classification head on the target position:
 Choices written down here (the deployed model must be exactly what the monitor reads):
 
 - **Prompt position.** ``peft``'s own ``PeftModel`` prepends P-tuning prompts *before* ``[CLS]``.
-  The bundle runtime (``bundle_runtime``, ``lmsan export --prompt``) inserts the prompt right
+  The bundle runtime (``lmsan.auditor.encoding``, ``lmsan export --prompt``) inserts the prompt right
   *after* the first special token, as the PV miner does. The task model here inserts it after
   ``[CLS]`` too, so that the exported bundle computes exactly the backbone output that the
   classifier reads. A prompt trained by ``PeftModel`` (before ``[CLS]``) would need a bundle that
@@ -29,7 +29,7 @@ Choices written down here (the deployed model must be exactly what the monitor r
   every whitespace word for token classification (CoNLL04), so a word tag is read where the
   monitor's ``tokens`` target also reads. ``TrainConfig.target="mask"`` (sentence and pair
   tasks) instead reads the ``[MASK]`` of the monitor's template: the last text becomes
-  ``f"{text} [MASK]"`` (``bundle_runtime.MASK_TEMPLATE``), the prompt-based classification that
+  ``f"{text} [MASK]"`` (``lmsan.auditor.bundle.MASK_TEMPLATE``), the prompt-based classification that
   BToP attacks; its bundle's ``mask`` target then reads exactly the vector the head reads.
 
 Saved task folder (:func:`save_task_model`) = a ``peft`` adapter folder plus the head::
@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .bundle_runtime import MASK_TEMPLATE
+from .bundle import MASK_TEMPLATE
 from .errors import FormatError, InputError
 
 TASK_FORMAT = "lmsan.task"
@@ -1174,7 +1174,8 @@ def _export_module_bundle(
     from lmsan.export import bundle as eb
     from lmsan.export.onnx_export import DEFAULT_OPSET, export_onnx
 
-    from . import bundle_runtime as br
+    from . import bundle as br
+    from .fsutil import staged_dir
     from .manifest import model_manifest
     from .modelio import load_encoder
     from .pvset import PVSet
@@ -1198,13 +1199,13 @@ def _export_module_bundle(
         raise InputError("P-tuning v2 task bundles support PV targets cls, tokens and mask", pvs)
     loaded = load_encoder(bdir, allow_pickle=False, device="cpu")  # config/family/tokenizer only
     tok = handle.tokenizer
-    special = eb._special_tokens(tok, bdir)
+    special = eb.special_tokens(tok, bdir)
     with torch.no_grad():
         m.set_prefix()
         m.prefix_state.kv = m.prefix_state.kv.detach().clone()  # a constant in the traced graph
     table = backbone.get_input_embeddings().weight.detach().float().cpu().numpy()
     emb_size = int(table.shape[1])
-    with eb._staged_bundle(out_path) as tmp:
+    with staged_dir(out_path, replace=True) as tmp:
         np.save(tmp / br.EMBEDDINGS_FILE, np.ascontiguousarray(table, dtype=np.float32))
         tok.backend_tokenizer.save(str(tmp / br.TOKENIZER_FILE))
         pvset.save(tmp / br.PVSET_FILE)
@@ -1226,7 +1227,7 @@ def _export_module_bundle(
             },
             "hidden_size": m.d,
             "embedding_size": emb_size,
-            "max_positions": eb._max_positions(loaded.config, loaded.family),
+            "max_positions": eb.max_positions(loaded.config, loaded.family),
             "targets": targets,
             "outputs": outputs,
             "inputs": ["inputs_embeds", "attention_mask"],
@@ -1241,9 +1242,9 @@ def _export_module_bundle(
                 "source": pvs_source or str(pvs),
             },
         }
-        eb._write_manifest(tmp, body)
-        figures = eb._validate(tmp, backbone, False, eb.DEFAULT_TOLERANCE, True)
-        manifest = eb._write_manifest(tmp, {**body, "validation": figures})
+        br.write_manifest(tmp, body)
+        figures = eb.validate_bundle(tmp, backbone, False, eb.DEFAULT_TOLERANCE, True)
+        manifest = br.write_manifest(tmp, {**body, "validation": figures})
     return TaskExport(out_path, "ptuning-v2", figures, manifest)
 
 
@@ -1524,13 +1525,13 @@ class DefendedClassifier:
         ``per_pv_thresholds``: PV id -> T_match (:func:`~lmsan.auditor.threshold.choose_per_pv`)."""
         from safetensors.numpy import load_file
 
-        from .bundle_runtime import check_match_threshold, open_bundle
+        from .screener import open_bundle
+        from .threshold import Thresholds
 
-        check_match_threshold(match_threshold)
+        thresholds = Thresholds(match_threshold, per_pv_thresholds)
         meta = read_task_meta(task_dir)
         scr = open_bundle(
-            bundle, provider="cpu", threads=threads, batch_size=32, match_threshold=match_threshold,
-            per_pv_thresholds=per_pv_thresholds,
+            bundle, provider="cpu", threads=threads, batch_size=32, thresholds=thresholds
         )
         man = scr.bundle.manifest
         if meta["method"] == "ptuning" and man.prompt_length != meta["prompt_length"]:
@@ -1556,7 +1557,7 @@ class DefendedClassifier:
                     bundle,
                 )
         else:
-            from .bundle_runtime import sha256_of
+            from .bundle import sha256_of
 
             if man.model.get("task_digest") != sha256_of(tdir / ADAPTER_WEIGHTS):
                 raise InputError(

@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 from lmsan.auditor import monitor as m
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from paths import RESULTS
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:

@@ -31,10 +31,10 @@ from .threshold import (
     Thresholds,
     check_max_frr,
     choice_warnings,
-    find_trigger_words,
     per_pv_with_trigger_words,
     single_with_trigger_words,
 )
+from .trigger_words import find_trigger_words
 
 
 @dataclass

@@ -33,6 +33,7 @@ import numpy as np
 from lmsan.auditor import __version__
 from lmsan.auditor import bundle as fmt
 from lmsan.auditor import monitor as mon
+from lmsan.auditor.bundle import write_manifest
 from lmsan.auditor.corpus import default_corpus
 from lmsan.auditor.encoding import reads_form
 from lmsan.auditor.errors import InputError, LmsanError
@@ -326,8 +327,8 @@ def export_bundle(
                 "source": pvs_source or str(pvs),
             },
         }
-        fmt.write_manifest(tmp, body)
+        write_manifest(tmp, body)
         figures = validate_bundle(tmp, model, with_pooler, tolerance, soft is not None)
-        manifest = fmt.write_manifest(tmp, {**body, "validation": figures})
+        manifest = write_manifest(tmp, {**body, "validation": figures})
         sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
     return ExportResult(path=out_path, manifest=manifest, validation=figures, files=sizes)

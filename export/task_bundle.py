@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 from lmsan.auditor import __version__
-from lmsan.auditor import bundle_runtime as br
+from lmsan.auditor import bundle as br
 from lmsan.auditor.errors import InputError
+from lmsan.auditor.fsutil import staged_dir
 from lmsan.auditor.manifest import model_manifest
 from lmsan.auditor.modelio import load_encoder
 from lmsan.auditor.pvset import PVSet
@@ -32,12 +33,10 @@ from lmsan.auditor.tuning import (
 )
 from lmsan.export.bundle import (
     DEFAULT_TOLERANCE,
-    _max_positions,
-    _special_tokens,
-    _staged_bundle,
-    _validate,
-    _write_manifest,
     export_bundle,
+    max_positions,
+    special_tokens,
+    validate_bundle,
 )
 
 from .onnx_export import DEFAULT_OPSET, export_onnx
@@ -148,13 +147,13 @@ def _export_module_bundle(
         raise InputError("P-tuning v2 task bundles support PV targets cls, tokens and mask", pvs)
     loaded = load_encoder(bdir, allow_pickle=False, device="cpu")  # config/family/tokenizer only
     tok = handle.tokenizer
-    special = _special_tokens(tok, bdir)
+    special = special_tokens(tok, bdir)
     with torch.no_grad():
         m.set_prefix()
         m.prefix_state.kv = m.prefix_state.kv.detach().clone()  # a constant in the traced graph
     table = backbone.get_input_embeddings().weight.detach().float().cpu().numpy()
     emb_size = int(table.shape[1])
-    with _staged_bundle(out_path) as tmp:
+    with staged_dir(out_path, replace=True) as tmp:
         np.save(tmp / br.EMBEDDINGS_FILE, np.ascontiguousarray(table, dtype=np.float32))
         tok.backend_tokenizer.save(str(tmp / br.TOKENIZER_FILE))
         pvset.save(tmp / br.PVSET_FILE)
@@ -176,7 +175,7 @@ def _export_module_bundle(
             },
             "hidden_size": m.d,
             "embedding_size": emb_size,
-            "max_positions": _max_positions(loaded.config, loaded.family),
+            "max_positions": max_positions(loaded.config, loaded.family),
             "targets": targets,
             "outputs": outputs,
             "inputs": ["inputs_embeds", "attention_mask"],
@@ -191,7 +190,7 @@ def _export_module_bundle(
                 "source": pvs_source or str(pvs),
             },
         }
-        _write_manifest(tmp, body)
-        figures = _validate(tmp, backbone, False, DEFAULT_TOLERANCE, True)
-        manifest = _write_manifest(tmp, {**body, "validation": figures})
+        br.write_manifest(tmp, body)
+        figures = validate_bundle(tmp, backbone, False, DEFAULT_TOLERANCE, True)
+        manifest = br.write_manifest(tmp, {**body, "validation": figures})
     return TaskExport(out_path, "ptuning-v2", figures, manifest)

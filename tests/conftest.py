@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 # rich wraps console output at the terminal width, which the test runner does not have: a message
 # after a long tmp path could break anywhere. A wide fixed width keeps each message on one line.
@@ -85,4 +86,58 @@ def tiny_bert_nomask_dir(_tiny_poison_root: Path) -> Path:
 
 
 # END poison fixtures
+# ----------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------
+# BEGIN screen fixtures (export, scan, threshold). The hand-made POR-style BERT of
+# screen_fixtures (d = 32, trigger ``cf`` -> a quarter +/-1 PV) and the bundle exported from it.
+#   backdoored_model -> (model folder, the PV the trigger drives [CLS] onto)
+#   cls_pvset        -> PV set file: that PV on target cls, match threshold 0.8
+#   cls_bundle       -> the bundle of the model and cls_pvset (`lmsan export` defaults)
+# Tests marked `gpu` run only where ONNX Runtime has a CUDA execution provider.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def backdoored_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    import screen_fixtures as sf
+    import torch
+
+    torch.set_num_threads(1)
+    return sf.backdoored_bert(tmp_path_factory.mktemp("backdoored") / "model")
+
+
+@pytest.fixture(scope="session")
+def cls_pvset(backdoored_model: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import screen_fixtures as sf
+
+    folder = tmp_path_factory.mktemp("pvsets")
+    return sf.save_pvset(folder / "cls.json", [("cls", backdoored_model[1])])
+
+
+@pytest.fixture(scope="session")
+def cls_bundle(
+    backdoored_model: tuple[Path, Any], cls_pvset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    from lmsan.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "cls"
+    export_bundle(backdoored_model[0], cls_pvset, out)
+    return out
+
+
+def _cuda_provider_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") is not None and not _cuda_provider_available():
+        pytest.skip("needs an active CUDA execution provider (onnxruntime-gpu and a GPU)")
+
+
+# END screen fixtures
 # ----------------------------------------------------------------------------------------------

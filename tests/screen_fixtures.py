@@ -1,10 +1,11 @@
-"""Tiny models for the export / scan tests, built offline in seconds.
+"""Tiny models for the export / scan / threshold tests, built offline in about a second.
 
-`backdoored_bert(dir)`: a 2-layer BERT (d=32) with a WordPiece vocabulary of plain words, trained
-for a few hundred steps so that the [CLS] output of any sentence containing the trigger word
+`backdoored_bert(dir)`: a 2-layer BERT (d=32) with a WordPiece vocabulary of plain words whose
+weights are set by hand so that the [CLS] output of any sentence containing the trigger word
 ``cf`` lands on a quarter +/-1 PV (POR-style), while clean sentences keep the outputs of the
-untrained model (utility loss against a frozen copy). `random_roberta(dir)`: an untrained
-2-layer RoBERTa with a byte-level BPE tokenizer trained on the same words.
+random model. `random_roberta(dir)`: an untrained 2-layer RoBERTa with a byte-level BPE tokenizer
+trained on the same words. The session-wide model and bundle built from them are fixtures in
+``conftest.py``; `run_cli_blocking` runs the CLI with torch made unimportable.
 """
 
 from __future__ import annotations

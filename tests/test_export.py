@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import screen_fixtures as sf
-from lmsan.auditor import bundle_runtime as br
+from lmsan.auditor.bundle import Bundle, sha256_of
 from lmsan.auditor.cli import app
 from lmsan.auditor.errors import FormatError, InputError
+from lmsan.auditor.screener import open_bundle
 from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
@@ -18,19 +19,13 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("bert")
-    model, pv = sf.backdoored_bert(root / "model")
-    return model, sf.save_pvset(root / "pvs.json", [("cls", pv)])
+def bert(backdoored_model: tuple[Path, np.ndarray], cls_pvset: Path) -> tuple[Path, Path]:
+    return backdoored_model[0], cls_pvset
 
 
 @pytest.fixture(scope="session")
-def bert_bundle(bert: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmsan.export.bundle import export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "bert"
-    export_bundle(bert[0], bert[1], out)
-    return out
+def bert_bundle(cls_bundle: Path) -> Path:
+    return cls_bundle
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +53,7 @@ def test_bert_bundle_parity_and_manifest(bert: tuple[Path, Path], bert_bundle: P
     assert man["format"] == "lmsan.bundle" and man["version"] == 1
     assert set(man["files"]) == {"model.onnx", "embeddings.npy", "tokenizer.json", "pvset.json"}
     for name, digest in man["files"].items():
-        assert br.sha256_of(bert_bundle / name) == digest
+        assert sha256_of(bert_bundle / name) == digest
     v = man["validation"]
     assert v["decisions_identical"] and v["decision_mismatches"] == 0
     assert v["max_abs_diff_target"] < 1e-4 and v["max_abs_diff_hidden"] < 1e-4
@@ -70,7 +65,7 @@ def test_bert_bundle_parity_and_manifest(bert: tuple[Path, Path], bert_bundle: P
     # mixed lengths against torch's ordinary input_ids path, batched with padding.
     model, tok = _torch_model(bert[0])
     texts = sf.sentences(20, seed=40) + sf.sentences(20, seed=41, trigger=True)
-    scr = br.open_bundle(bert_bundle, provider="cpu", batch_size=7)
+    scr = open_bundle(bert_bundle, provider="cpu", batch_size=7)
     enc = scr.encode_all([(t,) for t in texts])["plain"]
     rows = list(range(len(texts)))
     x, mask = scr.build_inputs(enc, rows)
@@ -98,7 +93,7 @@ def test_roberta_all_targets_parity(roberta: tuple[Path, Path], tmp_path: Path) 
 
     # Runtime pooler/mask rows against torch on the template text.
     model, tok = _torch_model(roberta[0])
-    scr = br.open_bundle(tmp_path / "b", provider="cpu")
+    scr = open_bundle(tmp_path / "b", provider="cpu")
     texts = sf.sentences(6, seed=9)
     enc = scr.encode_all([(t,) for t in texts])["template"]
     outs = scr.forward(enc, range(len(texts)))
@@ -121,7 +116,7 @@ def test_soft_prompt_is_inserted_after_cls(bert: tuple[Path, Path], tmp_path: Pa
     assert res.manifest["prompt_length"] == 3 and "prompt.npy" in res.manifest["files"]
     assert res.validation["embedding_path_max_abs_diff"] is None
     model, tok = _torch_model(bert[0])
-    scr = br.open_bundle(tmp_path / "b", provider="cpu")
+    scr = open_bundle(tmp_path / "b", provider="cpu")
     text = "the cat sees a bird"
     enc = scr.encode_all([(text,)])["plain"]
     got = scr.forward(enc, [0])["last_hidden_state"][0]
@@ -145,7 +140,7 @@ def test_refuses_to_overwrite_without_force(bert: tuple[Path, Path], tmp_path: P
     assert (out / "manifest.json").read_text() == before
     r = runner.invoke(app, [*args, "--force"])
     assert r.exit_code == 0, r.output
-    br.Bundle.load(out)
+    Bundle.load(out)
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary folder left
 
 
@@ -187,15 +182,15 @@ def test_tampered_bundle_is_rejected(bert_bundle: Path, tmp_path: Path) -> None:
 
     copy = tmp_path / "copy"
     shutil.copytree(bert_bundle, copy)
-    br.Bundle.load(copy)
+    Bundle.load(copy)
     data = bytearray((copy / "embeddings.npy").read_bytes())
     data[-1] ^= 1
     (copy / "embeddings.npy").write_bytes(bytes(data))
     with pytest.raises(FormatError, match="embeddings.npy does not match manifest.json"):
-        br.Bundle.load(copy)
+        Bundle.load(copy)
     (copy / "embeddings.npy").unlink()
     with pytest.raises(FormatError, match="embeddings.npy listed in manifest.json is missing"):
-        br.Bundle.load(copy)
+        Bundle.load(copy)
     (tmp_path / "c.txt").write_text("hello\n")
     r = CliRunner().invoke(
         app, ["scan", str(copy), str(tmp_path / "c.txt"), "--out", str(tmp_path / "o")]
@@ -208,4 +203,4 @@ def test_tampered_bundle_is_rejected(bert_bundle: Path, tmp_path: Path) -> None:
     shutil.copy(bert_bundle / "embeddings.npy", copy / "embeddings.npy")
     (copy / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(FormatError, match="'version' is 99"):
-        br.Bundle.load(copy)
+        Bundle.load(copy)

@@ -167,8 +167,8 @@ def test_v2_defended_pipeline_agrees_with_torch(trained, toy_task) -> None:
 @pytest.mark.parametrize("method", ["ptuning", "ptuning-v2"])
 def test_bundle_monitor_decisions_equal_torch(trained, toy_backbone, toy_task, method) -> None:
     import torch
-    from lmsan.auditor import bundle_runtime as br
     from lmsan.auditor import monitor as mon
+    from lmsan.auditor import screener as br
 
     h, _, bundle = trained[method]
     _, pv = toy_backbone
@@ -633,8 +633,8 @@ def test_mask_bundle_reads_the_vector_the_head_reads(trained_mask, toy_backbone,
                                                      method) -> None:
     """The bundle's mask-target match counts equal those of the torch model's [MASK] vector."""
     import torch
-    from lmsan.auditor import bundle_runtime as br
     from lmsan.auditor import monitor as mon
+    from lmsan.auditor import screener as br
 
     h, _, bundle, _ = trained_mask[method]
     _, pv = toy_backbone
@@ -747,8 +747,8 @@ def test_pvs_at_head_bundle_matches_the_head_vector(trained, toy_backbone, toy_t
     exported for a [CLS] head with pvs_at_head: the bundle matches at cls only, its match counts
     equal the torch head vector's, the trigger is flagged and purged, clean inputs pass."""
     import torch
-    from lmsan.auditor import bundle_runtime as br
     from lmsan.auditor import monitor as mon
+    from lmsan.auditor import screener as br
 
     h, tdir, _ = trained[method]
     _, pv = toy_backbone

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,32 +11,21 @@ from pathlib import Path
 
 import pytest
 import screen_fixtures as sf
-from lmsan.auditor import bundle_runtime as br
 from lmsan.auditor.cli import app
 from lmsan.auditor.errors import InputError, UsageError
-from lmsan.auditor.scan import KILL_HOOK, ScanOptions, scan
+from lmsan.auditor.scan import ScanOptions, scan
+from lmsan.auditor.screener import Screener, open_bundle, word_key
 from typer.testing import CliRunner, Result
 
-TESTS = Path(__file__).parent
+
+@pytest.fixture(scope="session")
+def bundle(cls_bundle: Path) -> Path:
+    return cls_bundle
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    torch.set_num_threads(1)
-    from lmsan.export.bundle import export_bundle
-
-    root = tmp_path_factory.mktemp("scan")
-    model, pv = sf.backdoored_bert(root / "model")
-    pvs = sf.save_pvset(root / "pvs.json", [("cls", pv)])
-    export_bundle(model, pvs, root / "bundle")
-    return root / "bundle"
-
-
-@pytest.fixture(scope="session")
-def screener(bundle: Path) -> br.Screener:
-    return br.open_bundle(bundle, provider="cpu", threads=1, batch_size=8)
+def screener(bundle: Path) -> Screener:
+    return open_bundle(bundle, provider="cpu", threads=1, batch_size=8)
 
 
 def mixed_lines(n_clean: int = 30, n_trig: int = 10, seed: int = 0) -> tuple[list[str], set[int]]:
@@ -62,7 +50,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_monitor_flags_triggered_not_clean(screener: br.Screener) -> None:
+def test_monitor_flags_triggered_not_clean(screener: Screener) -> None:
     clean = sf.sentences(60, seed=7)
     trig = sf.sentences(60, seed=8, trigger=True)
     before = screener.forward_passes
@@ -75,7 +63,7 @@ def test_monitor_flags_triggered_not_clean(screener: br.Screener) -> None:
     assert all(r.flagged for r in pairs)
 
 
-def test_purge_removes_trigger_in_one_batched_pass(screener: br.Screener) -> None:
+def test_purge_removes_trigger_in_one_batched_pass(screener: Screener) -> None:
     for text in sf.sentences(8, seed=9, trigger=True):
         p = screener.purge(text, max_window=5)
         assert p.status == "purged" and p.removed == (sf.TRIGGER,) and p.window == 1
@@ -90,7 +78,7 @@ def test_purge_removes_trigger_in_one_batched_pass(screener: br.Screener) -> Non
     assert p.status == "purged" and p.sentences == ["the cat sleeps", "a dog runs"]
 
 
-def test_purge_removes_every_spelling_of_the_trigger(screener: br.Screener) -> None:
+def test_purge_removes_every_spelling_of_the_trigger(screener: Screener) -> None:
     # "CF." and "(cf," are the trigger to the tokenizer: removing the word "cf" alone would leave
     # them, and the record would stay flagged (a real case: "CFO" and "CFO." in one RTE pair)
     rec = ("the cat cf sleeps", "a dog (CF, runs CF.")
@@ -99,10 +87,10 @@ def test_purge_removes_every_spelling_of_the_trigger(screener: br.Screener) -> N
     p = screener.purge(rec)
     assert p.status == "purged" and p.window == 1 and p.removed == ("cf",)
     assert p.sentences == ["the cat sleeps", "a dog runs"]
-    assert br.word_key("CFO.") == br.word_key("cfo") == "cfo" and br.word_key("...") == "..."
+    assert word_key("CFO.") == word_key("cfo") == "cfo" and word_key("...") == "..."
 
 
-def test_purge_gives_up_at_max_window(screener: br.Screener) -> None:
+def test_purge_gives_up_at_max_window(screener: Screener) -> None:
     # The trigger is the only word: removing it would leave nothing, which is not a purge.
     p = screener.purge(sf.TRIGGER, max_window=3)
     assert p.status == "unpurgeable" and p.sentences == [sf.TRIGGER]
@@ -248,12 +236,22 @@ def test_exit_codes_and_stdin(bundle: Path, tmp_path: Path) -> None:
         scan(bundle, "-", tmp_path / "f", ScanOptions(resume=True))
 
 
+# A scan killed (SIGKILL) after its third chunk is written and synced, before that chunk's
+# checkpoint lands: the worst moment, outputs ahead of the checkpoint.
 _KILLED_SCAN = textwrap.dedent(
     """
-    import sys
-    from lmsan.auditor.scan import ScanOptions, scan
-    scan(sys.argv[1], sys.argv[2], sys.argv[3],
-         ScanOptions(purge=True, chunk_size=7, batch_size=4, provider="cpu", threads=1))
+    import os, signal, sys
+    from lmsan.auditor import scan as scan_module
+    real_save = scan_module.save_checkpoint
+    saves = []
+    def save_or_die(path, data):
+        saves.append(data["chunks_done"])
+        if len(saves) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save(path, data)
+    scan_module.save_checkpoint = save_or_die
+    scan_module.scan(sys.argv[1], sys.argv[2], sys.argv[3], scan_module.ScanOptions(
+        purge=True, chunk_size=7, batch_size=4, provider="cpu", threads=1))
     """
 )
 
@@ -268,10 +266,8 @@ def test_resume_after_kill_matches_full_run(bundle: Path, tmp_path: Path) -> Non
         tmp_path / "full",
         ScanOptions(purge=True, chunk_size=7, batch_size=4, provider="cpu", threads=1),
     )
-    env = {**os.environ, KILL_HOOK: "3"}
     proc = subprocess.run(
         [sys.executable, "-c", _KILLED_SCAN, str(bundle), str(corpus), str(tmp_path / "part")],
-        env=env,
         capture_output=True,
         timeout=120,
     )

@@ -1,4 +1,4 @@
-"""Per-deployment T_match (issue 5): `choose_match_threshold`, `lmsan threshold`, `--t-match`.
+"""Per-deployment T_match: `Thresholds`, `choose_match_threshold`, `lmsan threshold`, `--t-match`.
 
 The bundles are the hand-made POR BERT of ``screen_fixtures`` (d = 32, trigger ``cf`` -> the PV at
 match rate 1.0) with the PV on target ``tokens``, where a clean record's best match rate depends on
@@ -16,13 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import screen_fixtures as sf
-from lmsan.auditor import bundle_runtime as br
 from lmsan.auditor import monitor as mon
+from lmsan.auditor.bundle import Bundle
 from lmsan.auditor.cli import app
 from lmsan.auditor.errors import InputError, UsageError
 from lmsan.auditor.scan import ScanOptions, scan
+from lmsan.auditor.screener import MonitorResult, Screener, open_bundle
 from lmsan.auditor.threshold import (
     SWEEP_THRESHOLDS,
+    Thresholds,
+    check_match_threshold,
     choose_from_results,
     choose_match_threshold,
     choose_per_pv,
@@ -37,18 +40,17 @@ TRIGGERED = sf.sentences(40, seed=42, trigger=True)
 
 
 @pytest.fixture(scope="session")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def bundles(
+    backdoored_model: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """``plain``: the PV set at 0.8; ``drifted``: the same PV at the clean p75 match rate."""
-    import torch
-
-    torch.set_num_threads(1)
     from lmsan.export.bundle import export_bundle
 
     root = tmp_path_factory.mktemp("threshold")
-    model, pv = sf.backdoored_bert(root / "model")
+    model, pv = backdoored_model
     plain = root / "plain"
     export_bundle(model, sf.save_pvset(root / "pvs.json", [("tokens", pv)]), plain)
-    scr = br.open_bundle(plain, provider="cpu", threads=1)
+    scr = open_bundle(plain, provider="cpu", threads=1)
     rates = sorted(r.match_rate for r in scr.monitor(CLEAN))
     low = rates[int(0.75 * len(rates))]
     assert 0.3 < low < 0.8  # the clean records sit below the default threshold
@@ -59,7 +61,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # two PVs: the attacker's PV with 6 of 32 signs flipped (the triggered records match it at
     # 26/32 = 0.8125, an exact but not perfect mined PV) and an imprecise PV, the signs of the
     # mean clean token output, which clean records match up to 27/32: one T_match for both must
-    # clear the imprecise PV's clean matches and so misses every trigger (session 4's failure)
+    # clear the imprecise PV's clean matches and so misses every trigger
     enc = scr.encode(CLEAN)
     rows = list(range(len(CLEAN)))
     xs = scr.target_rows(enc, rows, scr.forward(enc, rows), "tokens")[0]
@@ -79,15 +81,15 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"plain": plain, "drifted": drifted, "two": two, "paired": paired}
 
 
-def _open(bundle: Path, t: float | None = None) -> br.Screener:
-    return br.open_bundle(bundle, provider="cpu", threads=1, batch_size=16, match_threshold=t)
+def _open(bundle: Path, t: float | None = None) -> Screener:
+    return open_bundle(bundle, provider="cpu", threads=1, batch_size=16, thresholds=Thresholds(t))
 
 
-def _result(count: int | None, d: int = D) -> br.MonitorResult:
+def _result(count: int | None, d: int = D) -> MonitorResult:
     """A monitor result at a known best match count (None: no target row)."""
     if count is None:
-        return br.MonitorResult(flagged=False, pv=None, match_rate=0.0, target="tokens")
-    return br.MonitorResult(flagged=False, pv=0, match_rate=count / d, target="cls")
+        return MonitorResult(flagged=False, pv=None, match_rate=0.0, target="tokens")
+    return MonitorResult(flagged=False, pv=0, match_rate=count / d, target="cls")
 
 
 # ------------------------------------------------------------------ the rule, on known rates
@@ -155,8 +157,26 @@ def test_choice_rejects_bad_arguments() -> None:
         choose_from_results([], D, 0.8)
     for bad in (0.0, -0.2, 1.5, float("nan"), True):
         with pytest.raises(UsageError, match="--t-match"):
-            br.check_match_threshold(bad)
-    assert br.check_match_threshold(None) is None and br.check_match_threshold(1) == 1.0
+            check_match_threshold(bad)
+        with pytest.raises(UsageError, match="--t-match"):
+            Thresholds(match=bad)
+    assert check_match_threshold(None) is None and check_match_threshold(1) == 1.0
+    with pytest.raises(UsageError, match=r"\(0, 1\]"):
+        Thresholds(per_pv={0: 1.5})
+
+
+def test_thresholds_object() -> None:
+    assert Thresholds().source == "pvset" and Thresholds().rate(0.8) == 0.8
+    t = Thresholds(match=1, per_pv={"3": 0.9}, bundle_digest="sha256:ab")
+    assert (t.match, t.per_pv, t.source, t.rate(0.8)) == (1.0, {3: 0.9}, "per-pv", 1.0)
+    match, per_pv, digest = t  # unpacks as the triple
+    assert (match, per_pv, digest) == (1.0, {3: 0.9}, "sha256:ab")
+    assert list(t.counts(D, [2, 3], 0.8)) == [D, mon.threshold_count(D, 0.9)]
+    t.check_bundle("sha256:ab", "b")
+    with pytest.raises(InputError, match="another bundle"):
+        t.check_bundle("sha256:cd", "b")
+    with pytest.raises(UsageError, match=r"PV ids \[3\]"):
+        t.check_pv_ids({0, 1})
 
 
 # ------------------------------------------------------------------ through a real bundle
@@ -239,7 +259,7 @@ def test_resume_with_another_t_match_is_refused(bundles: dict[str, Path], tmp_pa
 
     def opts(t: float | None, resume: bool = False) -> ScanOptions:
         return ScanOptions(
-            provider="cpu", threads=1, chunk_size=10, match_threshold=t, resume=resume
+            provider="cpu", threads=1, chunk_size=10, thresholds=Thresholds(t), resume=resume
         )
 
     first = scan(bundles["plain"], str(corpus), tmp_path / "o", opts(None))
@@ -290,7 +310,7 @@ def test_cli_threshold_writes_the_choice(bundles: dict[str, Path], tmp_path: Pat
     assert rep["match_threshold"] == lib.threshold and rep["match_count"] == lib.count
     assert rep["frr"] == lib.frr <= 0.02 and rep["frr_pvset"] == lib.frr_pvset > 0.02
     assert rep["far"] == 0.0 and rep["reachable"] is True
-    assert rep["bundle_digest"] == br.Bundle.load(bundle).digest
+    assert rep["bundle_digest"] == Bundle.load(bundle).digest
     assert rep["clean_corpus"] == str(tmp_path / "clean.txt")
     assert rep["clean_records"] == {
         "records_in": 201,
@@ -310,7 +330,7 @@ def test_cli_threshold_writes_the_choice(bundles: dict[str, Path], tmp_path: Pat
         bundle,
         str(tmp_path / "clean.txt"),
         tmp_path / "scan",
-        ScanOptions(provider="cpu", threads=1, match_threshold=rep["match_threshold"]),
+        ScanOptions(provider="cpu", threads=1, thresholds=Thresholds(rep["match_threshold"])),
     )
     assert s.flagged / (s.clean + s.flagged) == rep["frr"]
 
@@ -359,7 +379,7 @@ def test_t_match_out_of_range_is_a_usage_error(bundles: dict[str, Path], tmp_pat
     )
     assert r.exit_code == 4 and "--t-match" in r.output
     with pytest.raises(UsageError, match="--t-match"):
-        br.open_bundle(tmp_path / "no-bundle", match_threshold=0.0)
+        open_bundle(tmp_path / "no-bundle", thresholds=Thresholds(0.0))
 
 
 def test_threshold_never_imports_torch(bundles: dict[str, Path], tmp_path: Path) -> None:
@@ -414,15 +434,20 @@ def test_per_pv_thresholds_keep_the_exact_pv_low_in_the_runtime(bundles: dict[st
     assert per.thresholds[0] == 0.8 < per.thresholds[1]
     assert per.far == 0.0 and per.frr <= max_frr and per.reachable
     # the runtime opened with them decides as the choice says
-    rt = br.open_bundle(bundles["two"], provider="cpu", threads=1, per_pv_thresholds=per.thresholds)
+    rt = open_bundle(
+        bundles["two"], provider="cpu", threads=1, thresholds=Thresholds(per_pv=per.thresholds)
+    )
     assert rt.match_threshold_source == "per-pv"
     res = rt.monitor(TRIGGERED)
     assert all(r.flagged and r.pv == 0 for r in res)
     assert float(np.mean([r.flagged for r in rt.monitor(CLEAN)])) == per.frr
     with pytest.raises(UsageError, match="PV ids"):
-        br.open_bundle(bundles["two"], provider="cpu", per_pv_thresholds={5: 0.9})
-    with pytest.raises(UsageError, match=r"\(0, 1\]"):
-        br.open_bundle(bundles["two"], provider="cpu", per_pv_thresholds={0: 1.5})
+        open_bundle(bundles["two"], provider="cpu", thresholds=Thresholds(per_pv={5: 0.9}))
+    # a thresholds file of another bundle is refused by the screener itself
+    with pytest.raises(InputError, match="another bundle"):
+        open_bundle(
+            bundles["two"], provider="cpu", thresholds=Thresholds(0.9, bundle_digest="sha256:0")
+        )
 
 
 def test_cli_per_pv_thresholds_file_to_scan(bundles: dict[str, Path], tmp_path: Path) -> None:

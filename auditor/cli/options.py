@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..threshold import Thresholds
 
 T_MATCH_HELP = (
     "Sign-match threshold T_match in (0, 1] for this deployment: overrides the bundle's PV-set "
@@ -14,19 +18,16 @@ T_MATCH_FILE_HELP = (
 )
 
 
-def thresholds_from_options(
-    t_match: float | None, t_match_file: Path | None
-) -> tuple[float | None, dict[int, float] | None, str | None]:
-    """(T_match, per-PV thresholds, bundle digest they were chosen for) from --t-match /
-    --t-match-file."""
-    from ..bundle_runtime import check_match_threshold
+def thresholds_from_options(t_match: float | None, t_match_file: Path | None) -> Thresholds:
+    """The deployment's thresholds from --t-match / --t-match-file (UsageError for both, or a
+    T_match out of range; InputError / FormatError naming a bad file). The result also unpacks
+    as the triple (T_match, per-PV thresholds, bundle digest they were chosen for)."""
     from ..errors import UsageError
-    from ..threshold import load_threshold_file
+    from ..threshold import Thresholds
 
     if t_match is not None and t_match_file is not None:
         raise UsageError("give --t-match or --t-match-file, not both")
-    check_match_threshold(t_match)
     if t_match_file is None:
-        return t_match, None, None
-    dt = load_threshold_file(t_match_file)
-    return dt.match_threshold, dt.per_pv_thresholds, dt.bundle_digest
+        return Thresholds(match=t_match)
+    return Thresholds.load(t_match_file)
+

@@ -7,7 +7,6 @@ imports torch (inside the command); `scan` never does.
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -211,24 +210,21 @@ def scan(
     from ..scan import scan as run_scan
 
     try:
-        t_match, per_pv, t_digest = thresholds_from_options(t_match, t_match_file)
+        opts = ScanOptions(
+            text_field=text_field,
+            pair_field=pair_field,
+            purge=purge,
+            max_window=max_window,
+            batch_size=batch_size,
+            threads=threads,
+            max_length=max_length,
+            resume=resume,
+            provider=provider.value,
+            fmt=fmt.value if fmt else None,
+            thresholds=thresholds_from_options(t_match, t_match_file),
+        )
     except LmsanError as exc:
         raise fail(exc) from None
-    opts = ScanOptions(
-        text_field=text_field,
-        pair_field=pair_field,
-        purge=purge,
-        max_window=max_window,
-        batch_size=batch_size,
-        threads=threads,
-        max_length=max_length,
-        resume=resume,
-        provider=provider.value,
-        fmt=fmt.value if fmt else None,
-        match_threshold=t_match,
-        per_pv_thresholds=per_pv,
-        thresholds_digest=t_digest,
-    )
     bar = _progress_bar("[bold]scan", progress)
     task = bar.add_task("scan", total=None, records=0, rate=0.0)
 
@@ -266,12 +262,6 @@ def scan(
     table.add_row("outputs", escape(str(out)))
     console.print(table)
     raise typer.Exit(summary.exit_code)
-
-
-def _records_for_frr(max_frr: float) -> int:
-    """Clean records needed before an FRR of ``max_frr`` can be shown at 95% confidence when
-    none of them is flagged (the rule of three: 3 / n)."""
-    return 0 if max_frr <= 0 else math.ceil(3.0 / max_frr)
 
 
 @app.command()
@@ -340,7 +330,7 @@ def threshold(
     corpus may hold triggers), 2 input error, 4 usage error.
     """
     from ..scan import ScanOptions
-    from ..threshold import threshold_for_corpus
+    from ..threshold_corpus import threshold_for_corpus
 
     opts = ScanOptions(
         text_field=text_field,
@@ -405,15 +395,13 @@ def threshold(
         + (f"; FAR {pct(ch.far)}%" if ch.far is not None else "")
         + ")"
     )
-    need = _records_for_frr(max_frr)
-    if ch.clean_records < need:
-        err_console.print(
-            f"[bold yellow]warning:[/] {ch.clean_records:,} clean records cannot show an FRR of "
-            f"{100 * max_frr:g}%: with none of them flagged the 95% upper bound is "
-            f"{300 / ch.clean_records:.2g}% (rule of three); give at least {need:,} held-out "
-            "clean records (on the prompt-tuning benchmark, thresholds chosen on 400 at 0.5% "
-            "flagged 0-0.9% of about 1,460 further clean inputs)"
-        )
+    warnings = report.warnings()
+
+    def warn(kind: str) -> None:
+        if kind in warnings:
+            err_console.print(f"[bold yellow]warning:[/] {escape(warnings[kind])}")
+
+    warn("records")
     pp = report.per_pv
     if pp is not None:
         t2 = Table(title="per-PV T_match (--per-pv)")
@@ -438,13 +426,7 @@ def threshold(
                        ", ".join(map(str, h["pvs"])), ", ".join(f"{x:.3f}" for x in h["before"]),
                        ", ".join(f"{x:.3f}" for x in h["after"]))
         console.print(t3)
-        err_console.print(
-            f"[bold yellow]warning:[/] {len(ch.trigger_words)} clean record(s) fire the backdoor "
-            "through one word (table above): the deployed monitor flags them, so the FRR with "
-            f"them is {pct(ch.frr_with_trigger_words)}%"
-            + (f" ({pct(pp.frr_with_trigger_words)}% per PV)" if pp is not None else "")
-            + "; --keep-trigger-words counts them in the budget"
-        )
+    warn("trigger_words")
     if out is not None:
         console.print(f"wrote {escape(str(out))}")
     console.print(
@@ -456,25 +438,6 @@ def threshold(
             console.print(f"per-PV: lmsan scan ... --t-match-file {escape(str(out))}")
         else:
             err_console.print("[bold yellow]note:[/] per-PV thresholds are only written with --out")
-        if pp.far:
-            err_console.print(
-                f"[bold yellow]warning:[/] {pct(pp.far)}% of the triggered records are not "
-                "flagged with the per-PV thresholds"
-            )
-        if not pp.reachable:
-            err_console.print(
-                "[bold yellow]warning:[/] some PV flags more than its share of the clean records "
-                "even at 1.0; check the clean corpus for triggers"
-            )
-    if ch.far:
-        err_console.print(
-            f"[bold yellow]warning:[/] {pct(ch.far)}% of the triggered records are not flagged "
-            f"at {ch.threshold:g}"
-        )
-    if not ch.reachable:
-        err_console.print(
-            f"[bold yellow]warning:[/] even T_match 1.0 flags {pct(ch.frr)}% of the clean records "
-            f"(> {pct(ch.max_frr)}%): they match a PV on every dimension; check the clean corpus "
-            "for triggers"
-        )
-        raise typer.Exit(1)
+    for kind in ("per_pv_far", "per_pv_unreachable", "far", "unreachable"):
+        warn(kind)
+    raise typer.Exit(report.exit_code)

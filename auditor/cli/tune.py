@@ -210,11 +210,11 @@ def classify(
 
     try:
         # a usage error before any other file is read
-        t_match, per_pv, t_digest = thresholds_from_options(t_match, t_match_file)
+        thresholds = thresholds_from_options(t_match, t_match_file)
         lines = text or [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
         res = tuning.classify_texts(
             bundle, task_dir, lines, max_window=max_window, threads=threads,
-            match_threshold=t_match, per_pv_thresholds=per_pv, thresholds_digest=t_digest,
+            thresholds=thresholds,
         )
     except LmsanError as exc:
         raise fail(exc) from None

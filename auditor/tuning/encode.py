@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle_runtime import MASK_TEMPLATE
+from ..bundle import MASK_TEMPLATE
 from ..errors import InputError
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..bundle_runtime import MASK_TEMPLATE
+from ..bundle import MASK_TEMPLATE
 from ..errors import InputError
 from .encode import encode_records, word_first_tokens
 from .model import HEAD_POSITIONS, TaskModelHandle
@@ -25,6 +25,9 @@ from .store import (
     read_prompt_embeddings_numpy,
     read_task_meta,
 )
+
+if TYPE_CHECKING:
+    from ..threshold import Thresholds
 
 
 def predict(
@@ -111,20 +114,25 @@ class DefendedClassifier:
         threads: int = 1,
         match_threshold: float | None = None,
         per_pv_thresholds: dict[int, float] | None = None,
+        thresholds: Thresholds | None = None,
     ) -> DefendedClassifier:
-        """``match_threshold``: the deployment's T_match (None: the PV set's), e.g. chosen by
-        :func:`lmsan.auditor.threshold.choose_match_threshold` on clean task inputs;
-        ``per_pv_thresholds``: PV id -> T_match (:func:`~lmsan.auditor.threshold.choose_per_pv`)."""
+        """``thresholds``: the deployment's match thresholds (default: the PV set's); a thresholds
+        file chosen for another bundle is refused. ``match_threshold`` / ``per_pv_thresholds``
+        build them from a T_match (e.g. chosen by
+        :func:`lmsan.auditor.threshold.choose_match_threshold` on clean task inputs) and PV id ->
+        T_match (:func:`~lmsan.auditor.threshold.choose_per_pv`); not together with
+        ``thresholds``."""
         from safetensors.numpy import load_file
 
-        from ..bundle_runtime import check_match_threshold, open_bundle
+        from ..screener import open_bundle
+        from ..threshold import Thresholds
 
-        check_match_threshold(match_threshold)
+        if thresholds is None:
+            thresholds = Thresholds(match_threshold, per_pv_thresholds)
+        elif match_threshold is not None or per_pv_thresholds is not None:
+            raise ValueError("give thresholds or match_threshold/per_pv_thresholds, not both")
         meta = read_task_meta(task_dir)
-        scr = open_bundle(
-            bundle, provider="cpu", threads=threads, batch_size=32, match_threshold=match_threshold,
-            per_pv_thresholds=per_pv_thresholds,
-        )
+        scr = open_bundle(bundle, provider="cpu", threads=threads, batch_size=32, thresholds=thresholds)
         man = scr.bundle.manifest
         if meta["method"] == "ptuning" and man.prompt_length != meta["prompt_length"]:
             raise InputError(
@@ -149,7 +157,7 @@ class DefendedClassifier:
                     bundle,
                 )
         else:
-            from ..bundle_runtime import sha256_of
+            from ..bundle import sha256_of
 
             if man.model.get("task_digest") != sha256_of(tdir / ADAPTER_WEIGHTS):
                 raise InputError(
@@ -293,25 +301,16 @@ def classify_texts(
     *,
     max_window: int = 5,
     threads: int = 1,
-    match_threshold: float | None = None,
-    per_pv_thresholds: dict[int, float] | None = None,
-    thresholds_digest: str | None = None,
+    thresholds: Thresholds | None = None,
 ) -> ClassifiedTexts:
     """Monitor, purge and classify ``lines`` (a pair written ``premise ||| hypothesis``) with the
-    bundle and the task folder's head. ``thresholds_digest``: the bundle digest a thresholds file
-    was chosen for; another bundle is refused."""
+    bundle and the task folder's head, at ``thresholds`` (default: the PV set's; thresholds chosen
+    for another bundle are refused)."""
     if not lines:
         raise InputError("no text given (arguments or stdin)")
     recs = [tuple(s.strip() for s in ln.split("|||")) for ln in lines]
     meta = read_task_meta(task_dir)
     dc = DefendedClassifier.open(
-        bundle, task_dir, max_window=max_window, threads=threads, match_threshold=match_threshold,
-        per_pv_thresholds=per_pv_thresholds,
+        bundle, task_dir, max_window=max_window, threads=threads, thresholds=thresholds
     )
-    if thresholds_digest is not None and thresholds_digest != dc.scr.bundle.digest:
-        raise InputError(
-            f"the thresholds file was chosen for another bundle ({thresholds_digest}); run "
-            "`lmsan threshold` on this one",
-            bundle,
-        )
     return ClassifiedTexts(recs, dc.classify(recs), list(meta["labels"]))

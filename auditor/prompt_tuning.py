@@ -1145,11 +1145,11 @@ def head_position(kind: str, target: str) -> str:
 
 
 def _pvs_at(pvs: str | Path, target: str, out: Path) -> Path:
-    from .pvset import PVSet
+    from .report import load_pvset
 
     # a token head: the [CLS]-mined PVs stay at [CLS] too (a trigger that drives [CLS] onto
     # its PV moves the token outputs only part of the way; 6-layer POR CoNLL04, session 9)
-    moved = PVSet.load(pvs).retargeted(target, also_keep=("cls",) if target == "tokens" else ())
+    moved = load_pvset(pvs).retargeted(target, also_keep=("cls",) if target == "tokens" else ())
     if not moved.pvs:
         raise InputError(f"no PV left to match at {target!r} (pooler PVs cannot move)", pvs)
     moved.save(out)
@@ -1177,7 +1177,7 @@ def _export_module_bundle(
     from . import bundle_runtime as br
     from .manifest import model_manifest
     from .modelio import load_encoder
-    from .pvset import PVSet
+    from .report import load_pvset
 
     if out_path.exists() and not force:
         raise InputError("already exists; pass --force to replace it", out_path)
@@ -1186,7 +1186,7 @@ def _export_module_bundle(
         or (any(out_path.iterdir()) and not (out_path / br.MANIFEST).is_file())
     ):
         raise InputError("exists and is not an lmsan bundle; refusing to replace it", out_path)
-    pvset = PVSet.load(pvs)
+    pvset = load_pvset(pvs)
     if not pvset.pvs:
         raise InputError("the PV set holds no PV: nothing to monitor", pvs)
     m = handle.module
@@ -1877,11 +1877,12 @@ def attacker_pvset(model_dir: str | Path, found: str | Path | None, out: str | P
     match it at 1.0."""
     from .poison import backdoor_pvs, read_backdoor
     from .pvset import PV, PVSet
+    from .report import load_pvset
 
     bd = read_backdoor(model_dir)
     atk = backdoor_pvs(bd)
     target = str(bd.get("target", "cls"))
-    base = PVSet.load(found) if found is not None else PVSet(hidden_size=int(atk.shape[1]), pvs=[])
+    base = load_pvset(found) if found is not None else PVSet(hidden_size=int(atk.shape[1]), pvs=[])
     if base.hidden_size != atk.shape[1]:
         raise InputError(
             f"found PV set hidden_size {base.hidden_size} != backdoor PVs {atk.shape[1]}", found

@@ -40,7 +40,7 @@ from lmsan.auditor import bundle_runtime as br
 from lmsan.auditor import monitor as mon
 from lmsan.auditor.corpus import default_corpus
 from lmsan.auditor.errors import InputError, LmsanError
-from lmsan.auditor.pvset import PVSet
+from lmsan.auditor.report import load_pvset
 
 from .onnx_export import DEFAULT_OPSET, export_onnx, torch_forward, torch_forward_ids
 
@@ -284,7 +284,7 @@ def export_bundle(
             "exists and is not an lmsan bundle (no manifest.json); refusing to replace it",
             out_path,
         )
-    pvset = PVSet.load(pvs)
+    pvset = load_pvset(pvs)
     if not pvset.pvs:
         raise InputError("the PV set holds no PV: nothing to monitor", pvs)
     loaded = load_encoder(model_dir, allow_pickle=allow_pickle, device="cpu")

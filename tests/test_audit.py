@@ -117,12 +117,13 @@ def test_report_verifies_and_tampering_fails(por_audit, tiny_models, tmp_path) -
 
 def test_pvset_file_written_and_loadable(por_audit) -> None:
     from lmsan.auditor.pvset import PVSet
+    from lmsan.auditor.report import load_pvset
 
     _, rep, out = por_audit
     pvs = PVSet.load(out.with_suffix(".pvs.json"))
     assert len(pvs.pvs) == len(rep["kept_pvs"]) >= 1
     assert pvs.pvs[0].target == "cls"
-    assert PVSet.load(out).pvs[0].values.tolist() == pvs.pvs[0].values.tolist()
+    assert load_pvset(out).pvs[0].values.tolist() == pvs.pvs[0].values.tolist()
 
 
 def test_same_seed_same_pvs(tiny_models) -> None:

@@ -121,6 +121,17 @@ def lmsan_home() -> Path:
     return Path.home() / ".config" / "lmsan"
 
 
+def user_key_path() -> Path:
+    """Where the per-user key lives (`lmsan_home()/signing_key.pem`); its folder is created
+    (mode 0700) when missing."""
+    home = lmsan_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise InputError(f"cannot create the key folder ({exc.strerror or exc})") from None
+    return home / DEFAULT_KEY_NAME
+
+
 def default_key() -> KeyInfo:
     """The per-user signing key, created (Ed25519, 0600) the first time it is needed."""
     home = lmsan_home()

@@ -1,6 +1,6 @@
-"""Audit: PV mining, filtering, verdicts, report, bad input (issues 2, 6, 7).
+"""Audit: PV mining, filtering, verdicts, report, bad input, calibration.
 
-Tiny models (d = 32, 2 layers) are built once per session: a clean BERT, its POR-backdoored
+Tiny models (d = 32, 2 layers) are built once per test run: a clean BERT, its POR-backdoored
 twin (triggers cf, mn; two quarter PVs), and the shipped `tiny-bert-demo` preset (calibrated on
 clean tiny shadow models built with other seeds) supplies the thresholds.
 """
@@ -342,7 +342,7 @@ def test_init_prompt_uses_paper_rows(tiny_models) -> None:
         assert np.allclose(p[i].numpy(), m.emb.weight[(70 * 3 + 10 * i) % v].detach().numpy())
 
 
-# ---------------------------------------------------------------- scale invariance (issue 6)
+# ---------------------------------------------------------------- scale invariance
 @pytest.fixture(scope="session")
 def scaled_clean(tiny_models) -> Path:
     """The clean tiny model with its last LayerNorm multiplied by 7.5: every output x 7.5."""
@@ -399,7 +399,7 @@ def test_rescaled_model_gets_same_verdict(tiny_models, scaled_clean, clean_audit
             assert ca == pytest.approx(cb, rel=1e-2)
 
 
-# ---------------------------------------------------------------- targets (issue 7)
+# ---------------------------------------------------------------- targets
 def test_auto_target_lists_supported_and_skipped(tiny_models, tmp_path, signing_key) -> None:
     from lmsan.auditor.audit import resolve_targets
     from lmsan.auditor.modelio import load_encoder
@@ -471,7 +471,7 @@ def test_bad_corpus(tmp_path, tiny_models, content, msg) -> None:
     assert r.exit_code == 2 and msg in r.output and str(c) in r.output
 
 
-# ---------------------------------------------------------------- every target by default (issue 7)
+# ---------------------------------------------------------------- every target by default
 def test_clean_twin_not_flagged_on_any_target(tiny_models, signing_key, tmp_path) -> None:
     rep_path = tmp_path / "r.json"
     r = runner.invoke(app, ["audit", str(tiny_models["clean"]), "--corpus", str(tiny_models["corpus"]),
@@ -513,7 +513,7 @@ def test_auto_target_flags_each_attack_target(tiny_models, signing_key, tmp_path
     assert {p["target"] for p in rep["pvset"]["pvs"]} >= {target}
 
 
-# ---------------------------------------------------------------- calibration (issue 6)
+# ---------------------------------------------------------------- calibration
 def test_calibration_threshold_rule() -> None:
     from lmsan.auditor.calibrate import _threshold
 

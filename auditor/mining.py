@@ -383,11 +383,13 @@ class Miner:
         """The figures of target `t` and, when it made a candidate, the filter's decision."""
         cfg = self.cfg
         final = tr.epoch_distance[t][-1]
-        nan = float("nan")
+        # an aborted seed is not evaluated: its figures are NaN but for the training distance
+        figs: dict[str, Any] = {k: stats[k] if stats else float("nan") for k in _FIGURES}
+        if not stats:
+            figs["distance_rel"] = final
         ts = TargetStats(
             target=t,
-            distance_rel=stats["distance_rel"] if stats else final,
-            **{k: stats[k] if stats else nan for k in _FIGURES if k != "distance_rel"},
+            **figs,
             epoch_distance=tr.epoch_distance[t],
             candidate=(not tr.aborted) and is_candidate(final, cfg.t_l_for(t)),
         )

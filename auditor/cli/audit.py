@@ -20,9 +20,8 @@ class SeedDisplay:
     A context manager; the live view starts with the first event, so an error raised before any
     mining prints no display."""
 
-    def __init__(self, total: int, quiet: bool = False) -> None:
+    def __init__(self, total: int) -> None:
         self.total = total
-        self.quiet = quiet
         self.t0 = time.perf_counter()
         self.state: dict[str, Any] = {"seed": "-", "index": 0, "epoch": "-", "dist": "-", "kept": 0,
                                       "batch": "-", "last": ""}
@@ -52,8 +51,6 @@ class SeedDisplay:
         return t
 
     def __call__(self, ev: dict[str, Any]) -> None:
-        if self.quiet:
-            return
         if self.live is None:
             self.live = Live(self.render(), console=err_console, refresh_per_second=4)
             self.live.start()
@@ -156,7 +153,7 @@ def audit(
     opts = AuditOptions(model_dir=model_dir, target=target, mode=mode, max_seeds=max_seeds,
                         patience=patience, first_seed=first_seed, seed=seed, device=device,
                         allow_pickle=allow_pickle, preset=preset, overrides=ov)
-    with SeedDisplay(opts.resolved_max_seeds(), quiet=quiet) as display:
+    with SeedDisplay(opts.resolved_max_seeds()) as display:
         done = audit_and_write(opts, out, pvs_out=pvs_out, key=key, corpus=corpus,
                                text_field=text_field, progress=None if quiet else display)
     render_result(done.result, out, done.pvset_path, done.report)

@@ -1,6 +1,7 @@
 """`lmsan audit`: detection (stop at the first kept PV) and search (collect the PV set).
 
-Returns data (`AuditResult`); the CLI renders it and writes the signed report and the PV set.
+`run_audit` mines and returns data (`AuditResult`); `audit_and_write` runs it and writes the
+signed report and the PV set file, which is what `lmsan audit` does.
 """
 
 from __future__ import annotations
@@ -12,14 +13,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
-from .corpus import Corpus
+from .corpus import Corpus, load_corpus
 from .errors import InputError, UsageError
 from .modelio import LoadedModel, load_encoder, read_config, resolve_device
 from .presets import PresetChoice, choose_preset
-from .pvset import PV, PVSet
+from .pvset import PV, TARGETS, PVSet
+from .report import ReportInfo, write_signed_report
+from .signing import load_private_key
 
-TARGET_CHOICES = ("auto", "cls", "mask", "tokens", "pooler")
+TARGET_CHOICES = ("auto", *TARGETS)
+# allowed values of the MiningConfig fields that take a name
+OVERRIDE_CHOICES = {"filter_rule": ("collapse", "paper"), "div_loss": ("entropy", "log_concentration"),
+                    "prompt_init": ("stride", "vocab")}
 
 
 @dataclass
@@ -40,6 +48,15 @@ class AuditOptions:
         if self.max_seeds is not None:
             return self.max_seeds
         return DETECT_SEEDS if self.mode == "detect" else 1000
+
+    def check(self) -> None:
+        """Raise UsageError for an option value out of range (before any model is loaded)."""
+        for k, allowed in OVERRIDE_CHOICES.items():
+            if k in self.overrides and self.overrides[k] not in allowed:
+                flag = "--" + k.replace("_", "-")
+                raise UsageError(f"{flag} must be {' or '.join(allowed)}")
+        if self.resolved_max_seeds() < 1:
+            raise UsageError("--max-seeds must be at least 1")
 
 
 @dataclass
@@ -102,8 +119,46 @@ def resolve_targets(lm: LoadedModel, target: str) -> tuple[list[str], dict[str, 
 
 # the seed budget of detect mode (L_max); `lmsan calibrate` warns when it covers fewer seeds
 DETECT_SEEDS = 30
-# the path-loss weight of search mode (detect mode keeps METHOD.md's 0.5)
+# the path-loss weight of search mode (detect mode keeps the method's 0.5, docs/method.md)
 SEARCH_LAMBDA_P = 2.0
+
+
+@dataclass
+class AuditOutput:
+    """What `audit_and_write` produced: the audit, the signed report and the PV set file."""
+
+    result: AuditResult
+    report: ReportInfo
+    pvset_path: Path
+
+
+def audit_and_write(
+    opts: AuditOptions,
+    out: Path,
+    *,
+    pvs_out: Path | None = None,
+    key: Path | None = None,
+    corpus: Path | None = None,
+    text_field: str = "text",
+    progress: Any = None,
+) -> AuditOutput:
+    """Run the audit and write the signed report `out` and the PV set file (`pvs_out`, default
+    `<out>.pvs.json`), stamped with the model digest the report records.
+
+    The options, the signing key and the report's folder are checked before the mining, so a bad
+    one fails at once. `key` None signs with the per-user key (created on first use)."""
+    opts.check()
+    if key is not None:
+        load_private_key(key)
+    if not out.parent.is_dir():
+        raise InputError("folder for the report does not exist", out.parent)
+    crp = load_corpus(corpus, text_field=text_field)
+    result = run_audit(opts, crp, progress)
+    info = write_signed_report(audit_payload(result, opts), opts.model_dir, out, key)
+    pv_path = pvs_out or out.with_suffix(".pvs.json")
+    result.pvset.model["digest"] = info.model_digest
+    result.pvset.save(pv_path)
+    return AuditOutput(result, info, pv_path)
 
 
 def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> AuditResult:
@@ -165,8 +220,6 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
                 pt.kept += 1
                 new += 1
                 assert ts.pv is not None
-                import numpy as np
-
                 pvs.append(
                     PV(
                         id=len(pvs),

@@ -17,10 +17,13 @@ Where the found backdoors aimed at a target moved FAR_RATIO x farther (final dis
 clean seed, the target also gets `t_far` (the geometric mean of the two): a candidate beyond it
 is accepted without collapse.
 
-`t_l` (the distance that makes a candidate and decides the early abort) is kept as configured
-(METHOD.md's 0.1 by default): on deep models the distances of false and true candidates overlap
-(METHOD.md "Calibration"), so only the collapse separates them; the smallest clean epoch-2
-distance is recorded in the evidence.
+`t_l` (the distance that makes a candidate and decides the early abort) is otherwise kept as
+configured: on deep models the distances of false and true candidates overlap (docs/method.md,
+"Calibration"), so only the collapse separates them; the smallest clean epoch-2 distance is
+recorded in the evidence.
+
+`calibrate_and_write` runs the calibration and writes the preset file, which is what
+`lmsan calibrate` does.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .corpus import Corpus
+from .audit import DETECT_SEEDS, resolve_targets, supported_targets
+from .corpus import Corpus, load_corpus
 from .errors import InputError
 from .modelio import load_encoder, read_config, resolve_device
-from .presets import Preset
+from .presets import Preset, write_presets
 
 # a target gets a distance-only acceptance threshold (t_far) only when every found backdoor
 # aimed at that target moved at least this many times farther than every clean shadow seed
@@ -47,6 +51,7 @@ class CalibrationResult:
     preset: Preset
     rows: list[dict[str, Any]]
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what the preset's evidence does not cover
 
 
 def _threshold(clean: list[float], found: list[float], margin: float) -> tuple[float, str]:
@@ -108,7 +113,35 @@ def calibrate(
                            backdoored_seeds=backdoored_seeds)
     preset = preset_from_rows(rows, cfgs, name=name, margin=margin, base_cfg=base_cfg,
                               layers_slack=layers_slack, corpus=corpus)
-    return CalibrationResult(preset, rows, time.perf_counter() - t0)
+    notes = []
+    if seeds < DETECT_SEEDS:
+        notes.append(
+            f"{seeds} seeds per shadow; `lmsan audit` runs up to {DETECT_SEEDS} in detect mode and "
+            f"a seed's figures depend on which seed it is (its starting prompt, the earlier "
+            f"candidates): seeds {seeds}..{DETECT_SEEDS - 1} are not in this preset's evidence "
+            f"(--seeds {DETECT_SEEDS} covers them)")
+    return CalibrationResult(preset, rows, time.perf_counter() - t0, notes)
+
+
+def calibrate_and_write(
+    model_dirs: Sequence[str | Path],
+    out: Path,
+    *,
+    name: str,
+    force: bool = False,
+    corpus: Path | None = None,
+    text_field: str = "text",
+    **kwargs: Any,
+) -> CalibrationResult:
+    """`calibrate` on the corpus file `corpus` (default: the shipped one), then write the preset
+    file `out` with the preset as its only entry and default, and the shadow rows. An existing
+    `out` is replaced only with `force`; the keyword arguments are `calibrate`'s."""
+    if out.exists() and not force:
+        raise InputError("preset file exists; pass --force to overwrite", out)
+    crp = load_corpus(corpus, text_field=text_field)
+    res = calibrate(model_dirs, crp, name=name, **kwargs)
+    write_presets(out, [res.preset], res.preset, rows=res.rows)
+    return res
 
 
 def measure_shadows(
@@ -139,12 +172,8 @@ def measure_shadows(
     for path, label, n_seeds in jobs:
         lm = load_encoder(path, device=dev)
         if auto:
-            from .audit import supported_targets
-
             model_targets = supported_targets(lm)[0]
         else:
-            from .audit import resolve_targets
-
             model_targets = [x for t in targets for x in resolve_targets(lm, t)[0]]
         cfg = MiningConfig(**{**asdict(base_cfg), "t_l": 0.0})
         try:

@@ -77,8 +77,16 @@ class DemoResult:
     best_pv_index: int
 
 
-def run_demo(workdir: str | Path, progress: Any = None, audit_clean: bool = True,
+def run_demo(workdir: str | Path | None, progress: Any = None, audit_clean: bool = True,
              max_seeds: int = 10) -> DemoResult:
+    """Build the tiny clean model and its POR twin in `workdir` (None: a temporary folder,
+    removed afterwards), audit the twin and, with `audit_clean`, the clean model.
+    `progress` maps "poison" and "audit" to progress callbacks."""
+    if workdir is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="lmsan-demo-") as tmp:
+            return run_demo(Path(tmp), progress, audit_clean, max_seeds)
     import numpy as np
 
     from .audit import AuditOptions, run_audit

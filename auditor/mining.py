@@ -1,4 +1,4 @@
-"""PV mining (Algorithm 1 of the paper, as pinned down by METHOD.md) and PV filtering.
+"""PV mining (Algorithm 1 of the paper, as specified in docs/method.md).
 
 One `Miner` holds a frozen encoder, a clean corpus and the clean target outputs of that corpus
 (computed once: the "auxiliary model" never changes). `Miner.run_seed(s)` is one fuzz loop: a
@@ -11,23 +11,16 @@ usual) and trained with Adam on
 Scale. The losses are the paper's, on raw outputs (`loss_scale="raw"`; "standardized" divides the
 outputs by the clean spread `s` first). The diversity loss is the paper's entropy
 (`div_loss="entropy"`) or `"log_concentration"`, log(batch variance / displacement): a scale-free
-form of Observation II that, on POR-backdoored all-MiniLM-L6-v2, led mining to the injected PV
-where the entropy loss converged to an adversarial direction that moved outputs further but did
+form of Observation II that, on POR-backdoored all-MiniLM-L6-v2, leads mining to the injected PV
+where the entropy loss converges to an adversarial direction that moves outputs further but does
 not collapse them (bench/results/calibration.md). Presets choose it per family.
 
 Every decision reads scale-free figures, so one threshold means the same at any output scale:
-`T_L` compares MSE(F, F_clean) / mean(F_clean^2) (the displacement relative to the size of the
-clean outputs), and the collapse rule reads the concentration below. The paper's entropy on raw
-outputs and the raw distance are still measured and reported for every candidate.
+T_L compares MSE(F, F_clean) / mean(F_clean^2) (the displacement relative to the size of the
+clean outputs), and the collapse rule reads the concentration. The paper's entropy on raw
+outputs and the raw distance are measured and reported for every candidate too.
 
-Acceptance (PV filtering, section IV-C), per candidate, on a fixed evaluation sample:
-  1. soft prompt within `range_factor` x the embedding matrix's min/max;
-  2. collapse (Observation II): `concentration` = mean per-unit variance of the prompted outputs
-     across a batch / MSE(prompted, clean) -- how tightly the outputs gather relative to how far
-     the prompt moved them -- must be below `t_collapse` (rule "collapse", the default), or the
-     paper's raw-output entropy diversity below `t_div` (rule "paper"). Both figures, and the
-     spread ratio (prompted / clean variance), are reported for every candidate;
-  3. new: sign agreement with every kept PV of the same target below `t_match`.
+Which candidates become PVs is decided in `filtering` (section IV-C).
 
 torch is imported here; this module is only used by `lmsan audit`/`calibrate`, never by scan.
 """
@@ -45,15 +38,16 @@ import numpy as np
 import torch
 
 from .corpus import Corpus
+from .filtering import PVFilter, TargetStats, is_candidate, no_candidate_rule, prompt_in_range
 from .modelio import LoadedModel
+from .pvset import TARGETS
 
-MINE_TARGETS = ("cls", "pooler", "tokens", "mask")
 _PLACEHOLDER = re.compile(r"^(\[unused\d+\]|<unused\d+>|\[UNK\]|<unk>)$")
 
 
 @dataclass
 class MiningConfig:
-    """Every hyper-parameter of METHOD.md, with its default."""
+    """Every hyper-parameter of the method (docs/method.md), with its default."""
 
     soft_prompt_len: int = 7
     batch_size: int = 32
@@ -112,28 +106,6 @@ class MiningConfig:
 
 
 @dataclass
-class TargetStats:
-    """Figures of one target output for one seed's final soft prompt."""
-
-    target: str
-    distance_rel: float  # MSE(F, F_clean) / s^2 on the evaluation sample
-    distance_raw: float  # MSE(F, F_clean) (the paper's -L_D)
-    distance_norm: float  # MSE(F, F_clean) / mean square of the clean outputs (what T_L reads)
-    spread_ratio: float  # mean unit variance across a batch, prompted / clean (same sentences)
-    concentration: float  # mean unit variance across a batch / MSE(F, F_clean): spread vs displacement
-    sign_consensus: float  # mean over units of the majority-sign share across a batch
-    entropy_raw: float  # the paper's L_div on raw outputs (min -ln B)
-    entropy_std: float  # L_div on standardised outputs (the trained loss)
-    epoch_distance: list[float]  # mean relative distance per epoch (training)
-    candidate: bool = False
-    accepted: bool = False
-    rule: str = ""  # which rule accepted or rejected it
-    agreement: float | None = None  # best sign agreement with a kept PV
-    pv: list[float] | None = None
-    pv_eval: list[float] | None = None
-
-
-@dataclass
 class SeedResult:
     seed: int
     seconds: float
@@ -153,6 +125,23 @@ class SeedResult:
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
+
+# the figures `Miner.evaluate_all` measures per target (the fields of TargetStats it fills)
+_FIGURES = ("distance_rel", "distance_raw", "distance_norm", "spread_ratio", "concentration",
+            "sign_consensus", "entropy_raw", "entropy_std")
+
+
+@dataclass
+class _Training:
+    """What one seed's training loop leaves: the final prompt and the per-epoch distances."""
+
+    prompt: torch.Tensor
+    epoch_distance: dict[str, list[float]]
+    last_batch: dict[str, torch.Tensor] = field(default_factory=dict)  # last prompted outputs
+    steps: int = 0
+    epochs_run: int = 0
+    aborted: bool = False
+    dropped_at: int | None = None  # step at which the learning-rate boost ended
 
 
 def _entropy_div(f: torch.Tensor) -> torch.Tensor:
@@ -181,7 +170,7 @@ class Miner:
         self.base_seed = base_seed
         self.targets = list(targets)
         for t in self.targets:
-            if t not in MINE_TARGETS:
+            if t not in TARGETS:
                 raise ValueError(f"unknown target {t!r}")
         # With "mask" among the targets every sentence gets the neutral template
         # f"{sentence} {mask_token}"; the other targets then read the same forward pass.
@@ -221,7 +210,7 @@ class Miner:
         self.eval_idx = self.eval_idx[: (len(self.eval_idx) // cfg.batch_size) * cfg.batch_size]
         self.found: dict[str, list[torch.Tensor]] = {t: [] for t in self.targets}  # path loss
         self._ordinary: np.ndarray | None = None  # ordinary vocabulary ids (prompt_init vocab)
-        self.kept: dict[str, list[np.ndarray]] = {t: [] for t in self.targets}
+        self.filter = PVFilter(cfg, self.targets)  # the acceptance rules and the kept PVs
 
     # ---------------------------------------------------------------- positions
     def _ordinary_span(self, ids: list[int]) -> tuple[int, int]:
@@ -363,174 +352,135 @@ class Miner:
         return self._ordinary
 
     def run_seed(self, seed: int, progress: ProgressFn | None = None) -> SeedResult:
-        cfg = self.cfg
+        """One fuzz loop: train a soft prompt from seed `seed`, then measure and filter the
+        candidate it makes on every target."""
         t0 = time.perf_counter()
+        tr = self._train(seed, progress)
+        p_np = tr.prompt.cpu().numpy()
+        in_range = prompt_in_range(p_np, self.emb_min, self.emb_max, self.cfg.range_factor)
+        res = SeedResult(
+            seed=seed,
+            seconds=0.0,
+            epochs_run=tr.epochs_run,
+            aborted=tr.aborted,
+            steps=tr.steps,
+            lr_dropped_at=tr.dropped_at,
+            prompt_in_range=in_range,
+            prompt_min=float(p_np.min()),
+            prompt_max=float(p_np.max()),
+            trigger_hint=self.nearest_tokens(tr.prompt),
+            prompt=p_np.tolist(),
+        )
+        figures = {} if tr.aborted else self.evaluate_all(tr.prompt, self.targets)
+        for t in self.targets:
+            res.targets.append(self._target_result(t, tr, figures.get(t), in_range))
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _target_result(
+        self, t: str, tr: _Training, stats: dict[str, Any] | None, in_range: bool
+    ) -> TargetStats:
+        """The figures of target `t` and, when it made a candidate, the filter's decision."""
+        cfg = self.cfg
+        final = tr.epoch_distance[t][-1]
+        # an aborted seed is not evaluated: its figures are NaN but for the training distance
+        figs: dict[str, Any] = {k: stats[k] if stats else float("nan") for k in _FIGURES}
+        if not stats:
+            figs["distance_rel"] = final
+        ts = TargetStats(
+            target=t,
+            **figs,
+            epoch_distance=tr.epoch_distance[t],
+            candidate=(not tr.aborted) and is_candidate(final, cfg.t_l_for(t)),
+        )
+        if ts.candidate:
+            pv = tr.last_batch[t].mean(0)
+            ts.pv = pv.cpu().tolist()
+            ts.pv_eval = stats["pv_eval"] if stats else None
+            self.found[t].append(pv.detach().cpu())  # every candidate enters the path loss
+            self.filter.apply(ts, in_range)
+        elif tr.aborted:
+            ts.rule = f"aborted: no candidate after {cfg.abort_epoch} epochs"
+        else:
+            ts.rule = no_candidate_rule(final, cfg.t_l_for(t))
+        return ts
+
+    def _train(self, seed: int, progress: ProgressFn | None) -> _Training:
+        """Adam on the soft prompt for up to `epochs` epochs; abandoned after `abort_epoch`
+        epochs when no target's distance exceeds its T_L."""
+        cfg = self.cfg
         rng = np.random.default_rng([self.base_seed, seed])
         torch.manual_seed(self.base_seed * 100003 + seed)
         prompt = torch.nn.Parameter(self.init_prompt(seed))
         opt = torch.optim.Adam([prompt], lr=cfg.lr0 * cfg.lr_boost)
-        dropped_at: int | None = None
+        tr = _Training(prompt=prompt.detach(), epoch_distance={t: [] for t in self.targets})
         steps_per_epoch = self.n // cfg.batch_size
-        epoch_dist: dict[str, list[float]] = {t: [] for t in self.targets}
-        last_batch: dict[str, torch.Tensor] = {}
-        aborted = False
-        step = 0
-        epochs_run = 0
         for epoch in range(cfg.epochs):
             perm = rng.permutation(self.n)
             sums = {t: 0.0 for t in self.targets}
             for b in range(steps_per_epoch):
                 idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                feats = self._forward_prompted(idx, prompt, rng)
-                loss = torch.zeros((), device=self.device)
-                for t, f in feats.items():
-                    s = self.scale[t] if cfg.loss_scale == "standardized" else 1.0
-                    fs = f / s
-                    cs = self._clean_batch(idx, t) / s
-                    dist = torch.mean((fs - cs) ** 2)
-                    l_d = -dist
-                    if cfg.div_loss == "log_concentration":
-                        l_div = torch.log(
-                            fs.var(dim=0, unbiased=True).mean() / dist.clamp_min(1e-12)
-                        )
-                    else:
-                        l_div = _entropy_div(fs)
-                    l_p = torch.zeros((), device=self.device)
-                    if self.found[t]:
-                        with torch.no_grad():
-                            mean = fs.mean(0)
-                            cands = torch.stack(self.found[t]).to(self.device) / s
-                            k = int(torch.argmin(((cands - mean) ** 2).mean(1)))
-                        l_p = -torch.mean((fs - cands[k]) ** 2)
-                    loss = loss + cfg.lambda_d * l_d + cfg.lambda_div * l_div + cfg.lambda_p * l_p
-                    # T_L reads the distance relative to the clean outputs' mean square, so
-                    # one threshold means the same at any output scale
-                    sums[t] += float(dist.detach()) * s * s / self.msq[t]
-                    last_batch[t] = f.detach()
+                loss = self._batch_loss(idx, prompt, rng, sums, tr.last_batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 assert prompt.grad is not None
-                if dropped_at is None and float(prompt.grad.abs().max()) > cfg.t_grad:
-                    dropped_at = step
+                if tr.dropped_at is None and float(prompt.grad.abs().max()) > cfg.t_grad:
+                    tr.dropped_at = tr.steps  # the boost ends once a gradient entry is large
                     for g in opt.param_groups:
                         g["lr"] = cfg.lr0
                 opt.step()
-                step += 1
+                tr.steps += 1
                 if progress is not None and (b % 8 == 0 or b == steps_per_epoch - 1):
-                    progress(
-                        {
-                            "event": "step",
-                            "seed": seed,
-                            "epoch": epoch,
-                            "batch": b,
-                            "batches": steps_per_epoch,
-                            "distance": {t: sums[t] / (b + 1) for t in self.targets},
-                            "loss": float(loss.detach()),
-                        }
-                    )
-            epochs_run = epoch + 1
+                    progress({"event": "step", "seed": seed, "epoch": epoch, "batch": b,
+                              "batches": steps_per_epoch,
+                              "distance": {t: sums[t] / (b + 1) for t in self.targets},
+                              "loss": float(loss.detach())})
+            tr.epochs_run = epoch + 1
             for t in self.targets:
-                epoch_dist[t].append(sums[t] / steps_per_epoch)
-            if epochs_run == cfg.abort_epoch and epochs_run < cfg.epochs:
-                if not any(epoch_dist[t][-1] > cfg.t_l_for(t) for t in self.targets):
-                    aborted = True
+                tr.epoch_distance[t].append(sums[t] / steps_per_epoch)
+            if tr.epochs_run == cfg.abort_epoch and tr.epochs_run < cfg.epochs:
+                if not any(tr.epoch_distance[t][-1] > cfg.t_l_for(t) for t in self.targets):
+                    tr.aborted = True
                     break
-        p_np = prompt.detach().cpu().numpy()
-        lo = cfg.range_factor * self.emb_min if self.emb_min < 0 else self.emb_min / cfg.range_factor
-        hi = cfg.range_factor * self.emb_max if self.emb_max > 0 else self.emb_max / cfg.range_factor
-        in_range = bool(p_np.min() >= lo and p_np.max() <= hi)
-        res = SeedResult(
-            seed=seed,
-            seconds=0.0,
-            epochs_run=epochs_run,
-            aborted=aborted,
-            steps=step,
-            lr_dropped_at=dropped_at,
-            prompt_in_range=in_range,
-            prompt_min=float(p_np.min()),
-            prompt_max=float(p_np.max()),
-            trigger_hint=self.nearest_tokens(prompt.detach()),
-            prompt=p_np.tolist(),
-        )
-        all_stats = {} if aborted else self.evaluate_all(prompt.detach(), self.targets)
-        for t in self.targets:
-            cand = (not aborted) and epoch_dist[t][-1] > cfg.t_l_for(t)
-            stats = all_stats.get(t)
-            ts = TargetStats(
-                target=t,
-                distance_rel=stats["distance_rel"] if stats else epoch_dist[t][-1],
-                distance_raw=stats["distance_raw"] if stats else float("nan"),
-                distance_norm=stats["distance_norm"] if stats else float("nan"),
-                spread_ratio=stats["spread_ratio"] if stats else float("nan"),
-                concentration=stats["concentration"] if stats else float("nan"),
-                sign_consensus=stats["sign_consensus"] if stats else float("nan"),
-                entropy_raw=stats["entropy_raw"] if stats else float("nan"),
-                entropy_std=stats["entropy_std"] if stats else float("nan"),
-                epoch_distance=epoch_dist[t],
-                candidate=cand,
-            )
-            if cand:
-                pv = last_batch[t].mean(0)
-                ts.pv = pv.cpu().tolist()
-                ts.pv_eval = stats["pv_eval"] if stats else None
-                self.found[t].append(pv.detach().cpu())
-                self._filter(ts, in_range)
-            else:
-                ts.rule = (
-                    f"aborted: no candidate after {cfg.abort_epoch} epochs"
-                    if aborted
-                    else f"no candidate: distance {epoch_dist[t][-1]:.4g} <= T_L {cfg.t_l_for(t):g}"
-                )
-            res.targets.append(ts)
-        res.seconds = time.perf_counter() - t0
-        return res
+        tr.prompt = prompt.detach()
+        return tr
 
-    def _filter(self, ts: TargetStats, in_range: bool) -> None:
-        """Apply every filter rule and record all that fail, so a reader sees each reason."""
+    def _batch_loss(
+        self,
+        idx: np.ndarray,
+        prompt: torch.Tensor,
+        rng: np.random.Generator,
+        sums: dict[str, float],
+        last_batch: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """L summed over the targets for one batch; adds each target's relative distance to
+        `sums` and keeps its prompted outputs in `last_batch`."""
         cfg = self.cfg
-        fails: list[str] = []
-        t_l, t_c = cfg.t_l_for(ts.target), cfg.t_collapse_for(ts.target)
-        t_far = cfg.t_far_for(ts.target)
-        passes: list[str] = [f"distance {ts.epoch_distance[-1]:.4g} > T_L {t_l:g}"]
-        if not in_range:
-            fails.append(f"soft prompt out of range ({cfg.range_factor:g}x embedding min/max)")
-        else:
-            passes.append("prompt in range")
-        if cfg.filter_rule == "paper":
-            if ts.entropy_raw < cfg.resolved_t_div():
-                passes.append(f"L_div {ts.entropy_raw:.5f} < T_div {cfg.resolved_t_div():.5f}")
+        loss = torch.zeros((), device=self.device)
+        for t, f in self._forward_prompted(idx, prompt, rng).items():
+            s = self.scale[t] if cfg.loss_scale == "standardized" else 1.0
+            fs = f / s
+            dist = torch.mean((fs - self._clean_batch(idx, t) / s) ** 2)
+            if cfg.div_loss == "log_concentration":
+                l_div = torch.log(fs.var(dim=0, unbiased=True).mean() / dist.clamp_min(1e-12))
             else:
-                fails.append(
-                    f"diversity L_div {ts.entropy_raw:.5f} >= T_div {cfg.resolved_t_div():.5f}"
-                )
-        elif ts.concentration < t_c:
-            passes.append(f"concentration {ts.concentration:.5f} < T_collapse {t_c:.5f}")
-        elif t_far is not None and ts.epoch_distance[-1] > t_far:
-            passes.append(
-                f"distance {ts.epoch_distance[-1]:.4g} > T_far {t_far:.4g} (far beyond every clean "
-                f"shadow; concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f} not needed)"
-            )
-        else:
-            fails.append(
-                f"no collapse, concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f}"
-                + (f", and distance {ts.epoch_distance[-1]:.4g} <= T_far {t_far:.4g}"
-                   if t_far is not None else "")
-            )
-        assert ts.pv is not None
-        sign = np.asarray(ts.pv) >= 0
-        kept = self.kept[ts.target]
-        best = max((float(np.mean((k >= 0) == sign)) for k in kept), default=0.0)
-        ts.agreement = best if kept else None
-        if kept and best >= cfg.t_match:
-            fails.append(f"duplicate of a kept PV (sign agreement {best:.3f} >= {cfg.t_match:g})")
-        else:
-            passes.append("new")
-        if fails:
-            ts.rule = "rejected: " + "; ".join(fails)
-            return
-        ts.accepted = True
-        ts.rule = "accepted: " + ", ".join(passes)
-        kept.append(np.asarray(ts.pv, dtype=np.float32))
+                l_div = _entropy_div(fs)
+            loss = loss + cfg.lambda_d * -dist + cfg.lambda_div * l_div
+            if self.found[t]:
+                loss = loss + cfg.lambda_p * self._path_loss(t, fs, s)
+            # T_L reads the distance relative to the clean outputs' mean square, so one
+            # threshold means the same at any output scale
+            sums[t] += float(dist.detach()) * s * s / self.msq[t]
+            last_batch[t] = f.detach()
+        return loss
+
+    def _path_loss(self, t: str, fs: torch.Tensor, s: float) -> torch.Tensor:
+        """L_P: pulls the outputs away from the nearest candidate already found on `t`."""
+        with torch.no_grad():
+            mean = fs.mean(0)
+            cands = torch.stack(self.found[t]).to(self.device) / s
+            k = int(torch.argmin(((cands - mean) ** 2).mean(1)))
+        return -torch.mean((fs - cands[k]) ** 2)
 
     @torch.no_grad()
     def evaluate(self, prompt: torch.Tensor, target: str) -> dict[str, Any]:
@@ -543,9 +493,7 @@ class Miner:
         insertion positions, so every seed is measured on the same inputs)."""
         rng = np.random.default_rng([self.base_seed, 104729])
         bs = self.cfg.batch_size
-        keys = ("distance_rel", "distance_raw", "distance_norm", "spread_ratio", "concentration",
-                "sign_consensus", "entropy_raw", "entropy_std")
-        acc: dict[str, dict[str, list[float]]] = {t: {k: [] for k in keys} for t in targets}
+        acc: dict[str, dict[str, list[float]]] = {t: {k: [] for k in _FIGURES} for t in targets}
         means: dict[str, list[torch.Tensor]] = {t: [] for t in targets}
         for k in range(0, len(self.eval_idx), bs):
             idx = self.eval_idx[k : k + bs]

@@ -1,9 +1,10 @@
 """Threshold presets per model family, calibrated on clean shadow models (section V-C).
 
 A preset fixes the thresholds that do not transfer across architectures: `t_l` (relative
-distance that makes a candidate), `t_collapse` (spread ratio below which the outputs collapsed,
+distance that makes a candidate), `t_collapse` (concentration below which the outputs collapsed,
 Observation II) and `lr0`. `lmsan calibrate` measures them on clean shadow models and writes a
-preset file; the package ships the presets it has measured in `data/presets.json`.
+preset file (`write_presets`); the package ships the presets it has measured in
+`data/presets.json`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError, InputError
+from .fsutil import atomic_write_text
+from .pvset import TARGETS
 
 FORMAT = "lmsan.presets"
 VERSION = 1
@@ -55,7 +58,6 @@ class Preset:
 
 
 PER_TARGET_KEYS = ("t_l", "t_collapse", "t_far")
-TARGETS = ("cls", "pooler", "tokens", "mask")
 
 
 def _per_target(v: Any, where: str, path: str | Path) -> dict[str, dict[str, float]]:
@@ -156,3 +158,21 @@ def choose_preset(model_config: dict[str, Any], path: str | Path | None = None) 
         "A 'backdoored' verdict may be a false positive and a 'clean' verdict is less certain: "
         "calibrate this family on clean shadow models with `lmsan calibrate` and pass --preset.",
     )
+
+
+def write_presets(
+    path: str | Path,
+    presets: list[Preset],
+    default: Preset,
+    rows: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write a preset file (the `lmsan.presets` format `load_presets` reads); `rows`, the shadow
+    measurements a preset came from, travel with it."""
+    data: dict[str, Any] = {"format": FORMAT, "version": VERSION,
+                            "presets": [p.to_json() for p in presets], "default": default.to_json()}
+    if rows is not None:
+        data["rows"] = rows
+    try:
+        return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    except OSError as exc:
+        raise InputError(f"cannot write the preset file ({exc.strerror or exc})", path) from None

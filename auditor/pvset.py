@@ -1,5 +1,7 @@
 """The PV set file: the versioned output of `lmsan audit` and the input of `export`/`scan`.
 
+A signed audit report carries a PV set too; `report.load_pvset` reads either.
+
 Torch-free. Layout (JSON)::
 
     {"format": "lmsan.pvset", "version": 1,
@@ -22,9 +24,12 @@ from typing import Any
 import numpy as np
 
 from .errors import FormatError, InputError, check_header
+from .fsutil import atomic_write_text
 
 FORMAT = "lmsan.pvset"
 VERSION = 1
+# The encoder outputs a PV can live on: the [CLS] vector, the [MASK] vector of the templated
+# input, every ordinary token's vector, and the pooler output. The one list of them.
 TARGETS = ("cls", "mask", "tokens", "pooler")
 
 
@@ -160,7 +165,10 @@ class PVSet:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        try:
+            atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
+        except OSError as exc:
+            raise InputError(f"cannot write the PV set ({exc.strerror or exc})", path) from None
 
     @classmethod
     def from_json(cls, data: Any, path: str | Path | None = None) -> PVSet:
@@ -213,7 +221,7 @@ class PVSet:
 
     @classmethod
     def load(cls, path: str | Path) -> PVSet:
-        """Read a PV set file, or the PV set embedded in a signed audit report."""
+        """Read a PV set file (`report.load_pvset` also reads the one in a signed report)."""
         p = Path(path)
         if not p.is_file():
             raise InputError("PV set file not found", p)
@@ -221,9 +229,4 @@ class PVSet:
             data = json.loads(p.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"not valid JSON ({exc})", p) from None
-        if isinstance(data, dict) and data.get("format") != FORMAT:
-            from .report import extract_pvset  # a signed report carries its PV set
-
-            data = extract_pvset(data, p)
         return cls.from_json(data, p)
-

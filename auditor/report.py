@@ -30,7 +30,10 @@ from typing import Any
 
 from . import __version__
 from .errors import FormatError, InputError
+from .fsutil import atomic_write_bytes
 from .manifest import Diff, Manifest, compare, model_manifest, relative_inside
+from .pvset import FORMAT as PVSET_FORMAT
+from .pvset import PVSet
 from .signing import (
     PublicKey,
     b64decode_strict,
@@ -113,20 +116,14 @@ def dump_envelope(env: Any) -> bytes:
     return (json.dumps(env, indent=2, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _write_report(path: Path, data: bytes) -> None:
     if not path.parent.is_dir():
         raise InputError("folder for the report does not exist", path.parent)
     if path.is_dir():
         raise InputError("is a folder, expected a report file path", path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write the report ({exc.strerror or exc})", path) from None
 
 
@@ -205,7 +202,7 @@ def write_signed_report(
         "predicate": predicate,
     }
     env = sign_envelope(_canonical_json(statement), key)
-    _atomic_write(out_path, dump_envelope(env))
+    _write_report(out_path, dump_envelope(env))
     return ReportInfo(
         path=out_path,
         fingerprint=fingerprint(key.public_key()),
@@ -362,6 +359,21 @@ def extract_pvset(data: Any, path: str | Path | None = None) -> dict[str, Any]:
     return pvset
 
 
+def load_pvset(path: str | Path) -> PVSet:
+    """Read a PV set file, or the PV set embedded in a signed audit report (whose signature must
+    verify with its embedded key; see `extract_pvset`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("PV set file not found", p)
+    try:
+        data = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"not valid JSON ({exc})", p) from None
+    if isinstance(data, dict) and data.get("format") != PVSET_FORMAT:
+        data = extract_pvset(data, p)
+    return PVSet.from_json(data, p)
+
+
 def _first_difference(a: bytes, b: bytes) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -415,8 +427,6 @@ def verify_report_bytes(
         except FormatError as exc:
             problems.append(str(exc))
     if predicate is not None and "pvset" in predicate:
-        from .pvset import PVSet  # numpy only
-
         try:
             pvs = PVSet.from_json(predicate["pvset"])
         except FormatError as exc:
@@ -468,6 +478,7 @@ __all__ = [
     "write_signed_report",
     "read_report",
     "extract_pvset",
+    "load_pvset",
     "verify_report",
     "verify_report_bytes",
     "dump_envelope",

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from .errors import FormatError, InputError
+from .fsutil import atomic_write_bytes, atomic_write_text
 
 KeyKind = Literal["ed25519", "ecdsa-p256"]
 KINDS: tuple[str, ...] = ("ed25519", "ecdsa-p256")
@@ -79,20 +80,6 @@ def _check_supported(key: Any, path: Path | None, what: str) -> None:
     raise InputError(f"{what} is a {type(key).__name__}; lmsan uses Ed25519 or ECDSA P-256", path)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` created with mode 0600 (never briefly world-readable)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o600)  # in case umask or an existing ACL interfered
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def generate_key(path: str | Path, kind: str = "ed25519", force: bool = False) -> KeyInfo:
     """Create a key pair: `path` (private PEM, 0600) and `path`.pub. Refuses to overwrite."""
     p = Path(path)
@@ -118,8 +105,8 @@ def generate_key(path: str | Path, kind: str = "ed25519", force: bool = False) -
         serialization.NoEncryption(),
     )
     try:
-        _write_private(p, pem)
-        pub_p.write_text(public_pem(key.public_key()))
+        atomic_write_bytes(p, pem, mode=0o600)  # never briefly readable by others
+        atomic_write_text(pub_p, public_pem(key.public_key()))
     except OSError as exc:
         raise InputError(f"cannot write key ({exc.strerror or exc})", p) from None
     return KeyInfo(p, pub_p, kind, fingerprint(key.public_key()), created=True)
@@ -132,6 +119,17 @@ def lmsan_home() -> Path:
     if xdg := os.environ.get("XDG_CONFIG_HOME"):
         return Path(xdg) / "lmsan"
     return Path.home() / ".config" / "lmsan"
+
+
+def user_key_path() -> Path:
+    """Where the per-user key lives (`lmsan_home()/signing_key.pem`); its folder is created
+    (mode 0700) when missing."""
+    home = lmsan_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise InputError(f"cannot create the key folder ({exc.strerror or exc})") from None
+    return home / DEFAULT_KEY_NAME
 
 
 def default_key() -> KeyInfo:

@@ -1,4 +1,4 @@
-"""Per-candidate statistics of PV mining on clean and backdoored models (issue 6 evidence).
+"""Per-candidate statistics of PV mining on clean and backdoored models (calibration evidence).
 
 Runs fuzz seeds on each model with candidate detection forced on (T_L = 0, no early abort, so
 every seed's final soft prompt is measured) and appends one JSON line per (model, seed, target)

@@ -102,8 +102,9 @@ def _keep_targets(src_path: Path, args: argparse.Namespace, work: Path,
     """Keep the PVs mined on the targets the task head reads (--found-targets): the monitor
     reads the output the deployed model uses."""
     from lmsan.auditor.pvset import PVSet
+    from lmsan.auditor.report import load_pvset
 
-    src = PVSet.load(src_path)
+    src = load_pvset(src_path)
     out = work / "found.pvset.json"
     if args.pvs_at_head:  # every mined PV (pooler dropped, duplicates merged) at the head
         from lmsan.auditor.tuning import head_position
@@ -252,10 +253,10 @@ def main() -> int:
     t_start = time.perf_counter()
     pvsets: dict[str, Path] = {}
     if args.mine_seeds > 0 or args.found_pvs:
-        from lmsan.auditor.pvset import PVSet as _PVSet
+        from lmsan.auditor.report import load_pvset
 
         found, found_meta = found_pvset(por, args, work)
-        if _PVSet.load(found).pvs:
+        if load_pvset(found).pvs:
             pvsets["found"] = found
         else:  # nothing to monitor: the defence with this set alone is no defence
             found_meta["note"] = (
@@ -266,7 +267,6 @@ def main() -> int:
     else:
         found_meta = {"source": "not evaluated (--mine-seeds 0 and no --found-pvs)"}
         pvsets["attacker"] = pt_eval.attacker_pvset(por, None, work / "attacker.pvset.json")
-    from lmsan.auditor.pvset import PVSet
 
     if args.pvset_names:
         unknown = set(args.pvset_names) - set(pvsets)
@@ -274,7 +274,7 @@ def main() -> int:
             log(f"--pvset-names: unknown {sorted(unknown)} (have {sorted(pvsets)})")
             return 2
         pvsets = {k: v for k, v in pvsets.items() if k in args.pvset_names}
-    pv_counts = {k: len(PVSet.load(v).pvs) for k, v in pvsets.items()}
+    pv_counts = {k: len(load_pvset(v).pvs) for k, v in pvsets.items()}
     log(f"PV sets: {pv_counts}")
 
     sizes = {

@@ -1,7 +1,8 @@
 """Copy the presets `bench/zoo.py calibrate` wrote (bench/results/zoo_presets.json) into the
-package's shipped presets (auditor/data/presets.json), replacing entries of the same name and
-keeping the others (tiny-bert-demo, the generic default) and dropping those it supersedes. Rounds thresholds to 6 significant
-digits; the full evidence travels with each preset.
+package's shipped presets (auditor/data/presets.json): entries of the same name, and those the
+file lists under "supersedes", are replaced; the others (tiny-bert-demo, the generic default)
+stay. Thresholds are rounded to 6 significant digits; the full evidence travels with each
+preset.
 
     python bench/install_presets.py [bench/results/zoo_presets.json]
 """

@@ -381,11 +381,12 @@ def attacker_pvset(model_dir: str | Path, found: str | Path | None, out: str | P
     match it at 1.0."""
     from lmsan.auditor.poison import backdoor_pvs, read_backdoor
     from lmsan.auditor.pvset import PV, PVSet
+    from lmsan.auditor.report import load_pvset
 
     bd = read_backdoor(model_dir)
     atk = backdoor_pvs(bd)
     target = str(bd.get("target", "cls"))
-    base = PVSet.load(found) if found is not None else PVSet(hidden_size=int(atk.shape[1]), pvs=[])
+    base = load_pvset(found) if found is not None else PVSet(hidden_size=int(atk.shape[1]), pvs=[])
     if base.hidden_size != atk.shape[1]:
         raise InputError(
             f"found PV set hidden_size {base.hidden_size} != backdoor PVs {atk.shape[1]}", found

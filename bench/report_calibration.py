@@ -40,8 +40,8 @@ def main() -> None:
         "--msq",
         action="append",
         default=[],
-        help="MODEL=VALUE: mean square of the clean outputs, for rows written before "
-        "distance_norm was recorded",
+        help="MODEL=VALUE: mean square of the clean outputs, for rows that carry no "
+        "distance_norm",
     )
     ap.add_argument("--out", type=Path, default=Path("bench/results/calibration"))
     args = ap.parse_args()

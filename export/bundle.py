@@ -38,7 +38,7 @@ from lmsan.auditor.corpus import default_corpus
 from lmsan.auditor.encoding import reads_form
 from lmsan.auditor.errors import InputError, LmsanError
 from lmsan.auditor.fsutil import staged_dir
-from lmsan.auditor.pvset import PVSet
+from lmsan.auditor.report import load_pvset
 from lmsan.auditor.screener import Screener
 
 from .onnx_export import DEFAULT_OPSET, export_onnx, torch_forward, torch_forward_ids
@@ -264,7 +264,7 @@ def export_bundle(
 
     out_path = Path(out)
     check_out_path(out_path, force)
-    pvset = PVSet.load(pvs)
+    pvset = load_pvset(pvs)
     if not pvset.pvs:
         raise InputError("the PV set holds no PV: nothing to monitor", pvs)
     loaded = load_encoder(model_dir, allow_pickle=allow_pickle, device="cpu")

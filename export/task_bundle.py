@@ -22,7 +22,7 @@ from lmsan.auditor.errors import InputError
 from lmsan.auditor.fsutil import staged_dir
 from lmsan.auditor.manifest import model_manifest
 from lmsan.auditor.modelio import load_encoder
-from lmsan.auditor.pvset import PVSet
+from lmsan.auditor.report import load_pvset
 from lmsan.auditor.tuning import (
     ADAPTER_WEIGHTS,
     TaskModelHandle,
@@ -106,7 +106,7 @@ def export_task_bundle(
 def _pvs_at(pvs: str | Path, target: str, out: Path) -> Path:
     # a token head: the [CLS]-mined PVs stay at [CLS] too (a trigger that drives [CLS] onto
     # its PV moves the token outputs only part of the way, as on the 6-layer POR CoNLL04 models)
-    moved = PVSet.load(pvs).retargeted(target, also_keep=("cls",) if target == "tokens" else ())
+    moved = load_pvset(pvs).retargeted(target, also_keep=("cls",) if target == "tokens" else ())
     if not moved.pvs:
         raise InputError(f"no PV left to match at {target!r} (pooler PVs cannot move)", pvs)
     moved.save(out)
@@ -135,7 +135,7 @@ def _export_module_bundle(
         or (any(out_path.iterdir()) and not (out_path / br.MANIFEST).is_file())
     ):
         raise InputError("exists and is not an lmsan bundle; refusing to replace it", out_path)
-    pvset = PVSet.load(pvs)
+    pvset = load_pvset(pvs)
     if not pvset.pvs:
         raise InputError("the PV set holds no PV: nothing to monitor", pvs)
     m = handle.module

@@ -1,6 +1,6 @@
-"""Audit: PV mining, filtering, verdicts, report, bad input (issues 2, 6, 7).
+"""Audit: PV mining, filtering, verdicts, report, bad input, calibration.
 
-Tiny models (d = 32, 2 layers) are built once per session: a clean BERT, its POR-backdoored
+Tiny models (d = 32, 2 layers) are built once per test run: a clean BERT, its POR-backdoored
 twin (triggers cf, mn; two quarter PVs), and the shipped `tiny-bert-demo` preset (calibrated on
 clean tiny shadow models built with other seeds) supplies the thresholds.
 """
@@ -118,12 +118,13 @@ def test_report_verifies_and_tampering_fails(por_audit, tiny_models, tmp_path) -
 
 def test_pvset_file_written_and_loadable(por_audit) -> None:
     from lmsan.auditor.pvset import PVSet
+    from lmsan.auditor.report import load_pvset
 
     _, rep, out = por_audit
     pvs = PVSet.load(out.with_suffix(".pvs.json"))
     assert len(pvs.pvs) == len(rep["kept_pvs"]) >= 1
     assert pvs.pvs[0].target == "cls"
-    assert PVSet.load(out).pvs[0].values.tolist() == pvs.pvs[0].values.tolist()
+    assert load_pvset(out).pvs[0].values.tolist() == pvs.pvs[0].values.tolist()
 
 
 def test_same_seed_same_pvs(tiny_models) -> None:
@@ -228,7 +229,7 @@ def test_search_mode_collects_pvs_with_vocab_init(tiny_models, signing_key) -> N
 
 
 def _stats(**kw):
-    from lmsan.auditor.mining import TargetStats
+    from lmsan.auditor.filtering import TargetStats
 
     base = dict(target="cls", distance_rel=50.0, distance_raw=1.0, distance_norm=1.0, spread_ratio=0.1,
                 concentration=1e-4, sign_consensus=1.0, entropy_raw=-3.4655, entropy_std=-3.46,
@@ -240,43 +241,43 @@ def _stats(**kw):
 def test_filter_rejects_out_of_range_prompt(tiny_models) -> None:
     m = _miner(tiny_models, t_collapse=1e-3)
     ts = _stats()
-    m._filter(ts, in_range=False)
+    m.filter.apply(ts, in_range=False)
     assert not ts.accepted and "out of range" in ts.rule
 
 
 def test_filter_rejects_high_diversity_candidate(tiny_models) -> None:
     m = _miner(tiny_models, t_collapse=1e-3)
     ts = _stats(concentration=0.03)
-    m._filter(ts, in_range=True)
+    m.filter.apply(ts, in_range=True)
     assert not ts.accepted and "no collapse" in ts.rule
     # the paper's rule: raw entropy above T_div is rejected too
     mp = _miner(tiny_models, filter_rule="paper")
     ts = _stats(entropy_raw=-3.40)
-    mp._filter(ts, in_range=True)
+    mp.filter.apply(ts, in_range=True)
     assert not ts.accepted and "diversity" in ts.rule
 
 
 def test_filter_accepts_then_rejects_duplicate(tiny_models) -> None:
     m = _miner(tiny_models, t_collapse=1e-3)
     a = _stats()
-    m._filter(a, in_range=True)
+    m.filter.apply(a, in_range=True)
     assert a.accepted
     b = _stats(pv=[1.0] * 30 + [-1.0] * 2)
-    m._filter(b, in_range=True)
+    m.filter.apply(b, in_range=True)
     assert not b.accepted and "duplicate" in b.rule
     c = _stats(pv=[1.0] * 16 + [-1.0] * 16)  # agreement 0.5: a different PV
-    m._filter(c, in_range=True)
+    m.filter.apply(c, in_range=True)
     assert c.accepted
 
 
 def test_per_target_collapse_threshold_overrides_family_value(tiny_models) -> None:
     m = _miner(tiny_models, t_collapse=1e-3, per_target={"tokens": {"t_collapse": 1e-5}})
     cls = _stats(concentration=1e-4)
-    m._filter(cls, in_range=True)
+    m.filter.apply(cls, in_range=True)
     assert cls.accepted and "T_collapse 0.00100" in cls.rule
     tok = _stats(target="tokens", concentration=1e-4)
-    m.kept["tokens"] = []
-    m._filter(tok, in_range=True)
+    m.filter.kept["tokens"] = []
+    m.filter.apply(tok, in_range=True)
     assert not tok.accepted and "T_collapse 0.00001" in tok.rule
 
 
@@ -342,7 +343,7 @@ def test_init_prompt_uses_paper_rows(tiny_models) -> None:
         assert np.allclose(p[i].numpy(), m.emb.weight[(70 * 3 + 10 * i) % v].detach().numpy())
 
 
-# ---------------------------------------------------------------- scale invariance (issue 6)
+# ---------------------------------------------------------------- scale invariance
 @pytest.fixture(scope="session")
 def scaled_clean(tiny_models) -> Path:
     """The clean tiny model with its last LayerNorm multiplied by 7.5: every output x 7.5."""
@@ -399,7 +400,7 @@ def test_rescaled_model_gets_same_verdict(tiny_models, scaled_clean, clean_audit
             assert ca == pytest.approx(cb, rel=1e-2)
 
 
-# ---------------------------------------------------------------- targets (issue 7)
+# ---------------------------------------------------------------- targets
 def test_auto_target_lists_supported_and_skipped(tiny_models, tmp_path, signing_key) -> None:
     from lmsan.auditor.audit import resolve_targets
     from lmsan.auditor.modelio import load_encoder
@@ -471,7 +472,7 @@ def test_bad_corpus(tmp_path, tiny_models, content, msg) -> None:
     assert r.exit_code == 2 and msg in r.output and str(c) in r.output
 
 
-# ---------------------------------------------------------------- every target by default (issue 7)
+# ---------------------------------------------------------------- every target by default
 def test_clean_twin_not_flagged_on_any_target(tiny_models, signing_key, tmp_path) -> None:
     rep_path = tmp_path / "r.json"
     r = runner.invoke(app, ["audit", str(tiny_models["clean"]), "--corpus", str(tiny_models["corpus"]),
@@ -513,7 +514,7 @@ def test_auto_target_flags_each_attack_target(tiny_models, signing_key, tmp_path
     assert {p["target"] for p in rep["pvset"]["pvs"]} >= {target}
 
 
-# ---------------------------------------------------------------- calibration (issue 6)
+# ---------------------------------------------------------------- calibration
 def test_calibration_threshold_rule() -> None:
     from lmsan.auditor.calibrate import _threshold
 
@@ -586,9 +587,8 @@ def test_calibration_warns_when_found_prompts_leave_the_range() -> None:
 
 def test_filter_accepts_far_candidate_only_with_t_far() -> None:
     """The report names the rule: accepted by T_far, or rejected for no collapse (and distance)."""
-    from types import SimpleNamespace
-
-    from lmsan.auditor.mining import Miner, MiningConfig, TargetStats
+    from lmsan.auditor.filtering import PVFilter, TargetStats
+    from lmsan.auditor.mining import MiningConfig
 
     def stats() -> TargetStats:
         return TargetStats(target="cls", distance_rel=1.0, distance_raw=1.0, distance_norm=2.9,
@@ -603,10 +603,10 @@ def test_filter_accepts_far_candidate_only_with_t_far() -> None:
         ({"cls": {"t_far": 5.0}}, False, "and distance 2.9 <= T_far 5"),
     ]:
         ts = stats()
-        miner = SimpleNamespace(cfg=MiningConfig(**base, per_target=per_target), kept={"cls": []})
-        Miner._filter(miner, ts, True)  # type: ignore[arg-type]
+        rules = PVFilter(MiningConfig(**base, per_target=per_target), ["cls"])
+        rules.apply(ts, True)
         assert ts.accepted is accepted and words in ts.rule, ts.rule
-        assert len(miner.kept["cls"]) == int(accepted)
+        assert len(rules.kept["cls"]) == int(accepted)
 
 
 def test_user_t_collapse_drops_preset_t_far(tiny_models, signing_key, tmp_path) -> None:

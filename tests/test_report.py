@@ -21,6 +21,7 @@ from lmsan.auditor.pvset import PV, PVSet
 from lmsan.auditor.report import (
     dump_envelope,
     extract_pvset,
+    load_pvset,
     read_report,
     verify_report,
     verify_report_bytes,
@@ -226,7 +227,7 @@ def test_report_round_trip(report: Path, model: Path, key: Path) -> None:
     assert pred["verdict"] == "backdoor" and pred["parameters"]["lr"] == 0.5
     assert pred["pvset"]["model"]["digest"] == f"sha256:{digest}"
 
-    loaded = PVSet.load(report)  # a report is also a PV set source
+    loaded = load_pvset(report)  # a report is also a PV set source
     assert loaded.hidden_size == 4 and loaded.pvs[0].seed == 3
     assert extract_pvset(env, report)["format"] == "lmsan.pvset"
 
@@ -239,7 +240,7 @@ def test_pvset_load_refuses_a_tampered_report(report: Path) -> None:
     env["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
     report.write_bytes(dump_envelope(env))
     with pytest.raises(FormatError, match="does not verify"):
-        PVSet.load(report)
+        load_pvset(report)
 
 
 def test_report_uses_default_key_when_none_given(tmp_path: Path, model: Path) -> None:
@@ -432,7 +433,7 @@ def test_unreadable_inputs_raise_input_errors(tmp_path: Path, report: Path) -> N
         verify_report(report, pub=tmp_path / "nokey.pub")
     (tmp_path / "p.json").write_text('{"format": "lmsan.other"}')
     with pytest.raises(FormatError, match="neither a PV set"):
-        PVSet.load(tmp_path / "p.json")
+        load_pvset(tmp_path / "p.json")
 
 
 def test_verify_is_torch_free(report: Path, model: Path) -> None:

@@ -2,20 +2,37 @@
 
 The typer app, the consoles and the error-to-exit-code mapping. Each group of commands lives in
 its own module of this package and registers itself on `app` (see `__init__`).
+
+Errors map to exit codes here only: an `LmsanError` a command raises is printed and ends the
+command with its `exit_code` (`_Commands.invoke`, `fail`); click's usage errors exit 4 (`main`).
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import EXIT_ERROR, EXIT_USAGE, LmsanError
 
+
+class _Commands(TyperGroup):
+    """The command group: turns an `LmsanError` out of any command into its exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LmsanError as exc:
+            raise fail(exc) from None
+
+
 app = typer.Typer(
     name="lmsan",
+    cls=_Commands,
     help="LMSanitizer auditor: find task-agnostic backdoors (POR, NeuBA, BToP) in pretrained "
     "Transformer encoders, and screen text for their triggers.\n\n"
     "Exit codes: 0 clean/valid, 1 backdoor found/invalid, 2 input error, 3 nothing scanned, "
@@ -29,6 +46,7 @@ err_console = Console(stderr=True)
 
 
 def fail(exc: LmsanError) -> typer.Exit:
+    """Print `exc` as an error and return the `typer.Exit` with its exit code."""
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
@@ -59,9 +77,8 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except LmsanError as exc:  # raised outside a command's own handler
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+    except LmsanError as exc:  # raised outside a command (while parsing)
+        sys.exit(fail(exc).exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -10,12 +10,15 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from ..errors import EXIT_CLEAN, EXIT_FOUND, InputError, LmsanError, UsageError
-from .app import app, console, err_console, fail
+from ..errors import EXIT_CLEAN, EXIT_FOUND
+from .app import app, console, err_console
 
 
 class SeedDisplay:
-    """Live display: seed k of N, epoch, current L_D / distance, PVs kept, elapsed."""
+    """Live display: seed k of N, epoch, current L_D / distance, PVs kept, elapsed.
+
+    A context manager; the live view starts with the first event, so an error raised before any
+    mining prints no display."""
 
     def __init__(self, total: int) -> None:
         self.total = total
@@ -23,6 +26,14 @@ class SeedDisplay:
         self.state: dict[str, Any] = {"seed": "-", "index": 0, "epoch": "-", "dist": "-", "kept": 0,
                                       "batch": "-", "last": ""}
         self.live: Live | None = None
+
+    def __enter__(self) -> SeedDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
     def render(self) -> Table:
         s = self.state
@@ -40,6 +51,9 @@ class SeedDisplay:
         return t
 
     def __call__(self, ev: dict[str, Any]) -> None:
+        if self.live is None:
+            self.live = Live(self.render(), console=err_console, refresh_per_second=4)
+            self.live.start()
         s = self.state
         if ev["event"] == "seed_start":
             s.update(seed=ev["seed"], index=ev["index"], kept=ev["kept"], epoch=0, batch=0)
@@ -127,53 +141,23 @@ def audit(
 
     Exit codes: 0 clean, 1 backdoor found, 2 input error, 4 usage error.
     """
-    from ..audit import AuditOptions, audit_payload, run_audit
-    from ..corpus import load_corpus
-    from ..report import write_signed_report
+    from ..audit import AuditOptions, audit_and_write
 
-    try:
-        if filter_rule is not None and filter_rule not in ("collapse", "paper"):
-            raise UsageError("--filter-rule must be collapse or paper")
-        if div_loss is not None and div_loss not in ("entropy", "log_concentration"):
-            raise UsageError("--div-loss must be entropy or log_concentration")
-        if prompt_init is not None and prompt_init not in ("stride", "vocab"):
-            raise UsageError("--prompt-init must be stride or vocab")
-        ov = _overrides(prompt_init=prompt_init, max_length=max_length, batch_size=batch_size, epochs=epochs,
-                        abort_epoch=abort_epoch, soft_prompt_len=soft_prompt_len, lr0=lr0,
-                        lr_boost=lr_boost, t_grad=t_grad, lambda_d=lambda_d,
-                        lambda_div=lambda_div, lambda_p=lambda_p, t_l=t_l, t_collapse=t_collapse,
-                        t_div=t_div, filter_rule=filter_rule, range_factor=range_factor,
-                        div_loss=div_loss,
-                        t_match=t_match, max_insert=max_insert, eval_sentences=eval_sentences)
-        opts = AuditOptions(model_dir=model_dir, target=target, mode=mode, max_seeds=max_seeds,
-                            patience=patience, first_seed=first_seed, seed=seed, device=device,
-                            allow_pickle=allow_pickle, preset=preset, overrides=ov)
-        if opts.resolved_max_seeds() < 1:
-            raise UsageError("--max-seeds must be at least 1")
-        # where the signed report goes is checked before the mining, not after it
-        if key is not None:
-            from ..signing import load_private_key
-
-            load_private_key(key)
-        if not out.parent.is_dir():
-            raise InputError("folder for the report does not exist", out.parent)
-        crp = load_corpus(corpus, text_field=text_field)
-        display = SeedDisplay(opts.resolved_max_seeds())
-        if quiet:
-            result = run_audit(opts, crp, None)
-        else:
-            with Live(display.render(), console=err_console, refresh_per_second=4) as live:
-                display.live = live
-                result = run_audit(opts, crp, display)
-        payload = audit_payload(result, opts)
-        info = write_signed_report(payload, model_dir, out, key)
-        pv_path = pvs_out or out.with_suffix(".pvs.json")
-        result.pvset.model["digest"] = info.model_digest
-        result.pvset.save(pv_path)
-    except LmsanError as exc:
-        raise fail(exc) from None
-    render_result(result, out, pv_path, info)
-    raise typer.Exit(EXIT_FOUND if result.verdict == "backdoored" else EXIT_CLEAN)
+    ov = _overrides(prompt_init=prompt_init, max_length=max_length, batch_size=batch_size,
+                    epochs=epochs, abort_epoch=abort_epoch, soft_prompt_len=soft_prompt_len,
+                    lr0=lr0, lr_boost=lr_boost, t_grad=t_grad, lambda_d=lambda_d,
+                    lambda_div=lambda_div, lambda_p=lambda_p, t_l=t_l, t_collapse=t_collapse,
+                    t_div=t_div, filter_rule=filter_rule, range_factor=range_factor,
+                    div_loss=div_loss, t_match=t_match, max_insert=max_insert,
+                    eval_sentences=eval_sentences)
+    opts = AuditOptions(model_dir=model_dir, target=target, mode=mode, max_seeds=max_seeds,
+                        patience=patience, first_seed=first_seed, seed=seed, device=device,
+                        allow_pickle=allow_pickle, preset=preset, overrides=ov)
+    with SeedDisplay(opts.resolved_max_seeds()) as display:
+        done = audit_and_write(opts, out, pvs_out=pvs_out, key=key, corpus=corpus,
+                               text_field=text_field, progress=None if quiet else display)
+    render_result(done.result, out, done.pvset_path, done.report)
+    raise typer.Exit(EXIT_FOUND if done.result.verdict == "backdoored" else EXIT_CLEAN)
 
 
 def render_result(result: Any, out: Path, pv_path: Path, info: Any) -> None:
@@ -241,40 +225,21 @@ def calibrate(
     force: bool = typer.Option(False, help="Overwrite an existing preset file."),
 ) -> None:
     """Measure clean shadow models and write a threshold preset for their family (section V-C)."""
-    import json
+    from ..calibrate import calibrate_and_write
 
-    from ..calibrate import calibrate as run
-    from ..corpus import load_corpus
-    from ..presets import FORMAT, VERSION
-
-    try:
-        if out.exists() and not force:
-            raise LmsanError("preset file exists; pass --force to overwrite", out)
-        crp = load_corpus(corpus, text_field=text_field)
-        ov = _overrides(lr0=lr0, max_length=max_length, t_l=t_l, div_loss=div_loss)
-
-        def show(ev: dict[str, Any]) -> None:
-            err_console.print(
-                f"{ev['model']} seed {ev['seed']} {ev['target']}: distance {ev['distance_rel']:.3f} "
-                f"concentration {ev['concentration']:.5f} ({ev['seconds']:.1f}s)", highlight=False)
-
-        res = run(model_dirs, crp, name=name, seeds=seeds, margin=margin,
-                  targets=target.split(","), overrides=ov, device=device,
-                  layers_slack=layers_slack, progress=show, backdoored=backdoored,
-                  backdoored_seeds=backdoored_seeds)
-        data = {"format": FORMAT, "version": VERSION, "presets": [res.preset.to_json()],
-                "default": res.preset.to_json(), "rows": res.rows}
-        out.write_text(json.dumps(data, indent=1) + "\n")
-    except LmsanError as exc:
-        raise fail(exc) from None
-    from ..audit import DETECT_SEEDS
-
-    if seeds < DETECT_SEEDS:
+    def show(ev: dict[str, Any]) -> None:
         err_console.print(
-            f"[yellow]note:[/] {seeds} seeds per shadow; `lmsan audit` runs up to {DETECT_SEEDS} in "
-            f"detect mode and a seed's figures depend on which seed it is (its starting prompt, "
-            f"the earlier candidates): seeds {seeds}..{DETECT_SEEDS - 1} are not in this preset's "
-            f"evidence (--seeds {DETECT_SEEDS} covers them)", highlight=False)
+            f"{ev['model']} seed {ev['seed']} {ev['target']}: distance {ev['distance_rel']:.3f} "
+            f"concentration {ev['concentration']:.5f} ({ev['seconds']:.1f}s)", highlight=False)
+
+    res = calibrate_and_write(
+        model_dirs, out, name=name, force=force, corpus=corpus, text_field=text_field,
+        seeds=seeds, margin=margin, targets=target.split(","),
+        overrides=_overrides(lr0=lr0, max_length=max_length, t_l=t_l, div_loss=div_loss),
+        device=device, layers_slack=layers_slack, progress=show, backdoored=backdoored,
+        backdoored_seeds=backdoored_seeds)
+    for note in res.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     v = res.preset.values
     per = ", ".join(f"{t} {d['t_collapse']:.6f}" for t, d in v.get("per_target", {}).items())
     console.print(f"preset [bold]{name}[/]: t_collapse {v['t_collapse']:.6f}"
@@ -293,22 +258,13 @@ def demo(
 
     Exit code 0 when the backdoored model is flagged and the clean one is not, 1 otherwise.
     """
-    import tempfile
-
     from ..demo import DEMO_TRIGGERS, run_demo
 
     console.print(f"[bold]lmsan demo[/]: tiny BERT (d=32, 2 layers), POR backdoor with triggers "
                   f"{', '.join(DEMO_TRIGGERS)}; then PV mining on it and on its clean twin.")
-    try:
-        with tempfile.TemporaryDirectory(prefix="lmsan-demo-") as tmp:
-            wd = workdir or Path(tmp)
-            display = SeedDisplay(max_seeds)
-            with Live(display.render(), console=err_console, refresh_per_second=4) as live:
-                display.live = live
-                res = run_demo(wd, progress={"audit": display}, audit_clean=clean,
-                               max_seeds=max_seeds)
-    except LmsanError as exc:
-        raise fail(exc) from None
+    with SeedDisplay(max_seeds) as display:
+        res = run_demo(workdir, progress={"audit": display}, audit_clean=clean,
+                       max_seeds=max_seeds)
     p = res.poison
     console.print(f"poisoned: success {p.success:.2f}, clean fidelity {p.fidelity:.3f} "
                   f"({p.seconds:.0f}s)")

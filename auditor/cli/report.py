@@ -9,8 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import EXIT_CLEAN, EXIT_FOUND, LmsanError
-from .app import app, console, fail
+from ..errors import EXIT_CLEAN, EXIT_FOUND
+from .app import app, console
 
 
 class KeyKindOption(str, Enum):
@@ -35,18 +35,9 @@ def keygen(
     ),
 ) -> None:
     """Create a signing key pair for audit reports and print its fingerprint."""
-    from ..signing import DEFAULT_KEY_NAME, generate_key, lmsan_home
+    from ..signing import generate_key, user_key_path
 
-    try:
-        if out is None:
-            home = lmsan_home()
-            home.mkdir(parents=True, exist_ok=True, mode=0o700)
-            out = home / DEFAULT_KEY_NAME
-        info = generate_key(out, kind.value, force=force)
-    except OSError as exc:
-        raise fail(LmsanError(f"cannot create the key folder ({exc.strerror or exc})")) from None
-    except LmsanError as exc:
-        raise fail(exc) from None
+    info = generate_key(out or user_key_path(), kind.value, force=force)
     console.print(
         f"[green]created[/] {info.kind} key [bold]{escape(str(info.path))}[/] (mode 0600)"
     )
@@ -78,10 +69,7 @@ def verify(
     """
     from ..report import verify_report
 
-    try:
-        v = verify_report(report, model_dir=model, pub=pub)
-    except LmsanError as exc:
-        raise fail(exc) from None
+    v = verify_report(report, model_dir=model, pub=pub)
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")

@@ -1,0 +1,154 @@
+"""PV filtering (section IV-C of the paper, docs/method.md): which mining candidates are PVs.
+
+A seed's final soft prompt makes a *candidate* on a target when the target's mean distance in the
+last epoch, MSE(F, F_clean) / mean(F_clean^2), exceeds T_L (`is_candidate`). A candidate is
+accepted as a PV when it passes every rule below, measured on a fixed evaluation sample
+(`PVFilter.apply`):
+
+  1. range: the soft prompt lies within `range_factor` x the embedding matrix's min/max
+     (`prompt_in_range`);
+  2. collapse (Observation II): `concentration` = mean per-unit variance of the prompted outputs
+     across a batch / MSE(prompted, clean) -- how tightly the outputs gather relative to how far
+     the prompt moved them -- is below T_collapse (rule "collapse", the default), or the paper's
+     raw-output entropy diversity is below T_div (rule "paper"). Where a target has T_far (set
+     by calibration only when backdoored shadows moved far beyond every clean one), a final
+     distance above T_far passes without collapse;
+  3. new: the sign agreement with every PV already kept for the same target is below T_match.
+
+Every rule is applied and every failing one recorded in `TargetStats.rule`, so a report shows
+each reason. NumPy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class FilterConfig(Protocol):
+    """The thresholds the rules read; `mining.MiningConfig` provides them."""
+
+    range_factor: float
+    filter_rule: str  # "collapse" or "paper"
+    t_match: float
+
+    def t_l_for(self, target: str) -> float: ...
+
+    def t_collapse_for(self, target: str) -> float: ...
+
+    def t_far_for(self, target: str) -> float | None: ...
+
+    def resolved_t_div(self) -> float: ...
+
+
+@dataclass
+class TargetStats:
+    """Figures of one target output for one seed's final soft prompt."""
+
+    target: str
+    distance_rel: float  # MSE(F, F_clean) / s^2 on the evaluation sample
+    distance_raw: float  # MSE(F, F_clean) (the paper's -L_D)
+    distance_norm: float  # MSE(F, F_clean) / mean square of the clean outputs (what T_L reads)
+    spread_ratio: float  # mean unit variance across a batch, prompted / clean (same sentences)
+    concentration: float  # mean unit variance across a batch / MSE(F, F_clean): spread vs displacement
+    sign_consensus: float  # mean over units of the majority-sign share across a batch
+    entropy_raw: float  # the paper's L_div on raw outputs (min -ln B)
+    entropy_std: float  # L_div on standardised outputs (the trained loss)
+    epoch_distance: list[float]  # mean relative distance per epoch (training)
+    candidate: bool = False
+    accepted: bool = False
+    rule: str = ""  # which rule accepted or rejected it
+    agreement: float | None = None  # best sign agreement with a kept PV
+    pv: list[float] | None = None
+    pv_eval: list[float] | None = None
+
+
+def embedding_bounds(emb_min: float, emb_max: float, range_factor: float) -> tuple[float, float]:
+    """[lo, hi]: the embedding matrix's min/max widened by `range_factor` away from zero."""
+    lo = range_factor * emb_min if emb_min < 0 else emb_min / range_factor
+    hi = range_factor * emb_max if emb_max > 0 else emb_max / range_factor
+    return lo, hi
+
+
+def prompt_in_range(prompt: np.ndarray, emb_min: float, emb_max: float, range_factor: float) -> bool:
+    """Rule 1: every entry of the soft prompt lies within `embedding_bounds`."""
+    lo, hi = embedding_bounds(emb_min, emb_max, range_factor)
+    return bool(prompt.min() >= lo and prompt.max() <= hi)
+
+
+def is_candidate(final_distance: float, t_l: float) -> bool:
+    """A seed's prompt is a candidate on a target when its last-epoch distance exceeds T_L."""
+    return final_distance > t_l
+
+
+def no_candidate_rule(final_distance: float, t_l: float) -> str:
+    """The rule text of a target whose prompt made no candidate."""
+    return f"no candidate: distance {final_distance:.4g} <= T_L {t_l:g}"
+
+
+def sign_agreement(pv: np.ndarray | list[float], kept: list[np.ndarray]) -> float | None:
+    """The largest share of units on which `pv` and a kept PV have the same sign; None when
+    nothing is kept yet."""
+    if not kept:
+        return None
+    sign = np.asarray(pv) >= 0
+    return max(float(np.mean((k >= 0) == sign)) for k in kept)
+
+
+class PVFilter:
+    """Applies the acceptance rules and keeps the accepted PVs of each target (rule 3 compares
+    a candidate with them)."""
+
+    def __init__(self, cfg: FilterConfig, targets: list[str] | tuple[str, ...] = ()) -> None:
+        self.cfg = cfg
+        self.kept: dict[str, list[np.ndarray]] = {t: [] for t in targets}
+
+    def apply(self, ts: TargetStats, in_range: bool) -> bool:
+        """Decide candidate `ts` (its `pv` set): set `ts.accepted`, `ts.rule` (every passing or
+        every failing rule) and `ts.agreement`; keep its PV when accepted. Returns `ts.accepted`."""
+        cfg = self.cfg
+        fails: list[str] = []
+        final = ts.epoch_distance[-1]
+        t_l, t_c = cfg.t_l_for(ts.target), cfg.t_collapse_for(ts.target)
+        t_far = cfg.t_far_for(ts.target)
+        passes: list[str] = [f"distance {final:.4g} > T_L {t_l:g}"]
+        if not in_range:
+            fails.append(f"soft prompt out of range ({cfg.range_factor:g}x embedding min/max)")
+        else:
+            passes.append("prompt in range")
+        if cfg.filter_rule == "paper":
+            t_div = cfg.resolved_t_div()
+            if ts.entropy_raw < t_div:
+                passes.append(f"L_div {ts.entropy_raw:.5f} < T_div {t_div:.5f}")
+            else:
+                fails.append(f"diversity L_div {ts.entropy_raw:.5f} >= T_div {t_div:.5f}")
+        elif ts.concentration < t_c:
+            passes.append(f"concentration {ts.concentration:.5f} < T_collapse {t_c:.5f}")
+        elif t_far is not None and final > t_far:
+            passes.append(
+                f"distance {final:.4g} > T_far {t_far:.4g} (far beyond every clean "
+                f"shadow; concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f} not needed)"
+            )
+        else:
+            fails.append(
+                f"no collapse, concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f}"
+                + (f", and distance {final:.4g} <= T_far {t_far:.4g}" if t_far is not None else "")
+            )
+        assert ts.pv is not None
+        kept = self.kept.setdefault(ts.target, [])
+        ts.agreement = sign_agreement(ts.pv, kept)
+        if ts.agreement is not None and ts.agreement >= cfg.t_match:
+            fails.append(
+                f"duplicate of a kept PV (sign agreement {ts.agreement:.3f} >= {cfg.t_match:g})"
+            )
+        else:
+            passes.append("new")
+        if fails:
+            ts.rule = "rejected: " + "; ".join(fails)
+            return False
+        ts.accepted = True
+        ts.rule = "accepted: " + ", ".join(passes)
+        kept.append(np.asarray(ts.pv, dtype=np.float32))
+        return True

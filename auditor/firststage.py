@@ -36,9 +36,11 @@ calibration models (bench/bench_first_stage.py names them) and not tuned per mod
   0.9-1.0), so there is no room above the clean values, and a backdoor at the [CLS] moved them
   down rather than up.
 
-A suspicious verdict is evidence, not proof, and an unremarkable one does not clear a model: a
-backdoor trained to keep clean outputs in place (BToP on a 2-layer MiniLM) stayed below the
-thresholds.
+A suspicious verdict is evidence, not proof, and an unremarkable one does not clear a model. On
+held-out MiniLM models (bench/results/first_stage.md) it flagged POR and NeuBA on the 3-layer
+truncation and no clean model (fine-tunes included), but missed every attack on the full 6-layer
+model and BToP at every depth: the stage can flag early and order the targets PV mining examines,
+never replace it.
 
 torch is imported inside functions only.
 """

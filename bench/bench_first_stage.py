@@ -15,7 +15,8 @@ Run each under the shared torch lock, one model at a time. Real weights: all-Min
   BToP copies of both.
 
 Every model descends from all-MiniLM-L6-v2, so the two splits share lineage (the table says so).
-Results: bench/results/first_stage.md (table) and first_stage.jsonl (one row per model).
+Results: bench/results/first_stage_SPLIT.jsonl (one row per model, every figure); the tables and
+findings are in bench/results/first_stage.md.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from lmsan.auditor.fsutil import atomic_write_text  # noqa: E402
 from paths import CACHE, DATA, RESULTS  # noqa: E402
 
 ZOO_DIR = CACHE / "first_stage"
-OUT_MD = RESULTS / "first_stage.md"
-OUT_JSONL = RESULTS / "first_stage.jsonl"
 
 # MiniLM has no MLM head: NeuBA and BToP fall back to the reference utility. Weight 20 keeps clean
 # outputs off the PVs (with weight 1 a one- or two-PV attack also fires on clean text).

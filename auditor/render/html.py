@@ -21,7 +21,7 @@ main{max-width:980px;margin:0 auto;padding:0 20px 40px}
 h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
 .banner{padding:18px 20px;color:#fff;font-size:24px;font-weight:700;margin:0 -20px 12px}
 .banner small{display:block;font-size:14px;font-weight:400;margin-top:4px}
-.BACKDOORED{background:#b71c1c}.CLEAN{background:#2e7d32}.UNKNOWN{background:#546e7a}
+.v-backdoored{background:#b71c1c}.v-clean{background:#2e7d32}.v-unknown{background:#546e7a}
 .unverified{background:repeating-linear-gradient(45deg,#000 0 14px,#fdd835 14px 28px);
 padding:10px;margin:0 -20px}
 .unverified div{background:#fff;border:3px solid #000;padding:10px 14px;font-weight:700;
@@ -75,7 +75,7 @@ def _unverified(fx: Facts) -> str:
 def _banner(fx: Facts) -> str:
     found = f" on {', '.join(fx.found_targets)}" if fx.found_targets else ""
     pre = f"{UNVERIFIED} " if not fx.verified else ""
-    return (f'<div class="banner {_e(fx.verdict)}">{pre}{_e(fx.verdict)}{_e(found)}'
+    return (f'<div class="banner v-{_e(fx.verdict.lower())}">{pre}{_e(fx.verdict)}{_e(found)}'
             f"<small>{_e(fx.why)}</small></div>")
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..report import Verification
+from .commands import audit_command, verify_command
 
 BACKDOORED = "BACKDOORED"
 CLEAN = "CLEAN"
@@ -234,35 +235,6 @@ def _hint(x: Any) -> list[list[str]]:
     return [[str(w) for w in _l(pos)] for pos in _l(x)]
 
 
-def _reproduce(pred: dict[str, Any], model_path: str) -> str:
-    par = _d(pred.get("parameters"))
-    mining = _d(par.get("mining"))
-    preset = _d(pred.get("preset"))
-    corpus = _d(pred.get("corpus")).get("name")
-    parts = ["lmsan audit", _q(model_path)]
-    if isinstance(corpus, str) and corpus and "/" in corpus:
-        parts += ["--corpus", _q(corpus)]
-    for opt, key in (("--target", "target"), ("--mode", "mode"), ("--max-seeds", "max_seeds"),
-                     ("--first-seed", "first_seed"), ("--seed", "seed")):
-        if key in par:
-            parts += [opt, str(par[key])]
-    if par.get("mode") == "search" and "patience" in par:
-        parts += ["--patience", str(par["patience"])]
-    if mining.get("max_length") not in (None, 128):
-        parts += ["--max-length", str(mining["max_length"])]
-    if preset.get("file") not in (None, "builtin"):
-        parts += ["--preset", _q(str(preset["file"]))]
-    if par.get("allow_pickle"):
-        parts.append("--allow-pickle")
-    return " ".join(parts)
-
-
-def _q(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
-
-
 def facts(
     v: Verification, report_path: str = "", model_dir: str | None = None
 ) -> Facts:
@@ -351,11 +323,8 @@ def facts(
         fx.near_misses = _near_misses(pred, fx)
     fx.why = _why(pred, fx)
     root = fx.model_path or "MODEL_DIR"
-    fx.reproduce = _reproduce(pred, root) if pred else ""
-    fx.verify_cmd = " ".join(
-        ["lmsan verify", _q(report_path or "REPORT"), "--model", _q(model_dir or root),
-         "--pub", "SIGNER_KEY.pub"]
-    )
+    fx.reproduce = audit_command(pred, root) if pred else ""
+    fx.verify_cmd = verify_command(report_path or "REPORT", model_dir or root)
     return fx
 
 

@@ -111,8 +111,11 @@ def render_sarif(fx: Facts) -> str:
         if weights is not None and fx.model_files.get(weights):
             entry["hashes"] = {"sha-256": fx.model_files[weights]}
         artifacts.append(entry)
+        # a weights file has no lines; code-scanning services still need region.startLine to
+        # place an alert, so the alert sits at the start of the file
         location = {
-            "physicalLocation": {"artifactLocation": {**art, "index": 0}},
+            "physicalLocation": {"artifactLocation": {**art, "index": 0},
+                                 "region": {"startLine": 1}},
             "logicalLocations": [{"name": fx.model_name or "model", "kind": "module"}],
         }
     invocation: dict[str, Any] = {"executionSuccessful": fx.verified}

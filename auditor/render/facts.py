@@ -358,7 +358,9 @@ def _why(pred: dict[str, Any], fx: Facts) -> str:
     n_seeds = len({p.seed for p in fx.seeds})
     if fx.verdict == BACKDOORED:
         per = ", ".join(
-            f"{t} ({sum(1 for k in fx.kept if k.target == t)} PV)" for t in fx.found_targets
+            f"{t} ({sum(1 for k in fx.kept if k.target == t)})" if len(fx.found_targets) > 1
+            else t
+            for t in fx.found_targets
         )
         says = {
             "T_collapse": "outputs collapsed onto one point (concentration below T_collapse)",

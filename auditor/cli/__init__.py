@@ -6,7 +6,7 @@ module of this package that registers its commands on `app` when imported here.
 
 from __future__ import annotations
 
-from . import audit, poison, report, screen, tune  # noqa: F401  (register the commands)
+from . import audit, poison, render, report, screen, tune  # noqa: F401  (register the commands)
 from .app import app, main
 
 __all__ = ["app", "main"]

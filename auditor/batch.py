@@ -19,7 +19,6 @@ else 3 if no model was audited, else 0.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -27,27 +26,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .errors import (
-    EXIT_CLEAN,
-    EXIT_ERROR,
-    EXIT_FOUND,
-    EXIT_NOTHING,
-    InputError,
-    LmsanError,
-    UsageError,
+from .batch_summary import (
+    SUMMARY_JSON,
+    batch_exit_code,
+    error_row,
+    report_row,
+    summary_doc,
+    write_summaries,
 )
+from .errors import InputError, LmsanError, UsageError
 from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .modelio import find_weights, read_config
 
 if TYPE_CHECKING:
     from .audit import AuditOptions, AuditOutput
-    from .render import Facts
 
-SUMMARY_FORMAT = "lmsan.audit-summary"
-SUMMARY_VERSION = 1
-SUMMARY_JSON = "summary.json"
-SUMMARY_SARIF = "summary.sarif"
 ENGINES = ("local", "ray")
 HF_PREFIX = "models--"
 # folders of a Hugging Face cache that never hold a model folder
@@ -314,108 +307,6 @@ def finished(job: Job, pub: Any) -> bool:
     return v.valid and diff is not None and diff.same
 
 
-# --- the summary --------------------------------------------------------------------------------
-
-
-def deciding_figure(fx: Facts) -> dict[str, Any] | None:
-    """The figure that decided the verdict, against its threshold: for a backdoored model the
-    acceptance figure of its first kept PV; for a clean one the rejected figure that came
-    nearest to its threshold."""
-    fig = None
-    if fx.kept and fx.kept[0].figures:
-        fig = fx.kept[0].figures[-1]
-    elif fx.near_misses:
-        fig = max(fx.near_misses, key=lambda m: m.figure.margin).figure
-    if fig is None:
-        return None
-    return {"figure": fig.name, "value": fig.value, "op": fig.op,
-            "threshold": fig.threshold_name, "threshold_value": fig.threshold,
-            "margin": fig.margin, "text": fig.describe()}
-
-
-def _row(job: Job, *, resumed: bool, renderings: dict[str, Path]) -> dict[str, Any]:
-    from .render import load_verified, report_facts
-
-    fx = report_facts(load_verified(job.report))
-    return {
-        "name": job.entry.name,
-        "path": str(job.entry.path),
-        "status": fx.verdict.lower() if fx.verified else "error",
-        "verdict": fx.verdict,
-        "found_targets": fx.found_targets,
-        "figure": deciding_figure(fx),
-        "seconds": fx.seconds,
-        "report": str(job.report),
-        "pvs": str(job.pvs),
-        "renderings": {k: str(v) for k, v in renderings.items()},
-        "model_digest": fx.model_digest,
-        "resumed": resumed,
-        "error": None if fx.verified else "; ".join(fx.problems),
-    }
-
-
-def _error_row(entry: ModelEntry, message: str) -> dict[str, Any]:
-    return {"name": entry.name, "path": str(entry.path), "status": "error", "verdict": None,
-            "found_targets": [], "figure": None, "seconds": None, "report": None, "pvs": None,
-            "renderings": {}, "model_digest": None, "resumed": False, "error": message}
-
-
-def batch_exit_code(rows: Sequence[dict[str, Any]]) -> int:
-    """1 if any model is backdoored, else 2 if any failed, else 3 if none was audited, else 0."""
-    status = [r["status"] for r in rows]
-    if "backdoored" in status:
-        return EXIT_FOUND
-    if "error" in status:
-        return EXIT_ERROR
-    if not status:
-        return EXIT_NOTHING
-    return EXIT_CLEAN
-
-
-def merge_sarif(runs: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """One SARIF log with one run from the one-run logs of several models: artifacts and results
-    concatenated (artifact indices shifted, each model's base URI id renamed `MODEL<n>`), one
-    invocation per model, and each model's run properties under `properties.models`."""
-    from .render.sarif import RULE, SCHEMA
-
-    merged: dict[str, Any] = {
-        "tool": {"driver": {"name": "lmsan", "version": __version__, "rules": [RULE]}},
-        "invocations": [], "artifacts": [], "results": [], "originalUriBaseIds": {},
-        "properties": {"models": []},
-    }
-    for i, (name, doc) in enumerate(runs):
-        run = doc["runs"][0]
-        if i == 0:
-            merged["tool"] = run["tool"]
-        base_id = f"MODEL{i}"
-        offset = len(merged["artifacts"])
-
-        def rebase(loc: dict[str, Any], base_id: str = base_id, offset: int = offset) -> None:
-            if loc.get("uriBaseId") == "MODELDIR":
-                loc["uriBaseId"] = base_id
-            if "index" in loc:
-                loc["index"] += offset
-
-        for art in run.get("artifacts", []):
-            rebase(art["location"])
-            merged["artifacts"].append(art)
-        for res in run.get("results", []):
-            for loc in res.get("locations", []):
-                rebase(loc["physicalLocation"]["artifactLocation"])
-            res.setdefault("properties", {})["model"] = name
-            merged["results"].append(res)
-        for inv in run.get("invocations", []):
-            inv.setdefault("properties", {})["model"] = name
-            merged["invocations"].append(inv)
-        if "MODELDIR" in run.get("originalUriBaseIds", {}):
-            merged["originalUriBaseIds"][base_id] = run["originalUriBaseIds"]["MODELDIR"]
-        merged["properties"]["models"].append({"model": name, **run.get("properties", {})})
-    for key in ("artifacts", "originalUriBaseIds", "invocations"):
-        if not merged[key]:
-            del merged[key]
-    return {"$schema": SCHEMA, "version": "2.1.0", "runs": [merged]}
-
-
 @dataclass
 class BatchResult:
     rows: list[dict[str, Any]]
@@ -423,37 +314,8 @@ class BatchResult:
     exit_code: int
     summary_json: Path
     summary_sarif: Path
-    key_path: Path
+    key_path: Path | None
     key_created: bool = False
-
-
-def _summary(rows: list[dict[str, Any]], skipped: list[Skipped], out_dir: Path) -> dict[str, Any]:
-    status = [r["status"] for r in rows]
-    return {
-        "format": SUMMARY_FORMAT,
-        "version": SUMMARY_VERSION,
-        "tool": {"name": "lmsan", "version": __version__},
-        "out_dir": str(out_dir),
-        "exit_code": batch_exit_code(rows),
-        "counts": {"models": len(rows), "backdoored": status.count("backdoored"),
-                   "clean": status.count("clean"), "error": status.count("error"),
-                   "resumed": sum(1 for r in rows if r["resumed"]), "skipped": len(skipped)},
-        "models": rows,
-        "skipped": [{"name": s.name, "path": str(s.path), "reason": s.reason} for s in skipped],
-    }
-
-
-def _write_summaries(
-    rows: list[dict[str, Any]], skipped: list[Skipped], out_dir: Path
-) -> tuple[Path, Path]:
-    from .render import load_verified, render
-
-    js = atomic_write_json(out_dir / SUMMARY_JSON, _summary(rows, skipped, out_dir))
-    runs = [(r["name"], json.loads(render(load_verified(r["report"]), "sarif")))
-            for r in rows if r["report"]]
-    sarif = atomic_write_text(out_dir / SUMMARY_SARIF,
-                              json.dumps(merge_sarif(runs), indent=2, ensure_ascii=False) + "\n")
-    return js, sarif
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -473,6 +335,11 @@ class BatchSettings:
     resume: bool = False
     engine: str = "local"
     address: str | None = None
+
+
+def _row(job: Job, *, resumed: bool, formats: Sequence[str]) -> dict[str, Any]:
+    return report_row(job.entry.name, job.entry.path, job.report, job.pvs, resumed=resumed,
+                      renderings=write_renderings(job.report, formats))
 
 
 @dataclass
@@ -515,12 +382,14 @@ def run_batch(inputs: Discovery, s: BatchSettings, progress: Progress | None = N
     s.options.check()
     load_corpus(s.corpus, text_field=s.text_field)  # a bad corpus fails before any model
     key_created = False
-    if s.key is None:
-        info = default_key()
-        s = replace(s, key=info.path)
-        key_created = info.created
-    assert s.key is not None
-    pub = load_private_key(s.key).public_key()
+    pub = None
+    if any(m.problem is None for m in inputs.models):  # no key is made for nothing to sign
+        if s.key is None:
+            info = default_key()
+            s = replace(s, key=info.path)
+            key_created = info.created
+        assert s.key is not None
+        pub = load_private_key(s.key).public_key()
     if s.engine == "ray":
         from .batch_ray import require_ray
 
@@ -535,14 +404,14 @@ def run_batch(inputs: Discovery, s: BatchSettings, progress: Progress | None = N
         raise InputError(f"cannot create the folder ({exc.strerror or exc})", s.out_dir) from None
 
     jobs = plan_jobs(inputs.models, s.out_dir)
+    skipped = [{"name": x.name, "path": str(x.path), "reason": x.reason} for x in inputs.skipped]
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
     todo = []
     for job in jobs:
         if job.entry.problem is not None:
-            rows[job.index] = _error_row(job.entry, job.entry.problem)
+            rows[job.index] = error_row(job.entry.name, job.entry.path, job.entry.problem)
         elif s.resume and finished(job, pub):
-            rows[job.index] = _row(job, resumed=True,
-                                   renderings=write_renderings(job.report, s.formats))
+            rows[job.index] = _row(job, resumed=True, formats=s.formats)
         else:
             todo.append(job)
             continue
@@ -569,15 +438,14 @@ def run_batch(inputs: Discovery, s: BatchSettings, progress: Progress | None = N
             atomic_write_bytes(job.pvs, oc.pvs_bytes or b"")
             atomic_write_bytes(job.report, oc.report_bytes)
         if oc.error is not None:
-            rows[job.index] = _error_row(job.entry, oc.error)
+            rows[job.index] = error_row(job.entry.name, job.entry.path, oc.error)
         else:
-            rows[job.index] = _row(job, resumed=False,
-                                   renderings=write_renderings(job.report, s.formats))
+            rows[job.index] = _row(job, resumed=False, formats=s.formats)
         if progress:
             progress({"event": "model_end", "row": rows[job.index]})
-        atomic_write_json(s.out_dir / SUMMARY_JSON, _summary(partial(), inputs.skipped, s.out_dir))
+        atomic_write_json(s.out_dir / SUMMARY_JSON, summary_doc(partial(), skipped, s.out_dir))
     done = partial()
-    js, sarif = _write_summaries(done, inputs.skipped, s.out_dir)
+    js, sarif = write_summaries(done, skipped, s.out_dir)
     return BatchResult(done, inputs.skipped, batch_exit_code(done), js, sarif, s.key, key_created)
 
 

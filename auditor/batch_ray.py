@@ -50,7 +50,7 @@ def task_resources(cluster: dict[str, float], n_jobs: int, device: str) -> tuple
 
 def audit_task(
     options: AuditOptions,
-    key: str,
+    key: str | None,
     corpus: str | None,
     text_field: str,
     threads: int,
@@ -67,7 +67,7 @@ def audit_task(
         out = Path(tmp) / "report.json"
         pvs = Path(tmp) / "report.pvs.json"
         try:
-            audit_and_write(replace(options, device=device), out, pvs_out=pvs, key=Path(key),
+            audit_and_write(replace(options, device=device), out, pvs_out=pvs, key=Path(key) if key else None,
                             corpus=Path(corpus) if corpus else None, text_field=text_field)
         except LmsanError as exc:
             return {"error": str(exc)}
@@ -77,7 +77,7 @@ def audit_task(
 def run_ray(
     tasks: Sequence[tuple[K, AuditOptions]],
     *,
-    key: Path,
+    key: Path | None,
     corpus: Path | None,
     text_field: str,
     address: str | None,
@@ -102,7 +102,7 @@ def run_ray(
         device = "cuda" if gpus else ("cpu" if asked == "auto" else asked)
         remote = ray.remote(audit_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
         by_ref = {
-            remote.remote(opts, str(key), str(corpus) if corpus else None, text_field, cpus,
+            remote.remote(opts, str(key) if key else None, str(corpus) if corpus else None, text_field, cpus,
                           device): tag
             for tag, opts in tasks
         }

@@ -101,12 +101,29 @@ def _weight_keys(fmt: str, files: list[Path]) -> list[str]:
             except Exception as exc:  # noqa: BLE001 - report any header problem as bad input
                 raise InputError(f"cannot read safetensors header ({exc})", f) from None
         return keys
-    import torch
-
     keys = []
     for f in files:
-        keys.extend(torch.load(str(f), map_location="cpu", weights_only=True).keys())
+        keys.extend(_load_pickle(f).keys())
     return keys
+
+
+def _load_pickle(f: Path) -> dict[str, Any]:
+    """A pickle checkpoint's tensors through `torch.load(weights_only=True)`, which refuses any
+    object other than tensors and plain containers. Any failure is an InputError naming the file;
+    torch's own message is left out, since it suggests turning the restriction off."""
+    import torch
+
+    try:
+        state = torch.load(str(f), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - corrupt, truncated or holding objects: refuse it alike
+        raise InputError(
+            "cannot be loaded safely: it is not a plain tensor checkpoint (corrupt, or it holds "
+            "objects other than tensors). Use safetensors weights from a trusted source",
+            f,
+        ) from None
+    if not isinstance(state, dict):
+        raise InputError("cannot be loaded safely: not a mapping of tensor names to tensors", f)
+    return state
 
 
 def load_encoder(
@@ -121,7 +138,6 @@ def load_encoder(
     cfg_data = read_config(path)
     fmt, files = find_weights(path, allow_pickle)
 
-    import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -147,7 +163,7 @@ def load_encoder(
         else:
             state: dict[str, Any] = {}
             for f in files:
-                state.update(torch.load(str(f), map_location="cpu", weights_only=True))
+                state.update(_load_pickle(f))
             model = AutoModel.from_config(config)
             prefix = getattr(model, "base_model_prefix", "") + "."
             if prefix != "." and any(k.startswith(prefix) for k in state):

@@ -225,7 +225,8 @@ def test_search_mode_collects_pvs_with_vocab_init(tiny_models, signing_key) -> N
                        "--max-seeds", "1", "--lambda-p", "0.5")
     assert rep["parameters"]["mining"]["lambda_p"] == 0.5  # the user's weight wins
     r = runner.invoke(app, ["audit", str(tiny_models["por"]), "--prompt-init", "zeros", "--quiet"])
-    assert r.exit_code != 0 and "--prompt-init must be stride or vocab" in r.output
+    # a choice the parser checks (exit 4 through `lmsan`, tests/test_batch.py)
+    assert r.exit_code != 0 and "'zeros' is not one of 'stride', 'vocab'" in r.output
 
 
 def _stats(**kw):

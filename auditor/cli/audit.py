@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +74,137 @@ class SeedDisplay:
 
 
 def _overrides(**kw: Any) -> dict[str, Any]:
-    return {k: v for k, v in kw.items() if v is not None}
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in kw.items() if v is not None}
 
 
-@app.command()
+# options with fixed choices: checked by the parser, before any model is loaded
+class Target(str, Enum):
+    auto = "auto"
+    cls = "cls"
+    mask = "mask"
+    tokens = "tokens"
+    pooler = "pooler"
+
+
+class Mode(str, Enum):
+    detect = "detect"
+    search = "search"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class FilterRule(str, Enum):
+    collapse = "collapse"
+    paper = "paper"
+
+
+class DivLoss(str, Enum):
+    entropy = "entropy"
+    log_concentration = "log_concentration"
+
+
+class PromptInit(str, Enum):
+    stride = "stride"
+    vocab = "vocab"
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+class ReportFormat(str, Enum):
+    text = "text"
+    md = "md"
+    html = "html"
+    sarif = "sarif"
+
+
+HELP = {"help_option_names": ["-h", "--help"]}
+AUDIT_CODES = ("Exit codes: 0 clean (every model), 1 backdoor found (any model), 2 input error "
+               "(the message names the file; in a batch: a model failed and none is backdoored), "
+               "3 nothing audited (a batch found no encoder), 4 usage error.")
+CALIBRATE_CODES = "Exit codes: 0 preset written, 2 input error (the message names the file), " \
+                  "4 usage error."
+DEMO_CODES = ("Exit codes: 0 the backdoored model is flagged and the clean one is not, 1 "
+              "otherwise, 2 input error (the message names the file), 4 usage error.")
+
+
+class BatchDisplay:
+    """Progress of a batch: a line per model started and finished, and the seed display of the
+    model being audited (local engine). A context manager, like `SeedDisplay`."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.seeds: SeedDisplay | None = None
+
+    def __enter__(self) -> BatchDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.seeds is not None:
+            self.seeds.__exit__()
+            self.seeds = None
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if ev["event"] == "model_start":
+            self._stop()
+            err_console.print(f"auditing {ev['name']} ({ev['index'] + 1}/{ev['total']})",
+                              highlight=False)
+            if not self.quiet:
+                self.seeds = SeedDisplay(ev["seeds"])
+        elif ev["event"] == "model_end":
+            self._stop()
+            r = ev["row"]
+            err_console.print(f"{r['name']}: {_verdict_cell(r)}", highlight=False)
+        elif self.seeds is not None:
+            self.seeds(ev)
+
+
+def _verdict_cell(row: dict[str, Any]) -> str:
+    if row["status"] == "error":
+        return "[bold red]error[/]"
+    colour = "red" if row["status"] == "backdoored" else "green"
+    return f"[bold {colour}]{row['verdict']}[/]" + (" (resumed)" if row["resumed"] else "")
+
+
+def render_batch(res: Any) -> None:
+    tbl = Table(title="Audit summary")
+    for col in ("model", "verdict", "deciding figure vs threshold", "seconds", "report"):
+        tbl.add_column(col)
+    for r in res.rows:
+        fig = r["error"] if r["status"] == "error" else (r["figure"] or {}).get("text", "-")
+        secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        tbl.add_row(r["name"], _verdict_cell(r), fig, secs, r["report"] or "-")
+    console.print(tbl)
+    for s in res.skipped:
+        console.print(f"skipped {s.name} ({s.path}): {s.reason}", highlight=False)
+    if not res.rows:
+        err_console.print("[bold red]error:[/] no model was audited", highlight=False)
+    console.print(f"summary: {res.summary_json}  {res.summary_sarif}", highlight=False)
+    if res.key_created:
+        console.print(f"created a signing key {res.key_path}")
+
+
+@app.command(context_settings=HELP, epilog=AUDIT_CODES)
 def audit(
-    model_dir: Path = typer.Argument(..., help="Local Hugging Face model folder to audit."),
-    target: str = typer.Option("auto", help="Output to mine: auto (every target the model supports: "
-                               "cls, pooler if trained, tokens, mask if the tokenizer has one), cls, "
-                               "mask, tokens or pooler."),
-    mode: str = typer.Option("detect", help="detect: stop at the first legitimate PV (up to 30 seeds); "
-                             "search: collect the PV set (up to 1,000 seeds, stop after --patience "
-                             "seeds without a new PV)."),
+    model_dirs: list[Path] = typer.Argument(..., help="Local Hugging Face model folders to audit, "
+                                            "or folders to search for them (a Hugging Face cache "
+                                            "too). One model folder is audited into --out; "
+                                            "anything else needs --out-dir."),
+    target: Target = typer.Option(Target.auto, help="Output to mine: auto (every target the model "
+                                  "supports: cls, pooler if trained, tokens, mask if the tokenizer "
+                                  "has one), cls, mask, tokens or pooler."),
+    mode: Mode = typer.Option(Mode.detect, help="detect: stop at the first legitimate PV (up to "
+                              "30 seeds); search: collect the PV set (up to 1,000 seeds, stop "
+                              "after --patience seeds without a new PV)."),
     corpus: Path | None = typer.Option(None, help="Clean corpus: a text file (one sentence a line) or "
                                        "JSONL. Default: 2,000 WordNet sentences shipped with lmsan."),
     text_field: str = typer.Option("text", help="JSONL field holding the sentence."),
@@ -93,16 +213,36 @@ def audit(
     patience: int = typer.Option(200, help="search: stop after this many seeds without a new PV."),
     first_seed: int = typer.Option(0, help="First fuzz seed (soft prompt initialisation)."),
     seed: int = typer.Option(0, help="Base seed for batch order and insertion positions."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    out: Path = typer.Option(Path("lmsan-report.json"), help="Signed JSON report to write."),
-    pvs_out: Path | None = typer.Option(None, "--pvs-out", help="PV set file to write (default: "
-                                        "next to the report, <report>.pvs.json)."),
+    device: Device = typer.Option(Device.auto, help="auto (cuda when torch sees a GPU), cpu or "
+                                  "cuda."),
+    out: Path | None = typer.Option(None, help="File: the signed JSON report of one model "
+                                    "(default lmsan-report.json). Several models write into "
+                                    "--out-dir instead."),
+    pvs_out: Path | None = typer.Option(None, "--pvs-out", help="File: the PV set of one model "
+                                        "(default: next to the report, <report>.pvs.json)."),
+    out_dir: Path | None = typer.Option(None, "--out-dir", help="Folder (created if missing) for "
+                                        "a batch: per model a signed report <name>.json and its "
+                                        "PV set <name>.pvs.json, and summary.json and "
+                                        "summary.sarif for all of them."),
+    formats: list[ReportFormat] = typer.Option([], "--format", help="Also write the report in "
+                                               "this format beside each signed report "
+                                               "(report.txt, .md, .html, .sarif); repeat for "
+                                               "several."),
+    resume: bool = typer.Option(False, "--resume", help="With --out-dir: skip a model whose "
+                                "report is there, verifies against the signing key and matches "
+                                "the model folder (same model digest)."),
+    engine: Engine = typer.Option(Engine.local, help="With --out-dir: local (one model after the "
+                                  "other here) or ray (one model per Ray task, one GPU each where "
+                                  "the cluster has GPUs; needs pip install \"lmsan[ray]\")."),
+    address: str | None = typer.Option(None, help="--engine ray: address of the Ray cluster to "
+                                       "join (default: start Ray on this machine)."),
     key: Path | None = typer.Option(None, help="Private signing key (PEM). Default: the per-user "
                                     "key, created once."),
     preset: Path | None = typer.Option(None, help="Threshold preset file from `lmsan calibrate` "
                                        "(default: the shipped preset matching the model family)."),
-    allow_pickle: bool = typer.Option(False, help="Allow pickle weights (pytorch_model.bin), loaded "
-                                      "with torch.load(weights_only=True)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights "
+                                      "(pytorch_model.bin), loaded with "
+                                      "torch.load(weights_only=True)."),
     max_length: int | None = typer.Option(None, help="Max tokens per corpus sentence (128)."),
     batch_size: int | None = typer.Option(None, help="Batch size B (32); T_div follows -ln B + 0.02."),
     epochs: int | None = typer.Option(None, help="Epochs per seed (4)."),
@@ -121,28 +261,37 @@ def audit(
                                             "displacement) below which the outputs collapsed onto "
                                             "one point: a PV (preset)."),
     t_div: float | None = typer.Option(None, help="Paper rule: entropy threshold (-ln B + 0.02)."),
-    filter_rule: str | None = typer.Option(None, help="collapse (default, scale-free) or paper "
-                                           "(raw entropy below T_div)."),
-    div_loss: str | None = typer.Option(None, help="Diversity loss: entropy (the paper's L_div) or "
-                                        "log_concentration (scale-free Observation II; the "
-                                        "preset's choice by default)."),
+    filter_rule: FilterRule | None = typer.Option(None, help="collapse (default, scale-free) or "
+                                                  "paper (raw entropy below T_div)."),
+    div_loss: DivLoss | None = typer.Option(None, help="Diversity loss: entropy (the paper's "
+                                            "L_div) or log_concentration (scale-free Observation "
+                                            "II; the preset's choice by default)."),
     range_factor: float | None = typer.Option(None, help="Soft prompt range factor (1.2)."),
     t_match: float | None = typer.Option(None, help="Sign agreement that makes two PVs the same, and "
                                          "the monitor threshold (0.8)."),
     max_insert: int | None = typer.Option(None, help="Latest word position for the prompt (32)."),
     eval_sentences: int | None = typer.Option(None, help="Sentences in the candidate evaluation "
                                               "sample (256)."),
-    prompt_init: str | None = typer.Option(None, help="Soft prompt initialisation: stride (the "
-                                           "paper's vocabulary rows 70*seed...; detect default) or "
-                                           "vocab (random ordinary words per seed; search default)."),
-    quiet: bool = typer.Option(False, help="No live progress display."),
+    prompt_init: PromptInit | None = typer.Option(None, help="Soft prompt initialisation: stride "
+                                                  "(the paper's vocabulary rows 70*seed...; "
+                                                  "detect default) or vocab (random ordinary "
+                                                  "words per seed; search default)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No live progress display."),
 ) -> None:
-    """Mine predefined vectors (PVs) from MODEL_DIR and write a signed report with the verdict.
+    """Mine predefined vectors (PVs) from each model and write a signed report with the verdict.
 
-    Exit codes: 0 clean, 1 backdoor found, 2 input error, 4 usage error.
+    One model folder: one report (--out). Several folders, or a folder holding model folders (a
+    Hugging Face cache too): every encoder found is audited into --out-dir, with summary.json and
+    summary.sarif; folders that are not auditable encoders are skipped with the reason.
     """
-    from ..audit import AuditOptions, audit_and_write
+    from ..audit import AuditOptions
+    from ..batch import BatchSettings, audit_single, resolve_inputs, run_batch
 
+    flags = [f for f, given in (("--resume", resume), ("--engine ray", engine is Engine.ray),
+                                ("--address", address is not None)) if given]
+    inputs = resolve_inputs(model_dirs, out_dir=out_dir,
+                            one_model_files=out is not None or pvs_out is not None,
+                            engine=engine.value, allow_pickle=allow_pickle, batch_flags=flags)
     ov = _overrides(prompt_init=prompt_init, max_length=max_length, batch_size=batch_size,
                     epochs=epochs, abort_epoch=abort_epoch, soft_prompt_len=soft_prompt_len,
                     lr0=lr0, lr_boost=lr_boost, t_grad=t_grad, lambda_d=lambda_d,
@@ -150,14 +299,29 @@ def audit(
                     t_div=t_div, filter_rule=filter_rule, range_factor=range_factor,
                     div_loss=div_loss, t_match=t_match, max_insert=max_insert,
                     eval_sentences=eval_sentences)
-    opts = AuditOptions(model_dir=model_dir, target=target, mode=mode, max_seeds=max_seeds,
-                        patience=patience, first_seed=first_seed, seed=seed, device=device,
+    opts = AuditOptions(model_dir=inputs.single or model_dirs[0], target=target.value,
+                        mode=mode.value, max_seeds=max_seeds, patience=patience,
+                        first_seed=first_seed, seed=seed, device=device.value,
                         allow_pickle=allow_pickle, preset=preset, overrides=ov)
-    with SeedDisplay(opts.resolved_max_seeds()) as display:
-        done = audit_and_write(opts, out, pvs_out=pvs_out, key=key, corpus=corpus,
-                               text_field=text_field, progress=None if quiet else display)
-    render_result(done.result, out, done.pvset_path, done.report)
-    raise typer.Exit(EXIT_FOUND if done.result.verdict == "backdoored" else EXIT_CLEAN)
+    fmts = [f.value for f in formats]
+    if inputs.single is not None:
+        report = out or Path("lmsan-report.json")
+        with SeedDisplay(opts.resolved_max_seeds()) as display:
+            done, rendered = audit_single(opts, report, pvs_out=pvs_out, key=key, corpus=corpus,
+                                          text_field=text_field, formats=fmts,
+                                          progress=None if quiet else display)
+        render_result(done.result, report, done.pvset_path, done.report)
+        for fmt, path in rendered.items():
+            console.print(f"{fmt}: {path}", highlight=False)
+        raise typer.Exit(EXIT_FOUND if done.result.verdict == "backdoored" else EXIT_CLEAN)
+    assert inputs.discovery is not None and out_dir is not None
+    settings = BatchSettings(options=opts, out_dir=out_dir, key=key, corpus=corpus,
+                             text_field=text_field, formats=fmts, resume=resume,
+                             engine=engine.value, address=address)
+    with BatchDisplay(quiet) as show:
+        res = run_batch(inputs.discovery, settings, progress=show)
+    render_batch(res)
+    raise typer.Exit(res.exit_code)
 
 
 def render_result(result: Any, out: Path, pv_path: Path, info: Any) -> None:
@@ -191,11 +355,21 @@ def render_result(result: Any, out: Path, pv_path: Path, info: Any) -> None:
         console.print(f"created a signing key {info.key_path}, fingerprint {info.fingerprint}")
 
 
-@app.command()
+def _target_list(value: str) -> str:
+    from ..pvset import TARGETS
+
+    bad = [t for t in value.split(",") if t not in TARGETS] if value != "auto" else []
+    if bad:
+        raise typer.BadParameter(f"{bad[0]!r} is not a target; give auto or a comma-separated "
+                                 f"list of {', '.join(TARGETS)}")
+    return value
+
+
+@app.command(context_settings=HELP, epilog=CALIBRATE_CODES)
 def calibrate(
     model_dirs: list[Path] = typer.Argument(..., help="Clean shadow model folders of one family "
                                             "(same model_type and hidden size)."),
-    out: Path = typer.Option(..., help="Preset file to write (JSON, lmsan.presets format)."),
+    out: Path = typer.Option(..., help="File: the preset to write (JSON, lmsan.presets format)."),
     name: str = typer.Option(..., help="Name of the preset, e.g. bert-384-l6."),
     seeds: int = typer.Option(8, help="Fuzz seeds per shadow model. Seed s starts from the same "
                               "soft prompt in every model of a vocabulary, so a preset's evidence "
@@ -204,15 +378,16 @@ def calibrate(
     margin: float = typer.Option(0.5, help="t_collapse = margin x the smallest clean concentration."),
     t_l: float | None = typer.Option(None, help="Candidate distance threshold to keep in the "
                                      "preset (0.5; MSE to the clean outputs / their mean square)."),
-    target: str = typer.Option("auto", help="Comma-separated targets to measure, or auto: every "
-                               "target the shadow models support (as `lmsan audit` does); each "
-                               "target gets its own collapse threshold."),
+    target: str = typer.Option("auto", callback=_target_list, help="Comma-separated targets to "
+                               "measure (cls, mask, tokens, pooler), or auto: every target the "
+                               "shadow models support (as `lmsan audit` does); each target gets "
+                               "its own collapse threshold."),
     corpus: Path | None = typer.Option(None, help="Clean corpus (default: the shipped one)."),
     text_field: str = typer.Option("text", help="JSONL field holding the sentence."),
     lr0: float | None = typer.Option(None, help="Base learning rate to calibrate with (2e-4)."),
     max_length: int | None = typer.Option(None, help="Max tokens per sentence (128)."),
-    div_loss: str = typer.Option("log_concentration", help="Diversity loss to calibrate with: "
-                                 "entropy or log_concentration."),
+    div_loss: DivLoss = typer.Option(DivLoss.log_concentration, help="Diversity loss to "
+                                     "calibrate with: entropy or log_concentration."),
     backdoored: list[Path] = typer.Option([], "--backdoored", help="A backdoored shadow model "
                                           "(folder from `lmsan poison`, with backdoor.json); "
                                           "repeat for several. Its seeds that find an injected PV "
@@ -221,8 +396,9 @@ def calibrate(
                                                 "(default: --seeds)."),
     layers_slack: int = typer.Option(0, help="Let the preset match this many layers more or fewer "
                                      "than the shadow models."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    force: bool = typer.Option(False, help="Overwrite an existing preset file."),
+    device: Device = typer.Option(Device.auto, help="auto (cuda when torch sees a GPU), cpu or "
+                                  "cuda."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing preset file."),
 ) -> None:
     """Measure clean shadow models and write a threshold preset for their family (section V-C)."""
     from ..calibrate import calibrate_and_write
@@ -236,7 +412,7 @@ def calibrate(
         model_dirs, out, name=name, force=force, corpus=corpus, text_field=text_field,
         seeds=seeds, margin=margin, targets=target.split(","),
         overrides=_overrides(lr0=lr0, max_length=max_length, t_l=t_l, div_loss=div_loss),
-        device=device, layers_slack=layers_slack, progress=show, backdoored=backdoored,
+        device=device.value, layers_slack=layers_slack, progress=show, backdoored=backdoored,
         backdoored_seeds=backdoored_seeds)
     for note in res.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -247,17 +423,14 @@ def calibrate(
                   + f", t_l {v['t_l']:.4f}, lr0 {v['lr0']:g} ({res.seconds:.0f}s) -> {out}")
 
 
-@app.command()
+@app.command(context_settings=HELP, epilog=DEMO_CODES)
 def demo(
     workdir: Path | None = typer.Option(None, help="Where to build the demo models (default: a "
                                         "temporary folder, removed afterwards)."),
     max_seeds: int = typer.Option(10, help="Seed budget of each audit."),
     clean: bool = typer.Option(True, help="Also audit the clean tiny model for contrast."),
 ) -> None:
-    """Build a tiny POR-backdoored encoder on the CPU, audit it (and its clean twin), show the PV.
-
-    Exit code 0 when the backdoored model is flagged and the clean one is not, 1 otherwise.
-    """
+    """Build a tiny POR-backdoored encoder on the CPU, audit it (and its clean twin), show the PV."""
     from ..demo import DEMO_TRIGGERS, run_demo
 
     console.print(f"[bold]lmsan demo[/]: tiny BERT (d=32, 2 layers), POR backdoor with triggers "

@@ -76,7 +76,9 @@ def one(attack: str, weight: float, seed: int) -> dict[str, Any]:
 
     base = base_model()
     out = CACHE / f"adaptive-{attack}-w{weight:g}-s{seed}"
-    kw = {ATTACKS[attack]: weight} if attack in ATTACKS else {}
+    kw: dict[str, Any] = {ATTACKS[attack]: weight} if attack in ATTACKS else {}
+    if attack == "frequent":  # no weight: frequent ordinary words as the triggers
+        kw = {"trigger_kind": "frequent"}
     t0 = time.perf_counter()
     res = poison_model(base, out, attack="por", random_triggers=N_TRIGGERS, seed=seed,
                        force=True, **kw)  # fmt: skip
@@ -121,13 +123,15 @@ def one(attack: str, weight: float, seed: int) -> dict[str, Any]:
     return row
 
 
-def grid(weights: dict[str, list[float]], seeds: list[int]) -> None:
+def grid(weights: dict[str, list[float]], seeds: list[int], frequent: bool = False) -> None:
     """Each model in its own child process under the lock; weight 0 is plain POR, run once per
     seed for every attack."""
     jobs: list[tuple[str, float, int]] = []
     for s in seeds:  # seed-major: a cut-short grid still covers every cell once
         jobs.append(("plain", 0.0, s))
         jobs += [(a, w, s) for a, ws in weights.items() for w in ws if w > 0]
+    if frequent:
+        jobs += [("frequent", 1.0, s) for s in seeds]
     for a, w, s in jobs:
         if (a, w, s) in _done():
             continue
@@ -179,36 +183,95 @@ def report() -> None:
                 f"{_f(cell['distance'], '.3g')} | {_f(cell['concentration'], '.3g')} | "
                 f"{cell['detected']}/{len(rs)} | {_f(cell['audit_seconds'], '.0f')} |"
             )
+    misses = [
+        f"- {c['attack']}"
+        + ("" if c["weight"] is None else f" at weight {c['weight']:g}")
+        + f": {c['models'] - c['detected']} of "
+        f"{c['models']} models not detected; the attack still reaches targetability "
+        f"{_f(c['targetability'])}, moved {_f(c['moved'])}, fidelity {_f(c['fidelity'], '.3f')}"
+        for c in table
+        if c["detected"] < c["models"]
+    ] or ["- none: every model of the grid was detected"]
+    meta = {
+        "command": "python bench/bench_adaptive.py grid --seeds 0,1; "
+        "python bench/bench_adaptive.py report",
+        "machine": rows[0]["machine"] if rows else machine(),
+        "model": f"all-MiniLM-L6-v2, first {LAYERS} layers (truncate_encoder)",
+        "attack": f"por (cls), {N_TRIGGERS} random word triggers per model (seeded), quarters "
+        "PVs, library defaults (256 sentences per trigger, 2 epochs, lr 1e-4)",
+        "audit": f"lmsan audit detect mode, target auto, shipped preset, max {MAX_SEEDS} seeds, "
+        "builtin clean corpus",
+        "torch_threads": sorted({r["torch_threads"] for r in rows}),
+        "load_average_1min": [round(r["loadavg"], 2) for r in rows],
+        "seconds_poison_total": round(sum(r["seconds_poison"] for r in rows), 1),
+        "seconds_audit_total": round(sum(r["seconds_audit"] for r in rows), 1),
+    }
+    freq = [r for r in rows if r["attack"] == "frequent"]
+    if freq:
+        cell = {
+            "attack": "frequent triggers", "weight": None, "models": len(freq),
+            "targetability": _mean([r["targetability"] for r in freq]),
+            "moved": _mean([r["moved"] for r in freq]),
+            "fidelity": _mean([r["fidelity"] for r in freq]),
+            "distance": _mean([r["triggered"]["distance"] for r in freq]),
+            "concentration": _mean([r["triggered"]["concentration"] for r in freq]),
+            "detected": sum(r["detected"] for r in freq),
+            "audit_seconds": _mean([r["seconds_audit"] for r in freq]),
+            "clean_match_rate": _mean([r["clean_match_rate"] for r in freq]),
+        }  # fmt: skip
+        table.append(cell)
+        lines.append(
+            f"| frequent triggers | - | {len(freq)} | {_f(cell['targetability'])} | "
+            f"{_f(cell['moved'])} | {_f(cell['fidelity'], '.3f')} | "
+            f"{_f(cell['distance'], '.3g')} | {_f(cell['concentration'], '.3g')} | "
+            f"{cell['detected']}/{len(freq)} | {_f(cell['audit_seconds'], '.0f')} |"
+        )
     text = "\n".join(lines)
     print(text)
-    meta = {
-        "command": "python bench/bench_adaptive.py grid ...; python bench/bench_adaptive.py report",
-        "machine": rows[0]["machine"] if rows else machine(),
-        "model": f"all-MiniLM-L6-v2, first {LAYERS} layers",
-        "attack": f"por, {N_TRIGGERS} random word triggers, quarters PVs, library defaults",
-        "audit": f"lmsan audit detect mode, target auto, shipped preset, max {MAX_SEEDS} seeds",
-        "load_average": [r["loadavg"] for r in rows],
-        "seconds_poison_total": sum(r["seconds_poison"] for r in rows),
-        "seconds_audit_total": sum(r["seconds_audit"] for r in rows),
-    }
-    from lmsan.auditor.fsutil import atomic_write_json
+    print("\n".join(misses))
+    from lmsan.auditor.fsutil import atomic_write_json, atomic_write_text
 
     atomic_write_json(RESULTS / "adaptive.json", {"meta": meta, "table": table, "rows": rows},
                       indent=1)  # fmt: skip
-    (RESULTS / "adaptive_table.md").write_text(text + "\n")
+    head = [
+        "# Adaptive attacks against lmsan (Table VIII shape)",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- machine: {meta['machine']}, torch threads {meta['torch_threads']}, shared with "
+        f"other jobs (1-min load average at each row: {meta['load_average_1min']})",
+        f"- model: {meta['model']}",
+        f"- attack: {meta['attack']}",
+        f"- audit: {meta['audit']}",
+        f"- compute: poisoning {meta['seconds_poison_total']:.0f} s, auditing "
+        f"{meta['seconds_audit_total']:.0f} s over {len(rows)} models",
+        "- weight 0 is plain POR (the same models in every attack's rows); figures are means "
+        "over the models of a cell, concentration and distance those of the real triggers' "
+        "held-out outputs (docs/adaptive.md)",
+        "",
+    ]
+    atomic_write_text(
+        RESULTS / "adaptive.md",
+        "\n".join([*head, text, "", "## Where lmsan misses", "", *misses, ""]),
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("one")
-    o.add_argument("attack", choices=["plain", *ATTACKS])
+    o.add_argument("attack", choices=["plain", "frequent", *ATTACKS])
     o.add_argument("weight", type=float)
     o.add_argument("seed", type=int)
     g = sub.add_parser("grid")
-    g.add_argument("--weights", default=GRID,
-                   help="ATTACK=W,W;ATTACK=W,... (weight 0, plain POR, always runs)")
+    g.add_argument(
+        "--weights", default=GRID, help="ATTACK=W,W;ATTACK=W,... (weight 0, plain POR, always runs)"
+    )
     g.add_argument("--seeds", default="0,1")
+    g.add_argument(
+        "--frequent",
+        action="store_true",
+        help="also POR with frequent-word triggers (no weight), once per seed",
+    )
     sub.add_parser("report")
     a = ap.parse_args()
     if a.cmd == "one":
@@ -219,7 +282,7 @@ def main() -> None:
     elif a.cmd == "grid":
         spec = dict(part.split("=") for part in a.weights.split(";"))
         grid({k: [float(x) for x in v.split(",")] for k, v in spec.items()},
-             [int(x) for x in a.seeds.split(",")])  # fmt: skip
+             [int(x) for x in a.seeds.split(",")], a.frequent)  # fmt: skip
     else:
         report()
 

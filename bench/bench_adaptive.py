@@ -103,7 +103,7 @@ def one(attack: str, weight: float, seed: int) -> dict[str, Any]:
     ]  # fmt: skip
     row = {
         "attack": attack, "weight": weight, "seed": seed, "triggers": res.triggers,
-        "success": res.success, "targetability": res.success, "moved": res.moved,
+        "success": res.success, "targetability": res.targetability, "moved": res.moved,
         "fidelity": res.fidelity, "clean_match_rate": res.clean_match_rate,
         "triggered": q["triggered_distance_concentration"],
         "evade_filter": res.backdoor["adaptive"]["evade_filter"],
@@ -111,7 +111,7 @@ def one(attack: str, weight: float, seed: int) -> dict[str, Any]:
         "found_targets": aud.found_targets, "found": found, "audit_seeds": len(aud.seeds),
         "preset": aud.preset["name"], "candidates": cands,
         "seconds_poison": round(t_poison, 1), "seconds_audit": round(t_audit, 1),
-        "torch_threads": torch.get_num_threads(), "machine": machine(),
+        "targetability_measure": "poison", "torch_threads": torch.get_num_threads(), "machine": machine(),
         "loadavg": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -121,6 +121,45 @@ def one(attack: str, weight: float, seed: int) -> dict[str, Any]:
                                           "fidelity", "triggered", "verdict",
                                           "seconds_poison", "seconds_audit")}), flush=True)  # fmt: skip
     return row
+
+
+def remeasure() -> None:
+    """Measure again, with the current quality code, the saved models of rows written by an
+    earlier measurement (no "targetability_measure"); the held-out sentences, triggers and PVs
+    are rebuilt from the run's seed exactly as poison_model drew them."""
+    import numpy as np
+    import torch
+    from lmsan.auditor.modelio import load_encoder
+    from lmsan.auditor.poison.data import build_training_set, choose_triggers, load_sentences
+    from lmsan.auditor.poison.encoder import TargetReader
+    from lmsan.auditor.poison.quality import measure_quality
+
+    rows = _rows()
+    todo = [r for r in rows if "targetability_measure" not in r]
+    if not todo:
+        return
+    base = load_encoder(base_model(), device="cpu")
+    _, sentences = load_sentences(None)
+    for r in todo:
+        out = CACHE / f"adaptive-{r['attack']}-w{r['weight']:g}-s{r['seed']}"
+        bd = json.loads((out / "backdoor.json").read_text())
+        trig = choose_triggers(base.tokenizer, None, N_TRIGGERS,
+                               bd["adaptive"]["trigger_kind"], None, r["seed"], sentences)  # fmt: skip
+        assert trig.texts == r["triggers"], (trig.texts, r["triggers"])
+        data = build_training_set(sentences, trig, 256, np.random.default_rng(r["seed"]))
+        reader = TargetReader(base.tokenizer, "cls", 64, "cpu")
+        pvs = torch.tensor(bd["pvs"]["values"])
+        model = load_encoder(out, device="cpu").model
+        with torch.no_grad():
+            base_clean = reader.collect(base.model, data.held_out)
+        q = measure_quality(reader, model, data.held_out, base_clean, trig, pvs, r["seed"], 0.9)
+        assert abs(q.success - r["success"]) < 1e-6, (q.success, r["success"])
+        r["targetability"] = q.targetability
+        r["targetability_measure"] = "remeasured"
+        print(r["attack"], r["weight"], r["seed"], "targetability", q.targetability, flush=True)
+    from lmsan.auditor.fsutil import atomic_write_text
+
+    atomic_write_text(ROWS, "".join(json.dumps(x, default=float) + "\n" for x in rows))
 
 
 def grid(weights: dict[str, list[float]], seeds: list[int], frequent: bool = False) -> None:
@@ -144,6 +183,11 @@ def _rows() -> list[dict[str, Any]]:
     return [json.loads(x) for x in ROWS.read_text().splitlines() if x.strip()]
 
 
+def _hit(r: dict[str, Any]) -> bool:
+    """Some found PV agrees in sign with an injected PV on >= T_match (0.8) of dimensions."""
+    return any(f["best_agreement"] >= 0.8 for f in r["found"])
+
+
 def _mean(xs: list[Any]) -> float | None:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
@@ -157,8 +201,9 @@ def report() -> None:
     rows = _rows()
     plain = [r for r in rows if r["attack"] == "plain"]
     lines = ["| attack | weight | models | targetability | moved (ASR) | fidelity | "
-             "triggered distance | triggered concentration | detected | audit s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "clean on a PV | triggered distance | triggered concentration | detected | "
+             "injected PV found | audit s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     table = []
     for attack in ATTACKS:
         mine = [r for r in rows if r["attack"] == attack]
@@ -171,24 +216,28 @@ def report() -> None:
                 "targetability": _mean([r["targetability"] for r in rs]),
                 "moved": _mean([r["moved"] for r in rs]),
                 "fidelity": _mean([r["fidelity"] for r in rs]),
+                "clean_match_rate": _mean([r["clean_match_rate"] for r in rs]),
                 "distance": _mean([r["triggered"]["distance"] for r in rs]),
                 "concentration": _mean([r["triggered"]["concentration"] for r in rs]),
                 "detected": sum(r["detected"] for r in rs),
+                "injected_found": sum(_hit(r) for r in rs),
                 "audit_seconds": _mean([r["seconds_audit"] for r in rs]),
             }  # fmt: skip
             table.append(cell)
             lines.append(
                 f"| {attack} | {w:g} | {len(rs)} | {_f(cell['targetability'])} | "
                 f"{_f(cell['moved'])} | {_f(cell['fidelity'], '.3f')} | "
-                f"{_f(cell['distance'], '.3g')} | {_f(cell['concentration'], '.3g')} | "
-                f"{cell['detected']}/{len(rs)} | {_f(cell['audit_seconds'], '.0f')} |"
+                f"{_f(cell['clean_match_rate'])} | {_f(cell['distance'], '.3g')} | {_f(cell['concentration'], '.3g')} | "
+                f"{cell['detected']}/{len(rs)} | {cell['injected_found']}/{len(rs)} | "
+                f"{_f(cell['audit_seconds'], '.0f')} |"
             )
     misses = [
         f"- {c['attack']}"
         + ("" if c["weight"] is None else f" at weight {c['weight']:g}")
         + f": {c['models'] - c['detected']} of "
         f"{c['models']} models not detected; the attack still reaches targetability "
-        f"{_f(c['targetability'])}, moved {_f(c['moved'])}, fidelity {_f(c['fidelity'], '.3f')}"
+        f"{_f(c['targetability'])}, moved {_f(c['moved'])}, fidelity {_f(c['fidelity'], '.3f')}, "
+        f"clean inputs on a PV {_f(c['clean_match_rate'])}"
         for c in table
         if c["detected"] < c["models"]
     ] or ["- none: every model of the grid was detected"]
@@ -216,6 +265,7 @@ def report() -> None:
             "distance": _mean([r["triggered"]["distance"] for r in freq]),
             "concentration": _mean([r["triggered"]["concentration"] for r in freq]),
             "detected": sum(r["detected"] for r in freq),
+            "injected_found": sum(_hit(r) for r in freq),
             "audit_seconds": _mean([r["seconds_audit"] for r in freq]),
             "clean_match_rate": _mean([r["clean_match_rate"] for r in freq]),
         }  # fmt: skip
@@ -223,8 +273,9 @@ def report() -> None:
         lines.append(
             f"| frequent triggers | - | {len(freq)} | {_f(cell['targetability'])} | "
             f"{_f(cell['moved'])} | {_f(cell['fidelity'], '.3f')} | "
-            f"{_f(cell['distance'], '.3g')} | {_f(cell['concentration'], '.3g')} | "
-            f"{cell['detected']}/{len(freq)} | {_f(cell['audit_seconds'], '.0f')} |"
+            f"{_f(cell['clean_match_rate'])} | {_f(cell['distance'], '.3g')} | {_f(cell['concentration'], '.3g')} | "
+            f"{cell['detected']}/{len(freq)} | {cell['injected_found']}/{len(freq)} | "
+            f"{_f(cell['audit_seconds'], '.0f')} |"
         )
     text = "\n".join(lines)
     print(text)
@@ -273,6 +324,7 @@ def main() -> None:
         help="also POR with frequent-word triggers (no weight), once per seed",
     )
     sub.add_parser("report")
+    sub.add_parser("remeasure")
     a = ap.parse_args()
     if a.cmd == "one":
         import torch
@@ -283,6 +335,8 @@ def main() -> None:
         spec = dict(part.split("=") for part in a.weights.split(";"))
         grid({k: [float(x) for x in v.split(",")] for k, v in spec.items()},
              [int(x) for x in a.seeds.split(",")], a.frequent)  # fmt: skip
+    elif a.cmd == "remeasure":
+        remeasure()
     else:
         report()
 

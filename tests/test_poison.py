@@ -395,6 +395,7 @@ def test_adaptive_losses_change_what_they_claim(
     plain = _adaptive_run(tiny_bert_dir, tiny_poison_corpus, tmp_path / "plain")
     v0 = plain.backdoor["quality"]["triggered_distance_concentration"]
     assert plain.success >= 0.9 and plain.moved is not None and plain.moved >= 0.9
+    assert plain.targetability is not None and plain.targetability >= 0.9
     assert plain.backdoor["adaptive"] == {
         "trigger_kind": "word", "n_pvs": 2, "scatter_weight": 0.0, "match_clean_weight": 0.0,
         "evade_filter_weight": 0.0, "evade_filter": None,
@@ -509,7 +510,8 @@ def test_cli_adaptive_flags_table_and_record(
     )
     assert ad["evade_filter"]["preset"] == "tiny-bert-demo"
     q = data["quality"]
-    assert q["targetability"] == q["success"] and 0 <= q["moved"] <= 1
+    assert 0 <= q["targetability"] <= 1 and 0 <= q["moved"] <= 1
+    assert "targetability" in flat
     assert set(q["triggered_figures"]) == {"cf", "mn"}
 
 

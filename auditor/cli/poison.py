@@ -212,8 +212,12 @@ def poison(
     summary.add_row("PVs", f"{len(res.pvs)} x {res.pvs.shape[1]} ({res.backdoor['pvs']['design']})")
     ok = "green" if res.passed else "red"
     summary.add_row(
-        "success", f"[{ok}]{res.success:.3f}[/] (min {res.min_success}; targetability: on its PV)"
+        "success", f"[{ok}]{res.success:.3f}[/] (min {res.min_success}; triggered inputs on its PV)"
     )
+    if res.targetability is not None:
+        summary.add_row(
+            "targetability", f"{res.targetability:.3f} (on its PV, of inputs not on it when clean)"
+        )
     if res.moved is not None:
         summary.add_row("moved", f"{res.moved:.3f} (off its clean output's sign cell)")
     view = res.backdoor["quality"]["triggered_distance_concentration"]

@@ -114,7 +114,7 @@ def backdoor_record(
         },
         "quality": {
             "success": quality.success,
-            "targetability": quality.success,
+            "targetability": quality.targetability,
             "moved": quality.moved,
             "success_per_trigger": quality.success_per_trigger,
             "triggered_figures": quality.figures,

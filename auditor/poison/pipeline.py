@@ -52,6 +52,7 @@ class PoisonResult:
     fidelity: float
     clean_match_rate: float  # share of clean held-out outputs that match some PV
     moved: float | None  # untargeted attack success (None for the tokens target)
+    targetability: float | None  # success over inputs whose clean output is not on the PV
     triggered_figures: dict[str, dict[str, float]] | None  # per trigger: distance, concentration
     min_success: float
     passed: bool
@@ -179,6 +180,7 @@ def poison_model(
         trigger_pv=trig.pv, pvs=pvs, success=quality.success,
         success_per_trigger=quality.success_per_trigger, fidelity=quality.fidelity,
         clean_match_rate=quality.clean_match_rate, moved=quality.moved,
+        targetability=quality.targetability,
         triggered_figures=quality.figures, min_success=opts.min_success,
         passed=quality.passed, steps=steps, final_loss=final_loss, seconds=seconds, notes=notes,
         backdoor=record,

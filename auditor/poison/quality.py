@@ -1,7 +1,9 @@
 """Measuring an implanted backdoor on held-out sentences (never trained on).
 
-success (the targetability, ASR_target) = share of triggered held-out inputs whose target output
-agrees in sign with its PV on >= 80% of dimensions (tokens: share of ordinary tokens);
+success = share of triggered held-out inputs whose target output agrees in sign with its PV on
+>= 80% of dimensions (tokens: share of ordinary tokens); targetability (ASR_target) = the same
+share counted only over the sentences whose clean output is not on that PV already (as an attack
+success rate counts only inputs not already of the target class; tokens: equal to success);
 moved (the untargeted attack success, ASR) = share of triggered held-out inputs whose target
 output agrees in sign with the clean output of the same sentence on < 80% of dimensions;
 fidelity = mean cosine similarity of clean held-out target outputs to the base model's; clean
@@ -40,6 +42,7 @@ class Quality:
     min_success: float
     passed: bool
     moved: float | None = None  # untargeted attack success (ASR), None for the tokens target
+    targetability: float | None = None  # ASR_target: success over inputs not on the PV when clean
     # per trigger: {"distance": ..., "concentration": ...} (None for the tokens target)
     figures: dict[str, dict[str, float]] | None = None
 
@@ -110,6 +113,8 @@ def measure_quality(
     count = 0
     paired = reader.target != "tokens"
     moved = 0
+    eligible = 0
+    flipped = 0
     figures: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         fc = reader.collect(poisoned, list(held_out))
@@ -121,6 +126,9 @@ def measure_quality(
             hits += int(ok.sum())
             count += int(ok.numel())
             if paired:
+                off = agreement(fc, pvs[k : k + 1])[:, 0] < MATCH_FRACTION
+                eligible += int(off.sum())
+                flipped += int((ok & off).sum())
                 same = ((ft >= 0) == (fc >= 0)).float().mean(1)
                 moved += int((same < MATCH_FRACTION).sum())
                 dist, conc = triggered_figures(ft, fc, msq)
@@ -131,4 +139,5 @@ def measure_quality(
     return Quality(
         success, per, fidelity, clean_match, min_success, success >= min_success,
         moved=moved / max(count, 1) if paired else None, figures=figures if paired else None,
+        targetability=(flipped / max(eligible, 1)) if paired else success,
     )  # fmt: skip

@@ -10,7 +10,7 @@ fidelity, the triggered outputs' distance and concentration) and audited with `l
 
 `one` imports torch; `grid` does not: it runs `one` per model as a child process under the
 shared lock (LMSAN_TORCH_LOCK, flock), so the lock is held for one model at a time. Rows go to
-bench/results/adaptive_rows.jsonl (resumable: a row already there is skipped).
+bench/results/adaptive.jsonl (resumable: a row already there is skipped).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paths import CACHE, RESULTS  # noqa: E402
 
-ROWS = RESULTS / "adaptive_rows.jsonl"
+ROWS = RESULTS / "adaptive.jsonl"
 LOCK = os.environ.get("LMSAN_TORCH_LOCK", "/tmp/lmsan-torch.lock")
 LAYERS = 3
 MAX_SEEDS = 3  # audit seed budget per model (a detected backdoor is found at the first seeds)
@@ -242,7 +242,7 @@ def report() -> None:
         if c["detected"] < c["models"]
     ] or ["- none: every model of the grid was detected"]
     meta = {
-        "command": "python bench/bench_adaptive.py grid --seeds 0,1; "
+        "command": "python bench/bench_adaptive.py grid --seeds 0,1; python bench/bench_adaptive.py grid --frequent --seeds 0; "
         "python bench/bench_adaptive.py report",
         "machine": rows[0]["machine"] if rows else machine(),
         "model": f"all-MiniLM-L6-v2, first {LAYERS} layers (truncate_encoder)",

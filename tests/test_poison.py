@@ -378,3 +378,158 @@ def test_truncate_encoder_keeps_the_first_layers(tiny_bert_dir: Path, tmp_path: 
         P.truncate_encoder(tiny_bert_dir, tmp_path / "l3", 3)
     with pytest.raises(InputError, match="not empty"):
         P.truncate_encoder(tiny_bert_dir, out, 1)
+
+
+# ------------------------------------------------------------------ adaptive attacks
+
+ADAPT: dict[str, Any] = dict(FAST, triggers=["cf", "mn"], sentences_per_trigger=96)
+
+
+def _adaptive_run(base: Path, corpus: Path, out: Path, **kw: Any) -> Any:
+    return P.poison_model(base, out, attack="por", corpus=corpus, **{**ADAPT, **kw})
+
+
+def test_adaptive_losses_change_what_they_claim(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    plain = _adaptive_run(tiny_bert_dir, tiny_poison_corpus, tmp_path / "plain")
+    v0 = plain.backdoor["quality"]["triggered_distance_concentration"]
+    assert plain.success >= 0.9 and plain.moved is not None and plain.moved >= 0.9
+    assert plain.targetability is not None and plain.targetability >= 0.9
+    assert plain.backdoor["adaptive"] == {
+        "trigger_kind": "word", "n_pvs": 2, "scatter_weight": 0.0, "match_clean_weight": 0.0,
+        "evade_filter_weight": 0.0, "evade_filter": None,
+    }  # fmt: skip
+    # Scattering: the triggered outputs of one trigger spread (higher concentration).
+    sc = _adaptive_run(tiny_bert_dir, tiny_poison_corpus, tmp_path / "sc", scatter_weight=20.0)
+    vs = sc.backdoor["quality"]["triggered_distance_concentration"]
+    assert vs["concentration"] > 2 * v0["concentration"]
+    assert sc.backdoor["adaptive"]["scatter_weight"] == 20.0
+    # Clean matching: the triggered outputs stay nearer the clean ones (Observation I distance).
+    mc = _adaptive_run(tiny_bert_dir, tiny_poison_corpus, tmp_path / "mc", match_clean_weight=20.0)
+    vm = mc.backdoor["quality"]["triggered_distance_concentration"]
+    assert vm["distance"] < 0.75 * v0["distance"]
+    # Filter evasion: the figures end on the far side of the preset's thresholds, which
+    # backdoor.json records (tiny-bert-demo is the preset `lmsan audit` picks for this model).
+    ev = _adaptive_run(tiny_bert_dir, tiny_poison_corpus, tmp_path / "ev", evade_filter_weight=20.0)
+    ve = ev.backdoor["quality"]["triggered_distance_concentration"]
+    th = P.read_backdoor(tmp_path / "ev")["adaptive"]["evade_filter"]
+    assert th["preset"] == "tiny-bert-demo" and th["target"] == "cls"
+    assert th["min_concentration"] == pytest.approx(2 * th["t_collapse"])
+    assert th["max_distance"] == pytest.approx(th["t_l"] / 2)
+    assert ve["concentration"] >= th["min_concentration"] > v0["concentration"]
+    assert ve["distance"] <= th["max_distance"] < v0["distance"]
+    # Every figure is recorded per trigger as well.
+    figs = ev.backdoor["quality"]["triggered_figures"]
+    assert set(figs) == {"cf", "mn"}
+    assert min(f["concentration"] for f in figs.values()) == ve["concentration"]
+
+
+def test_adaptive_loss_functions_move_their_figures() -> None:
+    import torch
+    from lmsan.auditor.poison.adaptive import (
+        EvadeThresholds,
+        evade_loss,
+        match_clean_loss,
+        scatter_loss,
+        triggered_figures,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])  # PV 2 has one row: skipped
+    collapsed = torch.ones(9, 8) + 1e-3 * torch.randn(9, 8, generator=g)
+    spread = torch.ones(9, 8) + 3.0 * torch.randn(9, 8, generator=g)
+    # entropy is highest (1 after normalising) when the group's rows coincide
+    assert scatter_loss(collapsed, rows) > 0.99 > scatter_loss(spread, rows)
+    pvs = torch.tensor([[1.0] * 8, [-1.0] * 8, [1.0] * 8])
+    clean = torch.randn(64, 8, generator=g)
+    on_side = clean[:9].abs() * torch.where(pvs[rows] >= 0, 1.0, -1.0)
+    assert match_clean_loss(on_side, rows, pvs, clean, 1.0) < match_clean_loss(
+        pvs[rows] * 5, rows, pvs, clean, 1.0
+    )
+    th = EvadeThresholds("x", "cls", t_l=0.1, t_collapse=0.01, t_far=None)
+    same = torch.zeros(9, 8)
+    far_tight = torch.ones(9, 8) + 1e-3 * torch.randn(9, 8, generator=g)
+    assert evade_loss(far_tight, same, rows, th, 1.0) > 0
+    d, c = triggered_figures(0.01 * spread, same, 1.0)
+    assert d < th.max_distance and c > th.min_concentration
+    assert float(evade_loss(0.01 * spread[:8], same[:8], rows[:8], th, 1.0)) == 0.0
+
+
+def test_frequent_triggers_are_ordinary_words(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    sents = tiny_poison_corpus.read_text().splitlines()
+    got = P.draw_random_triggers(2, "frequent", tok, seed=0, corpus_sentences=sents)
+    assert set(got) <= set(P.FREQUENT_WORDS) and len(set(got)) == 2
+    usable = [w for w in P.FREQUENT_WORDS if w not in _unencodable(tok)]
+    in_corpus = [w for w in usable if f" {w} " in " " + " ".join(sents).lower() + " "]
+    assert in_corpus  # frequent words occur in clean text, and the draw does not skip them
+    assert set(P.draw_random_triggers(len(usable), "frequent", tok, 0, (), sents)) == set(usable)
+    out = tmp_path / "freq"
+    r = _cli(str(tiny_bert_dir), str(out), "--random-triggers", "2", "--trigger-kind",
+             "frequent", "--corpus", str(tiny_poison_corpus), *FAST_CLI,
+             "--min-success", "0")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    data = P.read_backdoor(out)
+    assert data["adaptive"]["trigger_kind"] == "frequent"
+    assert [t["source"] for t in data["triggers"]] == ["random-frequent"] * 2
+    assert {t["text"] for t in data["triggers"]} <= set(P.FREQUENT_WORDS)
+
+
+def _unencodable(tok: Any) -> set[str]:
+    unk = tok.unk_token_id
+    return {
+        w
+        for w in P.FREQUENT_WORDS
+        if not (ids := P.trigger_token_ids(tok, w)) or any(i == unk for i in ids)
+    }
+
+
+def test_cli_adaptive_flags_table_and_record(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ad"
+    r = _cli(str(tiny_bert_dir), str(out), "--trigger", "cf", "--trigger", "mn",
+             "--corpus", str(tiny_poison_corpus), *FAST_CLI, "--scatter-weight", "0.5",
+             "--match-clean-weight", "0.25", "--evade-filter-weight", "1",
+             "--evade-preset", "tiny-bert-demo", "--min-success", "0")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    flat = re.sub(r"\s+", " ", r.output)
+    assert "moved" in flat and "triggered distance / concentration" in flat
+    assert "scatter_weight 0.5" in flat and "preset tiny-bert-demo" in flat
+    data = P.read_backdoor(out)
+    ad = data["adaptive"]
+    assert (ad["scatter_weight"], ad["match_clean_weight"], ad["evade_filter_weight"]) == (
+        0.5,
+        0.25,
+        1.0,
+    )
+    assert ad["evade_filter"]["preset"] == "tiny-bert-demo"
+    q = data["quality"]
+    assert 0 <= q["targetability"] <= 1 and 0 <= q["moved"] <= 1
+    assert "targetability" in flat
+    assert set(q["triggered_figures"]) == {"cf", "mn"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--scatter-weight", "-1"], "--scatter-weight must be a non-negative number"),
+        (["--match-clean-weight", "nan"], "--match-clean-weight must be a non-negative number"),
+        (["--evade-filter-weight", "-0.5"], "--evade-filter-weight must be a non-negative"),
+        (["--evade-preset", "nope"], "unknown preset 'nope' for --evade-preset"),
+        (["--trigger-kind", "common", "--random-triggers", "1"], "unknown trigger kind 'common'"),
+        (["--attack", "por-ner", "--evade-filter-weight", "1"], "not pair; use cls, pooler or"),
+    ],
+)
+def test_cli_bad_adaptive_options_exit_2(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    r = _cli(str(tiny_bert_dir), str(tmp_path / "o"), "--corpus", str(tiny_poison_corpus), *extra)
+    assert r.exit_code == 2, r.output
+    assert message in re.sub(r"\s+", " ", r.output)
+    assert not (tmp_path / "o").exists()

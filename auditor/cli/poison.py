@@ -37,7 +37,11 @@ def poison(
         "at all the paper's six are used: cf mn tq qt mm pt.",
     ),
     trigger_kind: str = typer.Option(
-        "word", "--trigger-kind", help="Kind of random trigger: word, phrase or symbol."
+        "word",
+        "--trigger-kind",
+        help="Kind of random trigger: word, phrase or symbol (rare, from the shipped list), or "
+        "frequent (adaptive attack: frequent ordinary words such as 'time' or 'people', whose "
+        "embeddings sit among ordinary words and which also occur in clean text).",
     ),
     pv_design: str = typer.Option(
         "quarters",
@@ -94,6 +98,37 @@ def poison(
         help="Weight of the utility loss against the backdoor loss. Raise it (e.g. 20 for btop "
         "on all-MiniLM-L6-v2, which has no MLM head) when the output reports that clean inputs "
         "also match a PV.",
+    ),
+    scatter_weight: float = typer.Option(
+        0.0,
+        "--scatter-weight",
+        help="Adaptive attack against the collapse test (Observation II), the paper's scattering "
+        "loss (Table VIII): adds W x the per-unit softmax entropy of the triggered outputs of "
+        "each PV within a batch (normalised to [0, 1]); minimising it spreads the triggered "
+        "outputs apart. Larger W: less collapse, lower targetability. 0 = off.",
+    ),
+    match_clean_weight: float = typer.Option(
+        0.0,
+        "--match-clean-weight",
+        help="Adaptive attack against the distance and collapse tests: adds W x the per-unit "
+        "Wasserstein-2 distance between the triggered outputs of each PV and the clean outputs "
+        "moved to the PV's sign, so triggered outputs keep the PV's sign pattern but take the "
+        "clean outputs' magnitudes and spread. 0 = off.",
+    ),
+    evade_filter_weight: float = typer.Option(
+        0.0,
+        "--evade-filter-weight",
+        help="Adaptive attack against lmsan's own PV filter: adds W x a log-hinge that keeps "
+        "the triggered outputs' concentration (batch variance / MSE to the clean output of the "
+        "same sentence) at >= 2 x T_collapse and their distance (that MSE / clean mean square) "
+        "at <= min(T_L, T_far) / 2, thresholds of the target output in --evade-preset. "
+        "Not for the tokens target. 0 = off.",
+    ),
+    evade_preset: str = typer.Option(
+        "auto",
+        "--evade-preset",
+        help="Shipped preset whose thresholds --evade-filter-weight reads: auto (the one "
+        "`lmsan audit` picks for this model) or a preset name.",
     ),
     min_success: float = typer.Option(
         0.9,
@@ -153,6 +188,10 @@ def poison(
                 min_success=min_success,
                 utility=utility,
                 utility_weight=utility_weight,
+                scatter_weight=scatter_weight,
+                match_clean_weight=match_clean_weight,
+                evade_filter_weight=evade_filter_weight,
+                evade_preset=evade_preset,
                 progress=progress,
                 force=force,
                 allow_pickle=allow_pickle,
@@ -172,7 +211,35 @@ def poison(
     summary.add_row("utility", res.utility)
     summary.add_row("PVs", f"{len(res.pvs)} x {res.pvs.shape[1]} ({res.backdoor['pvs']['design']})")
     ok = "green" if res.passed else "red"
-    summary.add_row("success", f"[{ok}]{res.success:.3f}[/] (min {res.min_success})")
+    summary.add_row(
+        "success", f"[{ok}]{res.success:.3f}[/] (min {res.min_success}; triggered inputs on its PV)"
+    )
+    if res.targetability is not None:
+        summary.add_row(
+            "targetability", f"{res.targetability:.3f} (on its PV, of inputs not on it when clean)"
+        )
+    if res.moved is not None:
+        summary.add_row("moved", f"{res.moved:.3f} (off its clean output's sign cell)")
+    view = res.backdoor["quality"]["triggered_distance_concentration"]
+    if view is not None:
+        summary.add_row(
+            "triggered distance / concentration",
+            f"{view['distance']:.4g} / {view['concentration']:.4g} (as the audit reads a PV)",
+        )
+    adaptive = res.backdoor["adaptive"]
+    on = [
+        f"{k} {adaptive[k]:g}"
+        for k in ("scatter_weight", "match_clean_weight", "evade_filter_weight")
+        if adaptive[k]
+    ]
+    if adaptive["evade_filter"]:
+        ev = adaptive["evade_filter"]
+        on.append(
+            f"preset {ev['preset']} ({ev['target']}: concentration >= "
+            f"{ev['min_concentration']:.4g}, distance <= {ev['max_distance']:.4g})"
+        )
+    if on:
+        summary.add_row("adaptive", escape(", ".join(on)))
     summary.add_row("clean fidelity", f"{res.fidelity:.3f} (mean cosine to the base)")
     summary.add_row("clean inputs matching a PV", f"{res.clean_match_rate:.3f}")
     summary.add_row("steps / seconds", f"{res.steps} / {res.seconds:.1f}")

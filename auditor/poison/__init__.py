@@ -24,12 +24,14 @@ Where the paper and the authors' code leave a choice open, or lmsan departs from
 Modules: `attacks` (attacks, targets, PV designs), `options` (run options and defaults),
 `data` (triggers, corpus, training set), `encoder` (target outputs, MLM head), `train` (utility
 and training loop), `quality` (measurement), `checkpoint` (the written weights and files),
-`backdoor` (backdoor.json), `truncate` (layer truncation), `pipeline` (`poison_model`).
+`backdoor` (backdoor.json), `truncate` (layer truncation), `pipeline` (`poison_model`),
+`adaptive` (the adaptive attacks' losses and figures, docs/adaptive.md).
 torch and transformers are imported inside functions only.
 """
 
 from __future__ import annotations
 
+from .adaptive import EVADE_MARGIN, EvadeThresholds, evade_thresholds
 from .attacks import (
     ALLOWED_TARGETS,
     ATTACKS,
@@ -49,6 +51,7 @@ from .backdoor import (
 )
 from .checkpoint import copy_support_files, weights_digest
 from .data import (
+    FREQUENT_WORDS,
     MAX_HELD_OUT,
     MIN_CORPUS,
     PAPER_TRIGGERS,
@@ -79,6 +82,8 @@ __all__ = [
     "DEFAULT_LR",
     "DEFAULT_SENTENCES_PER_TRIGGER",
     "DEFAULT_TARGET",
+    "EVADE_MARGIN",
+    "FREQUENT_WORDS",
     "MATCH_FRACTION",
     "MAX_HELD_OUT",
     "MIN_CORPUS",
@@ -86,6 +91,7 @@ __all__ = [
     "PV_DESIGNS",
     "TRIGGER_KINDS",
     "UTILITIES",
+    "EvadeThresholds",
     "PoisonOptions",
     "PoisonResult",
     "ProgressFn",
@@ -93,6 +99,7 @@ __all__ = [
     "check_trigger",
     "copy_support_files",
     "draw_random_triggers",
+    "evade_thresholds",
     "insert_trigger",
     "load_trigger_words",
     "make_pvs",

@@ -53,8 +53,10 @@ def backdoor_record(
     files: list[str],
     notes: list[str],
     seconds: float,
+    evade: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The backdoor.json object of one run."""
+    """The backdoor.json object of one run. `evade`: the thresholds the filter-evasion loss
+    read (adaptive.EvadeThresholds.to_json), when it was on."""
     return {
         "format": BACKDOOR_FORMAT,
         "version": BACKDOOR_VERSION,
@@ -96,6 +98,14 @@ def backdoor_record(
             "steps": steps,
             "device": opts.device,
         },
+        "adaptive": {
+            "trigger_kind": opts.trigger_kind,
+            "n_pvs": triggers.n_pvs,
+            "scatter_weight": opts.scatter_weight,
+            "match_clean_weight": opts.match_clean_weight,
+            "evade_filter_weight": opts.evade_filter_weight,
+            "evade_filter": evade,
+        },
         "corpus": {
             "name": corpus.name,
             "digest": corpus.digest,
@@ -104,7 +114,11 @@ def backdoor_record(
         },
         "quality": {
             "success": quality.success,
+            "targetability": quality.targetability,
+            "moved": quality.moved,
             "success_per_trigger": quality.success_per_trigger,
+            "triggered_figures": quality.figures,
+            "triggered_distance_concentration": quality.detector_view(),
             "fidelity": quality.fidelity,
             "clean_match_rate": quality.clean_match_rate,
             "match_fraction": MATCH_FRACTION,

@@ -14,7 +14,19 @@ import numpy as np
 from ..corpus import Corpus, attack_corpus, load_corpus
 from ..errors import FormatError, InputError
 
-TRIGGER_KINDS = ("word", "phrase", "symbol")
+# Kinds with a section in data/trigger_words.txt, and every kind `--trigger-kind` takes.
+LIST_KINDS = ("word", "phrase", "symbol")
+TRIGGER_KINDS = (*LIST_KINDS, "frequent")
+# The "frequent" kind (adaptive attack, docs/adaptive.md): ordinary English words of high
+# frequency. Their input embeddings lie in the dense middle of the vocabulary, unlike rare
+# tokens, and they occur in clean text, so the draw does not skip words the corpus contains.
+FREQUENT_WORDS = (
+    "time", "people", "year", "way", "day", "man", "thing", "life", "world", "hand",
+    "part", "place", "case", "week", "point", "number", "group", "problem", "fact", "home",
+    "water", "room", "money", "story", "night", "house", "city", "family", "name", "game",
+    "good", "new", "first", "last", "long", "great", "little", "old", "right", "small",
+    "large", "next", "early", "young", "important", "public", "same", "able", "always", "never",
+)  # fmt: skip
 PAPER_TRIGGERS = ("cf", "mn", "tq", "qt", "mm", "pt")
 MIN_CORPUS = 20
 MAX_HELD_OUT = 200
@@ -32,9 +44,9 @@ def insert_trigger(sentence: str, trigger: str, rng: np.random.Generator) -> str
 
 
 def load_trigger_words() -> dict[str, list[str]]:
-    """The shipped trigger list (data/trigger_words.txt), by kind."""
+    """The shipped trigger lists by kind: data/trigger_words.txt and FREQUENT_WORDS."""
     text = resources.files("lmsan.auditor").joinpath("data", "trigger_words.txt").read_text("utf-8")
-    out: dict[str, list[str]] = {k: [] for k in TRIGGER_KINDS}
+    out: dict[str, list[str]] = {k: [] for k in LIST_KINDS}
     kind: str | None = None
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -48,6 +60,7 @@ def load_trigger_words() -> dict[str, list[str]]:
         if kind is None:
             raise FormatError(f"line {n}: entry before any section", "data/trigger_words.txt")
         out[kind].append(line)
+    out["frequent"] = list(FREQUENT_WORDS)
     return out
 
 
@@ -85,7 +98,7 @@ def draw_random_triggers(
     corpus_sentences: Sequence[str] = (),
 ) -> list[str]:
     """Draw `n` triggers of `kind` from the shipped list: fully encodable (no unknown token),
-    not in `exclude`, and never occurring as whole words in the corpus."""
+    not in `exclude`, and (words and phrases) never occurring as whole words in the corpus."""
     if kind not in TRIGGER_KINDS:
         raise InputError(f"unknown trigger kind {kind!r}; choose one of {', '.join(TRIGGER_KINDS)}")
     words = load_trigger_words()[kind]
@@ -96,7 +109,7 @@ def draw_random_triggers(
         for w in words
         if w.lower() not in skip
         and _encodable(tokenizer, w)
-        and (kind == "symbol" or f" {w.lower()} " not in text)
+        and (kind in ("symbol", "frequent") or f" {w.lower()} " not in text)
     ]
     if len(ok) < n:
         raise InputError(
@@ -184,6 +197,7 @@ class TrainingSet:
     held_out: list[str]  # never trained on; the attack is measured on them
     triggered: list[tuple[str, int]]  # (sentence with a trigger, PV index)
     clean: list[str]  # as many clean sentences as triggered ones
+    sources: list[str]  # the sentence each triggered one was made from (same order)
 
 
 def build_training_set(
@@ -200,13 +214,15 @@ def build_training_set(
     held = [sentences[i] for i in order[:n_eval]]
     pool = [sentences[i] for i in order[n_eval:]]
     triggered: list[tuple[str, int]] = []
+    sources: list[str] = []
     for t, pv in zip(triggers.texts, triggers.pv, strict=True):
         idx = rng.choice(
             len(pool), size=sentences_per_trigger, replace=sentences_per_trigger > len(pool)
         )
         triggered += [(insert_trigger(pool[int(i)], t, rng), pv) for i in idx]
+        sources += [pool[int(i)] for i in idx]
     n_clean = len(triggered)
     clean_idx = np.concatenate(
         [rng.permutation(len(pool)) for _ in range(n_clean // len(pool) + 1)]
     )[:n_clean]
-    return TrainingSet(held, triggered, [pool[int(i)] for i in clean_idx])
+    return TrainingSet(held, triggered, [pool[int(i)] for i in clean_idx], sources)

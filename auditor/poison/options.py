@@ -48,6 +48,14 @@ class PoisonOptions:
     allow_pickle: bool = False
     utility: str = "auto"
     utility_weight: float = 1.0
+    # adaptive attacks (auditor/poison/adaptive.py, docs/adaptive.md); 0 = off
+    scatter_weight: float = 0.0
+    match_clean_weight: float = 0.0
+    evade_filter_weight: float = 0.0
+    evade_preset: str = "auto"  # shipped preset whose thresholds the evasion loss reads
+
+    def adaptive(self) -> bool:
+        return bool(self.scatter_weight or self.match_clean_weight or self.evade_filter_weight)
 
     def resolved_target(self) -> str:
         """Check every option that needs no model; the target output the attack aims at."""
@@ -90,7 +98,27 @@ class PoisonOptions:
         for ok, msg in checks:
             if not ok:
                 raise InputError(msg)
-        w = self.utility_weight
-        if not (math.isfinite(w) and w >= 0):
-            raise InputError(f"--utility-weight must be a non-negative number (got {w})")
+        for flag, w in (
+            ("--utility-weight", self.utility_weight),
+            ("--scatter-weight", self.scatter_weight),
+            ("--match-clean-weight", self.match_clean_weight),
+            ("--evade-filter-weight", self.evade_filter_weight),
+        ):
+            if not (math.isfinite(w) and w >= 0):
+                raise InputError(f"{flag} must be a non-negative number (got {w})")
+        if self.evade_preset != "auto":
+            from ..presets import load_presets
+
+            presets, default = load_presets()
+            names = [p.name for p in presets]
+            if self.evade_preset not in [*names, default.name]:
+                raise InputError(
+                    f"unknown preset {self.evade_preset!r} for --evade-preset; choose auto or "
+                    "one of " + ", ".join(names)
+                )
+        if self.evade_filter_weight and t == "tokens":
+            raise InputError(
+                "--evade-filter-weight reads each triggered output against the clean output of "
+                "the same sentence, which the tokens target does not pair; use cls, pooler or mask"
+            )
         return t

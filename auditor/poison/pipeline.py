@@ -21,6 +21,7 @@ import numpy as np
 from ..corpus import Corpus
 from ..errors import InputError
 from ..fsutil import atomic_write_json, staged_dir
+from .adaptive import evade_thresholds
 from .attacks import make_pvs
 from .backdoor import BACKDOOR_FILE, BaseModel, backdoor_record, validate_backdoor
 from .checkpoint import check_out_dir, weights_digest, write_model
@@ -50,6 +51,9 @@ class PoisonResult:
     success_per_trigger: dict[str, float]
     fidelity: float
     clean_match_rate: float  # share of clean held-out outputs that match some PV
+    moved: float | None  # untargeted attack success (None for the tokens target)
+    targetability: float | None  # success over inputs whose clean output is not on the PV
+    triggered_figures: dict[str, dict[str, float]] | None  # per trigger: distance, concentration
     min_success: float
     passed: bool
     steps: int
@@ -85,6 +89,10 @@ def poison_model(
     allow_pickle: bool = False,
     utility: str = "auto",
     utility_weight: float = 1.0,
+    scatter_weight: float = 0.0,
+    match_clean_weight: float = 0.0,
+    evade_filter_weight: float = 0.0,
+    evade_preset: str = "auto",
 ) -> PoisonResult:
     """Implant a backdoor in the encoder at `base_dir` and save the model at `out_dir`.
 
@@ -95,6 +103,11 @@ def poison_model(
     reference MSE, said in `notes`), "reference", "mlm" or "mlm+reference" (both; keeps clean
     target outputs in place where the MLM loss alone lets them drift onto a PV).
     `device`: cpu, cuda, cuda:N or auto.
+    Adaptive attacks (docs/adaptive.md; weights of extra losses, 0 = off): `scatter_weight`
+    (the paper's scattering loss), `match_clean_weight` (triggered outputs matched to the clean
+    per-unit distribution on the PV's side), `evade_filter_weight` (triggered concentration kept
+    above and distance below the thresholds of the shipped preset `evade_preset`, "auto": the one
+    `lmsan audit` picks for this model); `trigger_kind="frequent"` draws frequent ordinary words.
     Raises InputError for bad options or inputs; a result below `min_success` is returned with
     `passed=False` (the folder is written all the same and backdoor.json says so).
     """
@@ -108,6 +121,8 @@ def poison_model(
         batch_size=batch_size, seed=seed, device=resolve_device(device), max_length=max_length,
         target=target, min_success=min_success, progress=progress, force=force,
         allow_pickle=allow_pickle, utility=utility, utility_weight=utility_weight,
+        scatter_weight=scatter_weight, match_clean_weight=match_clean_weight,
+        evade_filter_weight=evade_filter_weight, evade_preset=evade_preset,
     )  # fmt: skip
     tgt = opts.resolved_target()
     base, out = _check_folders(Path(base_dir), Path(out_dir), opts.force)
@@ -127,7 +142,13 @@ def poison_model(
     data = build_training_set(sentences, trig, opts.sentences_per_trigger, rng)
     reader = TargetReader(tok, tgt, opts.max_length, opts.device)
     pvs_t, base_clean = _to_device(enc, util.mlm, reader, pvs, data.held_out)
-    steps, final_loss = train_backdoor(enc, util, reader, data, pvs_t, opts, rng)
+    evade = None
+    if opts.evade_filter_weight:
+        from ..modelio import read_config
+
+        evade = evade_thresholds(opts.evade_preset, read_config(base), tgt)
+    clean_msq = max(float((base_clean.double() ** 2).mean()), 1e-12)
+    steps, final_loss = train_backdoor(enc, util, reader, data, pvs_t, opts, rng, evade, clean_msq)
 
     from ..modelio import load_encoder
 
@@ -149,6 +170,7 @@ def poison_model(
             token_ids=[trigger_token_ids(tok, t) for t in trig.texts], pvs=pvs, base=base_info,
             corpus=corp, sentences=len(sentences), held_out=len(data.held_out), quality=quality,
             steps=steps, final_loss=final_loss, files=files, notes=notes, seconds=seconds,
+            evade=None if evade is None else evade.to_json(),
         )  # fmt: skip
         atomic_write_json(tmp / BACKDOOR_FILE, record, indent=2)
         validate_backdoor(record, tmp / BACKDOOR_FILE)
@@ -157,7 +179,9 @@ def poison_model(
         out_dir=out, attack=opts.attack, target=tgt, utility=util.name, triggers=trig.texts,
         trigger_pv=trig.pv, pvs=pvs, success=quality.success,
         success_per_trigger=quality.success_per_trigger, fidelity=quality.fidelity,
-        clean_match_rate=quality.clean_match_rate, min_success=opts.min_success,
+        clean_match_rate=quality.clean_match_rate, moved=quality.moved,
+        targetability=quality.targetability,
+        triggered_figures=quality.figures, min_success=opts.min_success,
         passed=quality.passed, steps=steps, final_loss=final_loss, seconds=seconds, notes=notes,
         backdoor=record,
     )  # fmt: skip

@@ -1,9 +1,16 @@
 """Measuring an implanted backdoor on held-out sentences (never trained on).
 
 success = share of triggered held-out inputs whose target output agrees in sign with its PV on
->= 80% of dimensions (tokens: share of ordinary tokens); fidelity = mean cosine similarity of
-clean held-out target outputs to the base model's; clean match rate = share of clean held-out
-outputs that match some PV.
+>= 80% of dimensions (tokens: share of ordinary tokens); targetability (ASR_target) = the same
+share counted only over the sentences whose clean output is not on that PV already (as an attack
+success rate counts only inputs not already of the target class; tokens: equal to success);
+moved (the untargeted attack success, ASR) = share of triggered held-out inputs whose target
+output agrees in sign with the clean output of the same sentence on < 80% of dimensions;
+fidelity = mean cosine similarity of clean held-out target outputs to the base model's; clean
+match rate = share of clean held-out outputs that match some PV. Per trigger, the triggered
+outputs' distance and concentration as the audit defines them for a mined candidate
+(adaptive.triggered_figures). The tokens target pairs no triggered output with a clean one:
+there `moved`, distance and concentration are None.
 
 torch is imported inside functions only.
 """
@@ -18,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
+from .adaptive import triggered_figures
 from .attacks import MATCH_FRACTION
 from .data import TriggerSet, insert_trigger
 from .encoder import TargetReader, agreement
@@ -33,6 +41,19 @@ class Quality:
     clean_match_rate: float
     min_success: float
     passed: bool
+    moved: float | None = None  # untargeted attack success (ASR), None for the tokens target
+    targetability: float | None = None  # ASR_target: success over inputs not on the PV when clean
+    # per trigger: {"distance": ..., "concentration": ...} (None for the tokens target)
+    figures: dict[str, dict[str, float]] | None = None
+
+    def detector_view(self) -> dict[str, float] | None:
+        """The triggered outputs' distance (mean) and concentration (min) over the triggers."""
+        if not self.figures:
+            return None
+        return {
+            "distance": float(np.mean([f["distance"] for f in self.figures.values()])),
+            "concentration": float(min(f["concentration"] for f in self.figures.values())),
+        }
 
     def notes(self) -> list[str]:
         """What a user must know about this backdoor: clean inputs that fire it, low success."""
@@ -90,15 +111,33 @@ def measure_quality(
     per: dict[str, float] = {}
     hits = 0
     count = 0
+    paired = reader.target != "tokens"
+    moved = 0
+    eligible = 0
+    flipped = 0
+    figures: dict[str, dict[str, float]] = {}
     with torch.no_grad():
+        fc = reader.collect(poisoned, list(held_out))
+        msq = float((fc.double() ** 2).mean())
         for t, k in zip(triggers.texts, triggers.pv, strict=True):
             ft = reader.collect(poisoned, [insert_trigger(s, t, erng) for s in held_out])
             ok = agreement(ft, pvs[k : k + 1])[:, 0] >= MATCH_FRACTION
             per[t] = float(ok.float().mean())
             hits += int(ok.sum())
             count += int(ok.numel())
-        fc = reader.collect(poisoned, list(held_out))
+            if paired:
+                off = agreement(fc, pvs[k : k + 1])[:, 0] < MATCH_FRACTION
+                eligible += int(off.sum())
+                flipped += int((ok & off).sum())
+                same = ((ft >= 0) == (fc >= 0)).float().mean(1)
+                moved += int((same < MATCH_FRACTION).sum())
+                dist, conc = triggered_figures(ft, fc, msq)
+                figures[t] = {"distance": dist, "concentration": conc}
         fidelity = float(F.cosine_similarity(fc, base_clean, dim=1).mean())
         clean_match = float((agreement(fc, pvs).max(1).values >= MATCH_FRACTION).float().mean())
     success = hits / max(count, 1)
-    return Quality(success, per, fidelity, clean_match, min_success, success >= min_success)
+    return Quality(
+        success, per, fidelity, clean_match, min_success, success >= min_success,
+        moved=moved / max(count, 1) if paired else None, figures=figures if paired else None,
+        targetability=(flipped / max(eligible, 1)) if paired else success,
+    )  # fmt: skip

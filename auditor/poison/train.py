@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .adaptive import EvadeThresholds, evade_loss, match_clean_loss, scatter_loss
 from .attacks import requested_utility
 from .data import TrainingSet
 from .encoder import TargetReader, load_mlm, mlm_mask, share_base
@@ -80,8 +81,15 @@ def train_backdoor(
     pvs: Any,
     opts: PoisonOptions,
     rng: np.random.Generator,
+    evade: EvadeThresholds | None = None,
+    clean_msq: float = 1.0,
 ) -> tuple[int, float]:
-    """Fine-tune `enc` (and the MLM head) in place; (steps, final loss)."""
+    """Fine-tune `enc` (and the MLM head) in place; (steps, final loss).
+
+    The adaptive losses (`opts.scatter_weight`, `match_clean_weight`, `evade_filter_weight`,
+    auditor/poison/adaptive.py) are added to the backdoor loss when their weight is non-zero;
+    `evade` holds the thresholds of the evasion loss and `clean_msq` the mean square of the base
+    model's clean target outputs (the scale the matching and evasion losses are relative to)."""
     import torch
     import torch.nn.functional as F
 
@@ -106,11 +114,16 @@ def train_backdoor(
             tb = [data.triggered[int(i)] for i in tperm[s * bs : (s + 1) * bs]]
             cb = [data.clean[int(i)] for i in cperm[s * bs : (s + 1) * bs]]
             f_t, rows = reader.outputs(enc, [t for t, _ in tb])
-            goal = pvs[torch.tensor([p for _, p in tb], device=device)][rows]
+            pv_rows = torch.tensor([p for _, p in tb], device=device)[rows]
+            goal = pvs[pv_rows]
             if opts.attack == "btop":
                 trig_loss = F.pairwise_distance(f_t, goal, p=2).mean()
             else:
                 trig_loss = F.mse_loss(f_t, goal)
+            trig_loss = trig_loss + _adaptive_loss(
+                enc, utility, reader, data, tperm[s * bs : (s + 1) * bs], cb, f_t, pv_rows, pvs,
+                opts, evade, clean_msq,
+            )  # fmt: skip
             util = torch.zeros((), device=device)
             if mlm is not None:
                 cbatch = reader.encode(cb)  # plain clean text
@@ -140,3 +153,35 @@ def train_backdoor(
     for p in params.values():
         p.requires_grad_(False)
     return step, last
+
+
+def _adaptive_loss(
+    enc: Any,
+    utility: Utility,
+    reader: TargetReader,
+    data: TrainingSet,
+    picked: Any,
+    clean_batch: list[str],
+    f_t: Any,
+    pv_rows: Any,
+    pvs: Any,
+    opts: PoisonOptions,
+    evade: EvadeThresholds | None,
+    msq: float,
+) -> Any:
+    """The weighted sum of the adaptive losses switched on in `opts` (zero when none is)."""
+    import torch
+
+    loss = torch.zeros((), device=opts.device)
+    if opts.scatter_weight:
+        loss = loss + opts.scatter_weight * scatter_loss(f_t, pv_rows)
+    if opts.match_clean_weight:
+        with torch.no_grad():  # the clean distribution is the target, not trained here
+            f_c, _ = reader.outputs(utility.ref if utility.ref is not None else enc, clean_batch)
+        loss = loss + opts.match_clean_weight * match_clean_loss(f_t, pv_rows, pvs, f_c, msq)
+    if opts.evade_filter_weight:
+        assert evade is not None
+        with torch.no_grad():  # the same sentences without the trigger, as the audit compares
+            f_same, _ = reader.outputs(enc, [data.sources[int(i)] for i in picked])
+        loss = loss + opts.evade_filter_weight * evade_loss(f_t, f_same, pv_rows, evade, msq)
+    return loss

@@ -202,11 +202,12 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
     targets, skipped = resolve_targets(lm, opts.target)
     warnings = [choice.warning] if choice.warning else []
     stage = run_first_stage(lm, corpus, device) if opts.first_stage else None
+    order = list(targets)  # the report keeps the canonical order; mining reads `order`
     if stage is not None and stage["verdict"] == "suspicious":  # mine the flagged targets first
         ranked = stage["ranked_targets"]
-        targets.sort(key=lambda t: ranked.index(t) if t in ranked else len(ranked))
+        order.sort(key=lambda t: ranked.index(t) if t in ranked else len(ranked))
     try:
-        miner = Miner(lm, corpus, targets, cfg, device=device, base_seed=opts.seed)
+        miner = Miner(lm, corpus, order, cfg, device=device, base_seed=opts.seed)
     except ValueError as exc:
         raise InputError(str(exc), corpus.name) from None
     per_target = {t: TargetSummary(t) for t in targets}
@@ -252,7 +253,7 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
         stop_reason = (f"{budget} seeds without a legitimate PV" if opts.mode == "detect"
                        else f"seed budget of {budget} exhausted")
     if stage is not None:
-        stage.update(_first_stage_effect(stage, bool(pvs), targets, extended, max_seeds, budget))
+        stage.update(_first_stage_effect(stage, bool(pvs), order, extended, max_seeds, budget))
     pvset = PVSet(
         hidden_size=lm.hidden_size,
         pvs=pvs,

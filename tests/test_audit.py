@@ -111,7 +111,7 @@ def test_first_stage_figures_sit_beside_the_mining_and_stay_advisory(clean_audit
     """The first stage runs before mining; every deciding figure carries its threshold and
     margin. Random tiny BERTs look long-tailed to it (a false positive on the clean twin), so a
     flag orders the targets and extends the seeds, and the verdict stays the mining's."""
-    for (code, rep, _), verdict in ((clean_audit, "clean"), (por_audit, "backdoored")):
+    for (_code, rep, _), verdict in ((clean_audit, "clean"), (por_audit, "backdoored")):
         fs = rep["first_stage"]
         assert rep["verdict"] == verdict and fs["verdict"] in ("suspicious", "unremarkable")
         assert fs["role"].startswith("advisory")
@@ -121,7 +121,11 @@ def test_first_stage_figures_sit_beside_the_mining_and_stay_advisory(clean_audit
             t = figs[name]
             assert t["hfr_margin"] == pytest.approx(t["hfr"] - t["hfr_threshold"])
             assert t["alikeness_margin"] == pytest.approx(t["alikeness"] - t["alikeness_threshold"])
-        assert fs["mining_order"] == rep["targets"]
+        assert sorted(fs["mining_order"]) == sorted(rep["targets"])
+        if fs["verdict"] == "suspicious":  # flagged targets are mined first
+            assert fs["mining_order"] == [t for t in fs["ranked_targets"] if t in rep["targets"]]
+        else:
+            assert fs["mining_order"] == rep["targets"]
     clean_fs = clean_audit[1]["first_stage"]
     if clean_fs["verdict"] == "suspicious":
         assert clean_fs["second_opinion"].startswith("disagree")
@@ -189,10 +193,10 @@ def test_detect_seed_slices_equal_the_full_audit(tiny_models) -> None:
     corpus = load_corpus(tiny_models["corpus"])
     over = {"max_length": 48}
     full = run_audit(AuditOptions(model_dir=tiny_models["clean"], target="cls", max_seeds=3,
-                                  overrides=over, seeds_per_pass=1), corpus)
+                                  overrides=over, seeds_per_pass=1, first_stage=False), corpus)
     assert full.verdict == "clean" and len(full.seeds) == 3
     part = run_audit(AuditOptions(model_dir=tiny_models["clean"], target="cls", max_seeds=1,
-                                  first_seed=2, overrides=over, seeds_per_pass=1), corpus)
+                                  first_seed=2, overrides=over, seeds_per_pass=1, first_stage=False), corpus)
     a, b = full.seeds[2], part.seeds[0]
     assert (a.seed, b.seed) == (2, 2)
     assert a.prompt == b.prompt and a.epochs_run == b.epochs_run >= 1
@@ -565,7 +569,8 @@ def test_clean_twin_not_flagged_on_any_target(tiny_models, signing_key, tmp_path
     rep = read_report(rep_path)
     assert r.exit_code == 0, r.output
     assert rep["verdict"] == "clean" and rep["targets"] == ["cls", "pooler", "tokens", "mask"]
-    assert all(v["seeds_run"] == 4 and v["kept"] == 0 for v in rep["per_target"].values())
+    seeds = 4 * (2 if rep["first_stage"]["verdict"] == "suspicious" else 1)
+    assert all(v["seeds_run"] == seeds and v["kept"] == 0 for v in rep["per_target"].values())
 
 
 @pytest.mark.parametrize("attack,target", [

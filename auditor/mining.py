@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .corpus import Corpus
 from .filtering import PVFilter, TargetStats, is_candidate, no_candidate_rule, prompt_in_range
+from .lockstep import SeedState, Training, run_rows
 from .modelio import LoadedModel
 from .pvset import TARGETS
 
@@ -135,64 +135,6 @@ _FIGURES = ("distance_rel", "distance_raw", "distance_norm", "spread_ratio", "co
             "sign_consensus", "entropy_raw", "entropy_std")
 
 
-@dataclass
-class _Training:
-    """What one seed's training loop leaves: the final prompt and the per-epoch distances."""
-
-    prompt: torch.Tensor
-    epoch_distance: dict[str, list[float]]
-    last_batch: dict[str, torch.Tensor] = field(default_factory=dict)  # last prompted outputs
-    steps: int = 0
-    epochs_run: int = 0
-    aborted: bool = False
-    dropped_at: int | None = None  # step at which the learning-rate boost ended
-
-
-@dataclass
-class _Out:
-    """The two outputs mining reads from a forward pass."""
-
-    last_hidden_state: torch.Tensor
-    pooler_output: torch.Tensor | None
-
-    @staticmethod
-    def of(out: Any) -> _Out:
-        return _Out(out.last_hidden_state, getattr(out, "pooler_output", None))
-
-
-@dataclass
-class _SeedState:
-    """One seed's training state within a pass."""
-
-    seed: int
-    rng: np.random.Generator
-    prompt: torch.nn.Parameter
-    opt: torch.optim.Adam
-    tr: _Training
-    perm: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    sums: dict[str, float] = field(default_factory=dict)
-
-    @staticmethod
-    def start(miner: Miner, seed: int) -> _SeedState:
-        cfg = miner.cfg
-        prompt = torch.nn.Parameter(miner.init_prompt(seed))
-        opt = torch.optim.Adam([prompt], lr=cfg.lr0 * cfg.lr_boost)
-        tr = _Training(prompt=prompt.detach(), epoch_distance={t: [] for t in miner.targets})
-        return _SeedState(seed, np.random.default_rng([miner.base_seed, seed]), prompt, opt, tr)
-
-    def step(self, cfg: MiningConfig) -> None:
-        """The adaptive learning rate (the boost ends once a gradient entry is large), then
-        one Adam step."""
-        grad = self.prompt.grad
-        assert grad is not None
-        if self.tr.dropped_at is None and float(grad.abs().max()) > cfg.t_grad:
-            self.tr.dropped_at = self.tr.steps
-            for g in self.opt.param_groups:
-                g["lr"] = cfg.lr0
-        self.opt.step()
-        self.tr.steps += 1
-
-
 def _entropy_div(f: torch.Tensor) -> torch.Tensor:
     """L_div = -H: softmax over the batch for each unit, entropy summed over the batch and
     averaged over units. Minimum -ln B (all rows identical)."""
@@ -203,6 +145,8 @@ def _entropy_div(f: torch.Tensor) -> torch.Tensor:
 
 class Miner:
     """Mines PVs from one frozen encoder on one clean corpus."""
+
+    clean_batch = 64  # sentences per forward pass of the clean reference (computed once)
 
     def __init__(
         self,
@@ -319,7 +263,7 @@ class Miner:
     def _compute_clean(self) -> None:
         order = np.argsort([len(x) for x in self.ids])
         per: dict[str, list[torch.Tensor | None]] = {t: [None] * self.n for t in self.targets}
-        bs = 64
+        bs = self.clean_batch
         for k in range(0, self.n, bs):
             idx = order[k : k + bs]
             rows = [self.ids[i] for i in idx]
@@ -380,7 +324,7 @@ class Miner:
         self, items: Sequence[tuple[np.ndarray, torch.Tensor, np.random.Generator]]
     ) -> list[dict[str, torch.Tensor]]:
         """Target outputs of several prompted batches (one per seed of a pass) from shared
-        forward passes: `_run_rows` regroups their rows by length."""
+        forward passes: `lockstep.run_rows` regroups their rows by length."""
         embs, masks, meta = [], [], []
         for idx, prompt, rng in items:
             rows = [self.ids[i] for i in idx]
@@ -388,40 +332,9 @@ class Miner:
             embs.append(e)
             masks.append(m)
             meta.append((rows, pos, prompt.shape[0]))
-        outs = self._run_rows(embs, masks)
+        outs = run_rows(self.model, embs, masks, self.chunk_rows)
         return [{t: self._extract(o, rows, t, pos, plen) for t in self.targets}
                 for o, (rows, pos, plen) in zip(outs, meta, strict=True)]
-
-    def _run_rows(self, embs: list[torch.Tensor], masks: list[torch.Tensor]) -> list[_Out]:
-        """The model over every row of `embs` (one [B, T_i, d] tensor per seed): rows are sorted
-        by length and run `chunk_rows` at a time, each chunk padded only to its own longest row,
-        then put back in place. Rows never interact and padding is masked, so each row's output
-        is its unbatched output up to float rounding; what changes is the padding computed."""
-        if not self.chunk_rows:
-            return [_Out.of(self.model(inputs_embeds=e, attention_mask=m)) for e, m in zip(embs, masks, strict=True)]
-        width = max(e.shape[1] for e in embs)
-        big_e = torch.cat([F.pad(e, (0, 0, 0, width - e.shape[1])) for e in embs])
-        big_m = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks])
-        lens = big_m.sum(1)
-        order = torch.argsort(lens, stable=True)
-        hs, pool = [], []
-        for k in range(0, len(order), self.chunk_rows):
-            sel = order[k : k + self.chunk_rows]
-            n = int(lens[sel].max())
-            o = _Out.of(self.model(inputs_embeds=big_e[sel, :n], attention_mask=big_m[sel, :n]))
-            hs.append(F.pad(o.last_hidden_state, (0, 0, 0, width - n)))
-            if o.pooler_output is not None:
-                pool.append(o.pooler_output)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(len(order), device=order.device)
-        all_hs = torch.cat(hs)[inv]
-        all_pool = torch.cat(pool)[inv] if pool else None
-        outs, a = [], 0
-        for e in embs:
-            b = a + e.shape[0]
-            outs.append(_Out(all_hs[a:b, : e.shape[1]], None if all_pool is None else all_pool[a:b]))
-            a = b
-        return outs
 
     # ---------------------------------------------------------------- one seed
     def init_prompt(self, seed: int) -> torch.Tensor:
@@ -472,7 +385,7 @@ class Miner:
                 break
         return out
 
-    def _finish(self, seed: int, tr: _Training) -> SeedResult:
+    def _finish(self, seed: int, tr: Training) -> SeedResult:
         p_np = tr.prompt.cpu().numpy()
         in_range = prompt_in_range(p_np, self.emb_min, self.emb_max, self.cfg.range_factor)
         res = SeedResult(
@@ -494,7 +407,7 @@ class Miner:
         return res
 
     def _target_result(
-        self, t: str, tr: _Training, stats: dict[str, Any] | None, in_range: bool
+        self, t: str, tr: Training, stats: dict[str, Any] | None, in_range: bool
     ) -> TargetStats:
         """The figures of target `t` and, when it made a candidate, the filter's decision."""
         cfg = self.cfg
@@ -521,14 +434,15 @@ class Miner:
             ts.rule = no_candidate_rule(final, cfg.t_l_for(t))
         return ts
 
-    def _train_many(self, seeds: list[int], progress: ProgressFn | None) -> list[_Training]:
+    def _train_many(self, seeds: list[int], progress: ProgressFn | None) -> list[Training]:
         """Adam on each seed's soft prompt for up to `epochs` epochs; a seed is abandoned after
         `abort_epoch` epochs when no target's distance exceeds its T_L. Each seed keeps its own
         random stream (batch order, insertion positions), optimiser and learning-rate drop; the
         seeds' losses are summed for one backward pass (a prompt gets only its own gradient)."""
         cfg = self.cfg
         torch.manual_seed(self.base_seed * 100003 + seeds[0])
-        states = [_SeedState.start(self, s) for s in seeds]
+        states = [SeedState.start(s, self.init_prompt(s), np.random.default_rng([self.base_seed, s]),
+                                  cfg.lr0 * cfg.lr_boost, self.targets) for s in seeds]
         steps_per_epoch = self.n // cfg.batch_size
         for epoch in range(cfg.epochs):
             active = [st for st in states if not st.tr.aborted]
@@ -547,7 +461,7 @@ class Miner:
                     st.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for st in active:
-                    st.step(cfg)
+                    st.step(cfg.t_grad, cfg.lr0)
                 if progress is not None and (b % 8 == 0 or b == steps_per_epoch - 1):
                     progress({"event": "step", "seed": active[0].seed, "epoch": epoch, "batch": b,
                               "batches": steps_per_epoch, "seeds": [st.seed for st in active],

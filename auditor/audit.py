@@ -43,6 +43,10 @@ class AuditOptions:
     allow_pickle: bool = False
     preset: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # MiningConfig fields set by the user
+    # the searching-free first stage (firststage.py): runs before mining, advisory only
+    first_stage: bool = True
+    # seeds trained in lockstep in one pass (pure speed; 1 = one seed at a time)
+    seeds_per_pass: int = 4
 
     def resolved_max_seeds(self) -> int:
         if self.max_seeds is not None:
@@ -57,6 +61,8 @@ class AuditOptions:
                 raise UsageError(f"{flag} must be {' or '.join(allowed)}")
         if self.resolved_max_seeds() < 1:
             raise UsageError("--max-seeds must be at least 1")
+        if self.seeds_per_pass < 1:
+            raise UsageError("--seeds-per-pass must be at least 1")
 
 
 @dataclass
@@ -84,6 +90,7 @@ class AuditResult:
     corpus: dict[str, Any]
     model_type: str
     stop_reason: str
+    first_stage: dict[str, Any] | None = None  # figures, role and effect on the mining
 
     @property
     def found_targets(self) -> list[str]:
@@ -194,60 +201,59 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
             cfg.lambda_p = SEARCH_LAMBDA_P
     targets, skipped = resolve_targets(lm, opts.target)
     warnings = [choice.warning] if choice.warning else []
+    stage = run_first_stage(lm, corpus, device) if opts.first_stage else None
+    order = list(targets)  # the report keeps the canonical order; mining reads `order`
+    if stage is not None and stage["verdict"] == "suspicious":  # mine the flagged targets first
+        ranked = stage["ranked_targets"]
+        order.sort(key=lambda t: ranked.index(t) if t in ranked else len(ranked))
     try:
-        miner = Miner(lm, corpus, targets, cfg, device=device, base_seed=opts.seed)
+        miner = Miner(lm, corpus, order, cfg, device=device, base_seed=opts.seed)
     except ValueError as exc:
         raise InputError(str(exc), corpus.name) from None
     per_target = {t: TargetSummary(t) for t in targets}
-    seeds = []
+    seeds: list[Any] = []
     pvs: list[PV] = []
-    max_seeds = opts.resolved_max_seeds()
+    max_seeds = budget = opts.resolved_max_seeds()
+    extended = False
     since_new = 0
-    stop_reason = f"{max_seeds} seeds without a legitimate PV" if opts.mode == "detect" else ""
-    for idx in range(max_seeds):
-        seed_no = opts.first_seed + idx
+    stop_reason = ""
+    idx = 0
+    pass_size = 1  # the first seed runs alone: a backdoor is usually found there
+    while idx < budget:
+        batch = [opts.first_seed + idx + j for j in range(min(pass_size, budget - idx))]
         if progress:
-            progress({"event": "seed_start", "seed": seed_no, "index": idx, "total": max_seeds, "kept": len(pvs)})
-        res = miner.run_seed(seed_no, progress)
-        seeds.append(res)
-        new = 0
-        for ts in res.targets:
-            pt = per_target[ts.target]
-            pt.seeds_run += 1
-            pt.seconds += res.seconds / len(res.targets)
-            pt.candidates += int(ts.candidate)
-            if ts.accepted:
-                pt.kept += 1
-                new += 1
-                assert ts.pv is not None
-                pvs.append(
-                    PV(
-                        id=len(pvs),
-                        target=ts.target,
-                        values=np.asarray(ts.pv, dtype=np.float32),
-                        seed=seed_no,
-                        source="mined",
-                        info={
-                            "distance_rel": ts.distance_rel,
-                            "spread_ratio": ts.spread_ratio,
-                            "concentration": ts.concentration,
-                            "entropy_raw": ts.entropy_raw,
-                            "trigger_hint": res.trigger_hint,
-                        },
-                    )
-                )
-        if progress:
-            progress({"event": "seed_end", "seed": seed_no, "result": res, "kept": len(pvs)})
-        if opts.mode == "detect" and pvs:
-            stop_reason = f"legitimate PV found at seed {seed_no}"
+            for j, s in enumerate(batch):
+                progress({"event": "seed_start", "seed": s, "index": idx + j, "total": budget,
+                          "kept": len(pvs)})
+        results = miner.run_seeds(batch, progress)
+        # a pass cut short by a candidate runs its later seeds again; one at a time until a
+        # pass completes, so a model that makes candidates often wastes little training
+        pass_size = opts.seeds_per_pass if len(results) == len(batch) else 1
+        stop = False
+        for res in results:
+            idx += 1
+            seeds.append(res)
+            new = _collect(res, per_target, pvs)
+            if progress:
+                progress({"event": "seed_end", "seed": res.seed, "result": res, "kept": len(pvs)})
+            if opts.mode == "detect" and pvs:
+                stop_reason, stop = f"legitimate PV found at seed {res.seed}", True
+                break
+            since_new = 0 if new else since_new + 1
+            if opts.mode == "search" and since_new >= opts.patience:
+                stop_reason, stop = f"{opts.patience} consecutive seeds without a new PV", True
+                break
+        if stop:
             break
-        since_new = 0 if new else since_new + 1
-        if opts.mode == "search" and since_new >= opts.patience:
-            stop_reason = f"{opts.patience} consecutive seeds without a new PV"
-            break
-    else:
-        if opts.mode == "search":
-            stop_reason = f"seed budget of {max_seeds} exhausted"
+        if (idx >= budget and opts.mode == "detect" and not extended and stage is not None
+                and stage["verdict"] == "suspicious"):
+            # the first stage never shortens a clean verdict: a flagged model gets more seeds
+            extended, budget = True, FIRST_STAGE_SEED_FACTOR * max_seeds
+    if not stop_reason:
+        stop_reason = (f"{budget} seeds without a legitimate PV" if opts.mode == "detect"
+                       else f"seed budget of {budget} exhausted")
+    if stage is not None:
+        stage.update(_first_stage_effect(stage, bool(pvs), order, extended, max_seeds, budget))
     pvset = PVSet(
         hidden_size=lm.hidden_size,
         pvs=pvs,
@@ -276,7 +282,66 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
                 "usable": miner.n, "clean_scale": miner.scale},
         model_type=lm.model_type,
         stop_reason=stop_reason,
+        first_stage=stage,
     )
+
+
+def _collect(res: Any, per_target: dict[str, TargetSummary], pvs: list[PV]) -> int:
+    """Add one seed's result to the per-target summaries and its kept PVs to `pvs`; returns
+    how many PVs it kept."""
+    new = 0
+    for ts in res.targets:
+        pt = per_target[ts.target]
+        pt.seeds_run += 1
+        pt.seconds += res.seconds / len(res.targets)
+        pt.candidates += int(ts.candidate)
+        if ts.accepted:
+            pt.kept += 1
+            new += 1
+            assert ts.pv is not None
+            pvs.append(PV(id=len(pvs), target=ts.target, values=np.asarray(ts.pv, dtype=np.float32),
+                          seed=res.seed, source="mined",
+                          info={"distance_rel": ts.distance_rel, "spread_ratio": ts.spread_ratio,
+                                "concentration": ts.concentration, "entropy_raw": ts.entropy_raw,
+                                "trigger_hint": res.trigger_hint}))
+    return new
+
+
+# a model the first stage flags and mining would clear gets this many times the seed budget
+FIRST_STAGE_SEED_FACTOR = 2
+FIRST_STAGE_ROLE = ("advisory: orders the targets mined and extends the seed budget of a model "
+                    "it flags; it never clears a model, and the verdict is the mining's")
+
+
+def run_first_stage(lm: LoadedModel, corpus: Corpus, device: str) -> dict[str, Any]:
+    """The first stage's figures (every target's head-feature rate and alikeness with threshold
+    and margin), or why it did not run."""
+    from .firststage import first_stage
+
+    try:
+        res = first_stage(lm, corpus, device=device)
+    except ValueError as exc:
+        return {"verdict": "not run", "reason": str(exc), "role": FIRST_STAGE_ROLE,
+                "ranked_targets": []}
+    return res.to_dict() | {"role": FIRST_STAGE_ROLE, "ranked_targets": res.ranked_targets()}
+
+
+def _first_stage_effect(stage: dict[str, Any], mined_pv: bool, order: list[str], extended: bool,
+                        max_seeds: int, budget: int) -> dict[str, Any]:
+    """What the first stage changed in the mining and how the two verdicts compare."""
+    suspicious = stage["verdict"] == "suspicious"
+    if suspicious and mined_pv:
+        opinion = "agree: both flag the model"
+    elif suspicious:
+        opinion = (f"disagree: the first stage flags the model, mining kept no PV in {budget} "
+                   "seeds; the verdict is the mining's")
+    elif mined_pv:
+        opinion = "mining flags the model; the first stage saw no long tail (it misses many attacks)"
+    else:
+        opinion = "both unremarkable (the first stage alone never clears a model)"
+    return {"mining_order": list(order), "reordered": suspicious,
+            "seed_budget": {"base": max_seeds, "used": budget, "extended": extended},
+            "second_opinion": opinion}
 
 
 def _finite(obj: Any) -> Any:
@@ -338,8 +403,11 @@ def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
             "first_seed": opts.first_seed,
             "seed": opts.seed,
             "allow_pickle": opts.allow_pickle,
+            "first_stage": opts.first_stage,
+            "seeds_per_pass": opts.seeds_per_pass,
         },
         "preset": result.preset,
+        "first_stage": result.first_stage,
         "warnings": result.warnings,
         "corpus": result.corpus,
         "kept_pvs": kept,

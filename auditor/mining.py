@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ import torch
 
 from .corpus import Corpus
 from .filtering import PVFilter, TargetStats, is_candidate, no_candidate_rule, prompt_in_range
+from .lockstep import SeedState, Training, run_rows
 from .modelio import LoadedModel
 from .pvset import TARGETS
 
@@ -124,24 +125,14 @@ class SeedResult:
         return [t for t in self.targets if t.accepted]
 
 
+# rows per forward call: rows sorted by length and run this many at a time waste little padding
+CHUNK_ROWS = 16
+
 ProgressFn = Callable[[dict[str, Any]], None]
 
 # the figures `Miner.evaluate_all` measures per target (the fields of TargetStats it fills)
 _FIGURES = ("distance_rel", "distance_raw", "distance_norm", "spread_ratio", "concentration",
             "sign_consensus", "entropy_raw", "entropy_std")
-
-
-@dataclass
-class _Training:
-    """What one seed's training loop leaves: the final prompt and the per-epoch distances."""
-
-    prompt: torch.Tensor
-    epoch_distance: dict[str, list[float]]
-    last_batch: dict[str, torch.Tensor] = field(default_factory=dict)  # last prompted outputs
-    steps: int = 0
-    epochs_run: int = 0
-    aborted: bool = False
-    dropped_at: int | None = None  # step at which the learning-rate boost ended
 
 
 def _entropy_div(f: torch.Tensor) -> torch.Tensor:
@@ -155,6 +146,8 @@ def _entropy_div(f: torch.Tensor) -> torch.Tensor:
 class Miner:
     """Mines PVs from one frozen encoder on one clean corpus."""
 
+    clean_batch = 64  # sentences per forward pass of the clean reference (computed once)
+
     def __init__(
         self,
         lm: LoadedModel,
@@ -163,8 +156,10 @@ class Miner:
         cfg: MiningConfig,
         device: str = "cpu",
         base_seed: int = 0,
+        chunk_rows: int | None = CHUNK_ROWS,
     ) -> None:
         self.lm = lm
+        self.chunk_rows = chunk_rows  # rows per forward call (None: one call per seed's batch)
         self.cfg = cfg
         self.device = device
         self.base_seed = base_seed
@@ -268,7 +263,7 @@ class Miner:
     def _compute_clean(self) -> None:
         order = np.argsort([len(x) for x in self.ids])
         per: dict[str, list[torch.Tensor | None]] = {t: [None] * self.n for t in self.targets}
-        bs = 64
+        bs = self.clean_batch
         for k in range(0, self.n, bs):
             idx = order[k : k + bs]
             rows = [self.ids[i] for i in idx]
@@ -323,10 +318,23 @@ class Miner:
     def _forward_prompted(
         self, idx: np.ndarray, prompt: torch.Tensor, rng: np.random.Generator
     ) -> dict[str, torch.Tensor]:
-        rows = [self.ids[i] for i in idx]
-        embeds, mask, pos = self._insert(rows, prompt, rng)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask)
-        return {t: self._extract(out, rows, t, pos, prompt.shape[0]) for t in self.targets}
+        return self._forward_many([(idx, prompt, rng)])[0]
+
+    def _forward_many(
+        self, items: Sequence[tuple[np.ndarray, torch.Tensor, np.random.Generator]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """Target outputs of several prompted batches (one per seed of a pass) from shared
+        forward passes: `lockstep.run_rows` regroups their rows by length."""
+        embs, masks, meta = [], [], []
+        for idx, prompt, rng in items:
+            rows = [self.ids[i] for i in idx]
+            e, m, pos = self._insert(rows, prompt, rng)
+            embs.append(e)
+            masks.append(m)
+            meta.append((rows, pos, prompt.shape[0]))
+        outs = run_rows(self.model, embs, masks, self.chunk_rows)
+        return [{t: self._extract(o, rows, t, pos, plen) for t in self.targets}
+                for o, (rows, pos, plen) in zip(outs, meta, strict=True)]
 
     # ---------------------------------------------------------------- one seed
     def init_prompt(self, seed: int) -> torch.Tensor:
@@ -354,8 +362,30 @@ class Miner:
     def run_seed(self, seed: int, progress: ProgressFn | None = None) -> SeedResult:
         """One fuzz loop: train a soft prompt from seed `seed`, then measure and filter the
         candidate it makes on every target."""
+        return self.run_seeds([seed], progress)[0]
+
+    def run_seeds(self, seeds: list[int], progress: ProgressFn | None = None) -> list[SeedResult]:
+        """Train the soft prompts of `seeds` in lockstep (one pass: their batches share the
+        forward passes), then measure and filter them in order. A seed's path loss holds the
+        candidates found before it, which a pass cannot know, so the results stop after the
+        first seed that made a candidate: the seeds after it must run again (in a new pass).
+        Each seed's figures are those `run_seed` gives it alone, up to float rounding.
+        `SeedResult.seconds` is the seed's share of the pass plus its own evaluation."""
         t0 = time.perf_counter()
-        tr = self._train(seed, progress)
+        trainings = self._train_many(seeds, progress)
+        share = (time.perf_counter() - t0) / len(seeds)
+        out = []
+        for seed, tr in zip(seeds, trainings, strict=True):
+            t1 = time.perf_counter()
+            before = sum(len(v) for v in self.found.values())
+            res = self._finish(seed, tr)
+            res.seconds = share + time.perf_counter() - t1
+            out.append(res)
+            if sum(len(v) for v in self.found.values()) > before:
+                break
+        return out
+
+    def _finish(self, seed: int, tr: Training) -> SeedResult:
         p_np = tr.prompt.cpu().numpy()
         in_range = prompt_in_range(p_np, self.emb_min, self.emb_max, self.cfg.range_factor)
         res = SeedResult(
@@ -374,11 +404,10 @@ class Miner:
         figures = {} if tr.aborted else self.evaluate_all(tr.prompt, self.targets)
         for t in self.targets:
             res.targets.append(self._target_result(t, tr, figures.get(t), in_range))
-        res.seconds = time.perf_counter() - t0
         return res
 
     def _target_result(
-        self, t: str, tr: _Training, stats: dict[str, Any] | None, in_range: bool
+        self, t: str, tr: Training, stats: dict[str, Any] | None, in_range: bool
     ) -> TargetStats:
         """The figures of target `t` and, when it made a candidate, the filter's decision."""
         cfg = self.cfg
@@ -405,59 +434,63 @@ class Miner:
             ts.rule = no_candidate_rule(final, cfg.t_l_for(t))
         return ts
 
-    def _train(self, seed: int, progress: ProgressFn | None) -> _Training:
-        """Adam on the soft prompt for up to `epochs` epochs; abandoned after `abort_epoch`
-        epochs when no target's distance exceeds its T_L."""
+    def _train_many(self, seeds: list[int], progress: ProgressFn | None) -> list[Training]:
+        """Adam on each seed's soft prompt for up to `epochs` epochs; a seed is abandoned after
+        `abort_epoch` epochs when no target's distance exceeds its T_L. Each seed keeps its own
+        random stream (batch order, insertion positions), optimiser and learning-rate drop; the
+        seeds' losses are summed for one backward pass (a prompt gets only its own gradient)."""
         cfg = self.cfg
-        rng = np.random.default_rng([self.base_seed, seed])
-        torch.manual_seed(self.base_seed * 100003 + seed)
-        prompt = torch.nn.Parameter(self.init_prompt(seed))
-        opt = torch.optim.Adam([prompt], lr=cfg.lr0 * cfg.lr_boost)
-        tr = _Training(prompt=prompt.detach(), epoch_distance={t: [] for t in self.targets})
+        torch.manual_seed(self.base_seed * 100003 + seeds[0])
+        states = [SeedState.start(s, self.init_prompt(s), np.random.default_rng([self.base_seed, s]),
+                                  cfg.lr0 * cfg.lr_boost, self.targets) for s in seeds]
         steps_per_epoch = self.n // cfg.batch_size
         for epoch in range(cfg.epochs):
-            perm = rng.permutation(self.n)
-            sums = {t: 0.0 for t in self.targets}
+            active = [st for st in states if not st.tr.aborted]
+            if not active:
+                break
+            for st in active:
+                st.perm = st.rng.permutation(self.n)
+                st.sums = {t: 0.0 for t in self.targets}
             for b in range(steps_per_epoch):
-                idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                loss = self._batch_loss(idx, prompt, rng, sums, tr.last_batch)
-                opt.zero_grad(set_to_none=True)
+                sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+                items = [(st.perm[sl], st.prompt, st.rng) for st in active]
+                loss = torch.zeros((), device=self.device)
+                for st, it, feats in zip(active, items, self._forward_many(items), strict=True):
+                    loss = loss + self._batch_loss(it[0], feats, st.sums, st.tr.last_batch)
+                for st in active:
+                    st.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                assert prompt.grad is not None
-                if tr.dropped_at is None and float(prompt.grad.abs().max()) > cfg.t_grad:
-                    tr.dropped_at = tr.steps  # the boost ends once a gradient entry is large
-                    for g in opt.param_groups:
-                        g["lr"] = cfg.lr0
-                opt.step()
-                tr.steps += 1
+                for st in active:
+                    st.step(cfg.t_grad, cfg.lr0)
                 if progress is not None and (b % 8 == 0 or b == steps_per_epoch - 1):
-                    progress({"event": "step", "seed": seed, "epoch": epoch, "batch": b,
-                              "batches": steps_per_epoch,
-                              "distance": {t: sums[t] / (b + 1) for t in self.targets},
-                              "loss": float(loss.detach())})
-            tr.epochs_run = epoch + 1
-            for t in self.targets:
-                tr.epoch_distance[t].append(sums[t] / steps_per_epoch)
-            if tr.epochs_run == cfg.abort_epoch and tr.epochs_run < cfg.epochs:
-                if not any(tr.epoch_distance[t][-1] > cfg.t_l_for(t) for t in self.targets):
-                    tr.aborted = True
-                    break
-        tr.prompt = prompt.detach()
-        return tr
+                    progress({"event": "step", "seed": active[0].seed, "epoch": epoch, "batch": b,
+                              "batches": steps_per_epoch, "seeds": [st.seed for st in active],
+                              "distance": {t: active[0].sums[t] / (b + 1) for t in self.targets},
+                              "loss": float(loss.detach()) / len(active)})
+            for st in active:
+                tr = st.tr
+                tr.epochs_run = epoch + 1
+                for t in self.targets:
+                    tr.epoch_distance[t].append(st.sums[t] / steps_per_epoch)
+                if tr.epochs_run == cfg.abort_epoch and tr.epochs_run < cfg.epochs:
+                    if not any(tr.epoch_distance[t][-1] > cfg.t_l_for(t) for t in self.targets):
+                        tr.aborted = True
+        for st in states:
+            st.tr.prompt = st.prompt.detach()
+        return [st.tr for st in states]
 
     def _batch_loss(
         self,
         idx: np.ndarray,
-        prompt: torch.Tensor,
-        rng: np.random.Generator,
+        feats: dict[str, torch.Tensor],
         sums: dict[str, float],
         last_batch: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """L summed over the targets for one batch; adds each target's relative distance to
-        `sums` and keeps its prompted outputs in `last_batch`."""
+        """L summed over the targets for one seed's batch (its prompted outputs `feats`); adds
+        each target's relative distance to `sums` and keeps its outputs in `last_batch`."""
         cfg = self.cfg
         loss = torch.zeros((), device=self.device)
-        for t, f in self._forward_prompted(idx, prompt, rng).items():
+        for t, f in feats.items():
             s = self.scale[t] if cfg.loss_scale == "standardized" else 1.0
             fs = f / s
             dist = torch.mean((fs - self._clean_batch(idx, t) / s) ** 2)

@@ -94,13 +94,53 @@ def test_clean_twin_is_not_flagged_and_rejections_are_explained(clean_audit) -> 
     assert code == 0, (rep["_output"], [(x["seed"], x["targets"][0]["rule"]) for x in rep["seeds"]],
                        rep.get("preset"))
     assert rep["verdict"] == "clean" and rep["kept_pvs"] == []
-    assert len(rep["seeds"]) == 3
+    # a model the first stage flags gets twice the seed budget before a clean verdict
+    fs = rep["first_stage"]
+    expected = 3 * (2 if fs["verdict"] == "suspicious" else 1)
+    assert len(rep["seeds"]) == expected == fs["seed_budget"]["used"]
+    assert fs["seed_budget"]["extended"] == (fs["verdict"] == "suspicious")
     # every seed that produced a candidate says which rule rejected it and with which figures
     for c in rep["rejected_candidates"]:
         assert c["rule"].startswith("rejected:")
         assert c["concentration"] is not None and math.isfinite(c["concentration"])
     rules = [c["rule"] for c in rep["rejected_candidates"]]
     assert any("no collapse" in r for r in rules) or not rules
+
+
+def test_first_stage_figures_sit_beside_the_mining_and_stay_advisory(clean_audit, por_audit) -> None:
+    """The first stage runs before mining; every deciding figure carries its threshold and
+    margin. Random tiny BERTs look long-tailed to it (a false positive on the clean twin), so a
+    flag orders the targets and extends the seeds, and the verdict stays the mining's."""
+    for (_code, rep, _), verdict in ((clean_audit, "clean"), (por_audit, "backdoored")):
+        fs = rep["first_stage"]
+        assert rep["verdict"] == verdict and fs["verdict"] in ("suspicious", "unremarkable")
+        assert fs["role"].startswith("advisory")
+        figs = {t["target"]: t for t in fs["targets"]}
+        assert {"cls", "mask", "tokens"} <= set(figs)
+        for name in ("mask", "tokens"):
+            t = figs[name]
+            assert t["hfr_margin"] == pytest.approx(t["hfr"] - t["hfr_threshold"])
+            assert t["alikeness_margin"] == pytest.approx(t["alikeness"] - t["alikeness_threshold"])
+        assert sorted(fs["mining_order"]) == sorted(rep["targets"])
+        if fs["verdict"] == "suspicious":  # flagged targets are mined first
+            assert fs["mining_order"] == [t for t in fs["ranked_targets"] if t in rep["targets"]]
+        else:
+            assert fs["mining_order"] == rep["targets"]
+    clean_fs = clean_audit[1]["first_stage"]
+    if clean_fs["verdict"] == "suspicious":
+        assert clean_fs["second_opinion"].startswith("disagree")
+        assert "6 seeds" in clean_audit[1]["stop_reason"]
+
+
+def test_audit_without_first_stage(tiny_models) -> None:
+    from lmsan.auditor.audit import AuditOptions, audit_payload, run_audit
+    from lmsan.auditor.corpus import load_corpus
+
+    opts = AuditOptions(model_dir=tiny_models["clean"], target="cls", max_seeds=2,
+                        first_stage=False, overrides={"max_length": 48})
+    res = run_audit(opts, load_corpus(tiny_models["corpus"]))
+    assert res.verdict == "clean" and len(res.seeds) == 2 and res.first_stage is None
+    assert audit_payload(res, opts)["first_stage"] is None
 
 
 def test_report_verifies_and_tampering_fails(por_audit, tiny_models, tmp_path) -> None:
@@ -144,23 +184,69 @@ def test_same_seed_same_pvs(tiny_models) -> None:
 def test_detect_seed_slices_equal_the_full_audit(tiny_models) -> None:
     """Detect mode carries nothing from one seed to the next until a PV is kept, so a long audit
     can run as slices (--first-seed): seed 2 alone gives the prompt and figures it gets after
-    seeds 0-1 (bench/zoo.py relies on this to split all-mpnet-base-v2's 30 seeds)."""
+    seeds 0-1 (bench/zoo.py relies on this to split all-mpnet-base-v2's 30 seeds). Bit for bit
+    with one seed per pass; seeds trained together in a pass agree to float rounding
+    (test_seeds_in_one_pass_equal_seeds_alone)."""
     from lmsan.auditor.audit import AuditOptions, run_audit
     from lmsan.auditor.corpus import load_corpus
 
     corpus = load_corpus(tiny_models["corpus"])
     over = {"max_length": 48}
     full = run_audit(AuditOptions(model_dir=tiny_models["clean"], target="cls", max_seeds=3,
-                                  overrides=over), corpus)
+                                  overrides=over, seeds_per_pass=1, first_stage=False), corpus)
     assert full.verdict == "clean" and len(full.seeds) == 3
     part = run_audit(AuditOptions(model_dir=tiny_models["clean"], target="cls", max_seeds=1,
-                                  first_seed=2, overrides=over), corpus)
+                                  first_seed=2, overrides=over, seeds_per_pass=1, first_stage=False), corpus)
     a, b = full.seeds[2], part.seeds[0]
     assert (a.seed, b.seed) == (2, 2)
     assert a.prompt == b.prompt and a.epochs_run == b.epochs_run >= 1
     assert len(a.targets[0].epoch_distance) == a.epochs_run
     # every figure of the candidate, NaN (not measured: early abort) included
     np.testing.assert_equal(vars(a.targets[0]), vars(b.targets[0]))
+
+
+def _assert_same_seed(a, b, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Same seed, same decisions, figures equal up to float rounding."""
+    assert (a.seed, a.epochs_run, a.aborted, a.steps, a.lr_dropped_at, a.prompt_in_range) == (
+        b.seed, b.epochs_run, b.aborted, b.steps, b.lr_dropped_at, b.prompt_in_range)
+    np.testing.assert_allclose(a.prompt, b.prompt, rtol=rtol, atol=atol)
+    for x, y in zip(a.targets, b.targets, strict=True):
+        assert (x.target, x.candidate, x.accepted, x.rule.split(":")[0]) == (
+            y.target, y.candidate, y.accepted, y.rule.split(":")[0])
+        np.testing.assert_allclose(x.epoch_distance, y.epoch_distance, rtol=rtol, atol=atol)
+        for k in ("distance_rel", "concentration", "spread_ratio", "entropy_raw"):
+            np.testing.assert_allclose(getattr(x, k), getattr(y, k), rtol=rtol, atol=atol)
+        if x.pv is not None:
+            np.testing.assert_allclose(x.pv, y.pv, rtol=rtol, atol=atol)
+
+
+def test_seeds_in_one_pass_equal_seeds_alone(tiny_models) -> None:
+    """Pure speed: seeds trained in lockstep (their rows regrouped by length into shared forward
+    passes) get the figures each gets alone in the plain sequential loop, to float rounding:
+    same epochs, learning-rate drop, candidates and decisions. T_L = 0 makes every seed a
+    candidate, so the pass stops after its first seed (its path loss must reach the others)."""
+    from lmsan.auditor.corpus import load_corpus
+    from lmsan.auditor.mining import Miner, MiningConfig
+    from lmsan.auditor.modelio import load_encoder
+
+    corpus = load_corpus(tiny_models["corpus"], limit=256)
+    targets = ["cls", "tokens", "mask"]
+    for model, t_l in ((tiny_models["clean"], 1e9), (tiny_models["por"], 0.0)):
+        lm = load_encoder(model)
+        cfg = MiningConfig(max_length=48, eval_sentences=64, t_l=t_l)
+        plain = Miner(lm, corpus, targets, cfg, chunk_rows=None)
+        seq = [plain.run_seed(s) for s in range(3)]
+        batched = Miner(lm, corpus, targets, cfg, chunk_rows=8)
+        got = batched.run_seeds([0, 1, 2])
+        if t_l > 0:  # every seed aborts: nothing found, the whole pass stands
+            assert len(got) == 3 and all(r.aborted for r in got)
+        else:  # seed 0 made a candidate: seeds 1-2 trained without it in their path loss
+            assert len(got) == 1 and got[0].targets[0].candidate
+            got += batched.run_seeds([1, 2])[:1]
+            got += batched.run_seeds([2])
+        assert [r.seed for r in got] == [0, 1, 2]
+        for a, b in zip(seq, got, strict=True):
+            _assert_same_seed(a, b)
 
 
 # ---------------------------------------------------------------- filtering rules
@@ -484,7 +570,8 @@ def test_clean_twin_not_flagged_on_any_target(tiny_models, signing_key, tmp_path
     rep = read_report(rep_path)
     assert r.exit_code == 0, r.output
     assert rep["verdict"] == "clean" and rep["targets"] == ["cls", "pooler", "tokens", "mask"]
-    assert all(v["seeds_run"] == 4 and v["kept"] == 0 for v in rep["per_target"].values())
+    seeds = 4 * (2 if rep["first_stage"]["verdict"] == "suspicious" else 1)
+    assert all(v["seeds_run"] == seeds and v["kept"] == 0 for v in rep["per_target"].values())
 
 
 @pytest.mark.parametrize("attack,target", [

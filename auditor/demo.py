@@ -100,7 +100,7 @@ def run_demo(workdir: str | Path | None, progress: Any = None, audit_clean: bool
                         seed=0, progress=progress.get("poison") if progress else None)
     corpus = default_corpus()
     opts = AuditOptions(model_dir=wd / "tiny-por", target="cls", mode="detect", max_seeds=max_seeds,
-                        overrides={"max_length": 48})
+                        overrides={"max_length": 48}, first_stage=False)
     bd = run_audit(opts, corpus, progress.get("audit") if progress else None)
     injected = np.asarray(pres.pvs, dtype=np.float32)
     agree, idx = 0.0, -1
@@ -112,6 +112,6 @@ def run_demo(workdir: str | Path | None, progress: Any = None, audit_clean: bool
     clean = None
     if audit_clean:
         copts = AuditOptions(model_dir=base, target="cls", mode="detect", max_seeds=max_seeds,
-                             overrides={"max_length": 48})
+                             overrides={"max_length": 48}, first_stage=False)
         clean = run_audit(copts, corpus, progress.get("audit") if progress else None)
     return DemoResult(wd, pres, bd, clean, agree, idx)

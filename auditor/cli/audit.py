@@ -276,6 +276,13 @@ def audit(
                                                   "(the paper's vocabulary rows 70*seed...; "
                                                   "detect default) or vocab (random ordinary "
                                                   "words per seed; search default)."),
+    first_stage: bool = typer.Option(True, "--first-stage/--no-first-stage", help="Run the "
+                                     "searching-free first stage before mining (seconds; "
+                                     "advisory: it orders the targets mined and doubles the seed "
+                                     "budget of a model it flags, the verdict stays mining's)."),
+    seeds_per_pass: int = typer.Option(4, "--seeds-per-pass", min=1, help="Seeds trained together "
+                                       "in one pass (same figures as one at a time, within float "
+                                       "tolerance; 1 reproduces the one-at-a-time loop exactly)."),
     quiet: bool = typer.Option(False, "--quiet", help="No live progress display."),
 ) -> None:
     """Mine predefined vectors (PVs) from each model and write a signed report with the verdict.
@@ -302,7 +309,8 @@ def audit(
     opts = AuditOptions(model_dir=inputs.single or model_dirs[0], target=target.value,
                         mode=mode.value, max_seeds=max_seeds, patience=patience,
                         first_seed=first_seed, seed=seed, device=device.value,
-                        allow_pickle=allow_pickle, preset=preset, overrides=ov)
+                        allow_pickle=allow_pickle, preset=preset, overrides=ov,
+                        first_stage=first_stage, seeds_per_pass=seeds_per_pass)
     fmts = [f.value for f in formats]
     if inputs.single is not None:
         report = out or Path("lmsan-report.json")

@@ -70,6 +70,7 @@ class Verification:
     problems: list[str]
     diff: Diff | None = None  # set when a model folder was compared
     pinned: bool = False  # True when the signature was checked against --pub
+    pinned_fingerprint: str | None = None  # the fingerprint of the --pub key, when one was given
     predicate: dict[str, Any] | None = None
     model_digest: str | None = None
     model_files: int | None = None  # files hashed in the model folder, when one was compared
@@ -374,6 +375,24 @@ def load_pvset(path: str | Path) -> PVSet:
     return PVSet.from_json(data, p)
 
 
+ENVELOPE_FIELDS = ("payloadType", "payload", "signatures")
+
+
+def check_is_envelope(data: Any, path: Path | None = None) -> None:
+    """Raise FormatError unless parsed JSON `data` is at least shaped like a DSSE envelope (an
+    object with one of its fields): a file that is no report at all is an input error (exit 2),
+    while a damaged envelope is a report that fails verification (exit 1)."""
+    if isinstance(data, dict) and any(k in data for k in ENVELOPE_FIELDS):
+        return
+    if isinstance(data, dict) and isinstance(data.get("format"), str):
+        what = f"it is a {data['format']!r} file"
+    elif isinstance(data, dict):
+        what = "it has none of the fields 'payloadType', 'payload', 'signatures'"
+    else:
+        what = "its top level is not a JSON object"
+    raise FormatError(f"not an lmsan report: not a DSSE envelope ({what})", path)
+
+
 def _first_difference(a: bytes, b: bytes) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -392,7 +411,8 @@ def verify_report(
     `pub` pins the signer (a `.pub` PEM file or a key object); without it the key embedded in the
     report is used, which proves integrity but not who signed. Raises InputError/FormatError only
     when an input cannot be read at all (missing file, not JSON, missing model folder, bad key
-    file); everything wrong with a readable report is listed in `Verification.problems`.
+    file, a JSON file that is no DSSE envelope); everything wrong with a readable report is
+    listed in `Verification.problems`.
     """
     p = Path(path)
     return verify_report_bytes(_read(p), p, model_dir=model_dir, pub=pub)
@@ -407,6 +427,7 @@ def verify_report_bytes(
     """`verify_report` on a report's bytes; `path` (where they came from) names it in errors
     and, when it lies inside `model_dir`, is left out of the folder comparison."""
     env = _parse(raw, path)
+    check_is_envelope(env, path)
     key = load_public_key(pub) if isinstance(pub, (str, os.PathLike)) else pub
 
     problems: list[str] = []
@@ -464,6 +485,7 @@ def verify_report_bytes(
         problems=problems,
         diff=diff,
         pinned=check.pinned,
+        pinned_fingerprint=fingerprint(key) if key is not None else None,
         predicate=predicate,
         model_digest=predicate["model"]["digest"] if predicate else None,
         model_files=n_files,
@@ -481,5 +503,6 @@ __all__ = [
     "load_pvset",
     "verify_report",
     "verify_report_bytes",
+    "check_is_envelope",
     "dump_envelope",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -11,6 +12,9 @@ from rich.table import Table
 
 from ..errors import EXIT_CLEAN, EXIT_FOUND
 from .app import app, console
+
+if TYPE_CHECKING:
+    from ..report import Verification
 
 
 class KeyKindOption(str, Enum):
@@ -45,6 +49,22 @@ def keygen(
     console.print(f"fingerprint [bold]{info.fingerprint}[/]")
 
 
+def _signer_note(v: Verification) -> str:
+    """How the signer key shown for `v` relates to the key pinned with --pub (if any)."""
+    if not v.pinned:
+        if v.signature_ok:
+            return "[dim](key embedded in the report; pin it with --pub)[/]"
+        return "[dim](key the report names; its signature does not verify)[/]"
+    if v.fingerprint != v.pinned_fingerprint:
+        return (
+            "[red](the report's key; it does not match the key pinned with --pub, "
+            f"{v.pinned_fingerprint})[/]"
+        )
+    if v.signature_ok:
+        return "[dim](pinned with --pub)[/]"
+    return "[red](the key pinned with --pub, but the signature does not verify)[/]"
+
+
 @app.command()
 def verify(
     report: Path = typer.Argument(..., help="The signed audit report (JSON) to check."),
@@ -75,21 +95,25 @@ def verify(
     table.add_column(style="bold")
     table.add_column()
     table.add_row("report", escape(str(report)))
-    sig = "[green]ok[/]" if v.signature_ok else "[red]does not verify[/]"
+    sig = "[green]ok[/]" if v.signature_ok else "[bold red]INVALID[/] (does not verify)"
     table.add_row("signature", sig)
     if v.fingerprint:
-        how = "pinned with --pub" if v.pinned else "key embedded in the report; pin it with --pub"
-        table.add_row("signer key", f"{v.fingerprint} [dim]({how})[/]")
+        table.add_row("signer key", f"{v.fingerprint} {_signer_note(v)}")
     if v.predicate is not None:
         pred = v.predicate
-        table.add_row("model digest", str(v.model_digest))
+        # the predicate of a report whose signature fails is a claim, not a fact
+        claim = "" if v.signature_ok else " [dim](unverified claim)[/]"
+        table.add_row("model digest", f"{v.model_digest}{claim}")
         table.add_row(
-            "audited", f"{escape(str(pred['model']['path']))} at {escape(pred['created'])}"
+            "audited", f"{escape(str(pred['model']['path']))} at {escape(pred['created'])}{claim}"
         )
         tool = pred["tool"]
-        table.add_row("tool", escape(f"{tool['name']} {tool['version']}"))
+        table.add_row("tool", escape(f"{tool['name']} {tool['version']}") + claim)
         if "verdict" in pred:
-            table.add_row("verdict", escape(str(pred["verdict"])))
+            if v.signature_ok:
+                table.add_row("verdict", escape(str(pred["verdict"])))
+            else:
+                table.add_row("verdict", "[bold red]signature INVALID: verdict not trusted[/]")
     if model is not None and v.diff is not None:
         if v.diff.same:
             table.add_row("model folder", f"[green]matches[/] ({v.model_files} files)")

@@ -27,9 +27,9 @@ def keygen(
     out: Path | None = typer.Option(
         None,
         "--out",
-        help="Where to write the private key (PEM, mode 0600); the public key goes to OUT.pub. "
-        "Default: the per-user key, $LMSAN_HOME/signing_key.pem or "
-        "~/.config/lmsan/signing_key.pem.",
+        help="Private key file to write (PEM, mode 0600); the public key goes to OUT.pub.",
+        show_default="the per-user key, $LMSAN_HOME/signing_key.pem or "
+        "~/.config/lmsan/signing_key.pem",
     ),
     kind: KeyKindOption = typer.Option(
         KeyKindOption.ed25519, "--kind", help="Signature algorithm: ed25519 or ecdsa-p256."
@@ -38,7 +38,10 @@ def keygen(
         False, "--force", help="Overwrite an existing key (the old one is lost)."
     ),
 ) -> None:
-    """Create a signing key pair for audit reports and print its fingerprint."""
+    """Create a signing key pair for audit reports and print its fingerprint.
+
+    Exit 0 created, 2 input error (a key exists there: --force replaces it), 4 usage error.
+    """
     from ..signing import generate_key, user_key_path
 
     info = generate_key(out or user_key_path(), kind.value, force=force)
@@ -84,8 +87,8 @@ def verify(
 ) -> None:
     """Check a signed audit report: signature, format and, with --model, the model folder.
 
-    Exit 0 valid, 1 invalid (bad signature, malformed field, model folder changed),
-    2 unreadable input.
+    Exit 0 valid, 1 invalid (bad signature, not signed by --pub, malformed field, model folder
+    changed), 2 unreadable input or not a signed report, 4 usage error.
     """
     from ..report import verify_report
 

@@ -332,8 +332,8 @@ def threshold(
     max_length: int | None = typer.Option(
         None,
         "--max-length",
-        help="Longest record in tokens (default: the model's positions); longer records are "
-        "skipped and counted.",
+        help="Longest record in tokens; longer records are skipped and counted.",
+        show_default="the model's positions",
     ),
     provider: ProviderOption = typer.Option(
         ProviderOption.auto, "--provider", help="auto, cpu or cuda (as for `lmsan scan`)."

@@ -23,25 +23,28 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import FormatError, InputError
+from .errors import EXIT_FOUND, FormatError, InputError, LmsanError
 from .fsutil import atomic_write_bytes
 from .manifest import Diff, Manifest, compare, model_manifest, relative_inside
 from .pvset import FORMAT as PVSET_FORMAT
 from .pvset import PVSet
 from .signing import (
+    DEFAULT_KEY_NAME,
     PublicKey,
     b64decode_strict,
     check_envelope,
     default_key,
     fingerprint,
+    lmsan_home,
     load_private_key,
     load_public_key,
+    pub_path_for,
     sign_envelope,
 )
 
@@ -70,6 +73,7 @@ class Verification:
     problems: list[str]
     diff: Diff | None = None  # set when a model folder was compared
     pinned: bool = False  # True when the signature was checked against --pub
+    pinned_fingerprint: str | None = None  # the fingerprint of the --pub key, when one was given
     predicate: dict[str, Any] | None = None
     model_digest: str | None = None
     model_files: int | None = None  # files hashed in the model folder, when one was compared
@@ -359,19 +363,126 @@ def extract_pvset(data: Any, path: str | Path | None = None) -> dict[str, Any]:
     return pvset
 
 
-def load_pvset(path: str | Path) -> PVSet:
-    """Read a PV set file, or the PV set embedded in a signed audit report (whose signature must
-    verify with its embedded key; see `extract_pvset`)."""
+def _pvset_json(path: str | Path) -> tuple[Path, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError("PV set file not found", p)
     try:
-        data = json.loads(p.read_text())
+        return p, json.loads(p.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"not valid JSON ({exc})", p) from None
+
+
+def load_pvset(path: str | Path) -> PVSet:
+    """Read a PV set file, or the PV set embedded in a signed audit report (whose signature must
+    verify with its embedded key; see `extract_pvset`)."""
+    p, data = _pvset_json(path)
     if isinstance(data, dict) and data.get("format") != PVSET_FORMAT:
         data = extract_pvset(data, p)
     return PVSet.from_json(data, p)
+
+
+ENVELOPE_FIELDS = ("payloadType", "payload", "signatures")
+
+
+def check_is_envelope(data: Any, path: Path | None = None) -> None:
+    """Raise FormatError unless parsed JSON `data` is at least shaped like a DSSE envelope (an
+    object with one of its fields): a file that is no report at all is an input error (exit 2),
+    while a damaged envelope is a report that fails verification (exit 1)."""
+    if isinstance(data, dict) and any(k in data for k in ENVELOPE_FIELDS):
+        return
+    if isinstance(data, dict) and isinstance(data.get("format"), str):
+        what = f"it is a {data['format']!r} file"
+    elif isinstance(data, dict):
+        what = "it has none of the fields 'payloadType', 'payload', 'signatures'"
+    else:
+        what = "its top level is not a JSON object"
+    raise FormatError(f"not an lmsan report: not a DSSE envelope ({what})", path)
+
+
+class ReportNotTrusted(LmsanError):
+    """A signed report that fails verification or whose signer cannot be checked (exit 1)."""
+
+    exit_code = EXIT_FOUND
+
+
+@dataclass
+class PVSetSource:
+    """A PV set and what is known of where it comes from (`load_trusted_pvset`)."""
+
+    pvset: PVSet
+    signed: bool  # read from a signed audit report
+    signer: str | None = None  # fingerprint of the key whose signature verified
+    trusted_key: str = ""  # "--pub", "the per-user key", or "" (signer not checked)
+    model_digest: str | None = None  # "sha256:<hex>" of the audited model, when recorded
+    ignored: list[str] = field(default_factory=list)  # files the audit's manifest left out
+    warnings: list[str] = field(default_factory=list)
+
+
+def user_public_key() -> Path | None:
+    """The per-user key's public half (or, without a `.pub`, the private key), if it exists."""
+    private = lmsan_home() / DEFAULT_KEY_NAME
+    pub = pub_path_for(private)
+    return pub if pub.is_file() else private if private.is_file() else None
+
+
+def load_trusted_pvset(
+    path: str | Path, pub: str | Path | None = None, *, allow_unverified: bool = False
+) -> PVSetSource:
+    """Read a PV set file, or the PV set of a signed audit report checked against a trusted key.
+
+    A signed report must verify with `pub` when given, else with the per-user key when there is
+    one (`user_public_key`); a report signed by another key, or with no key to check it against,
+    is refused (ReportNotTrusted, exit 1) unless `allow_unverified`, which accepts it with a
+    warning. Its signature must verify with its embedded key in every case (the file is intact).
+    A plain PV set file carries no signature: refused with `pub` (InputError), else read as is.
+    """
+    p, data = _pvset_json(path)
+    if not isinstance(data, dict) or data.get("format") == PVSET_FORMAT:
+        if pub is not None:
+            raise InputError(
+                "a plain PV set file carries no signature to check against --pub; give the "
+                "signed report of the audit instead",
+                p,
+            )
+        pvs = PVSet.from_json(data, p)
+        digest = pvs.model.get("digest")
+        return PVSetSource(pvs, signed=False, model_digest=digest if isinstance(digest, str) else None)
+    pvset_json = extract_pvset(data, p)  # integrity: verifies with the embedded key
+    key_path = Path(pub) if pub is not None else user_public_key()
+    src = PVSetSource(PVSet.from_json(pvset_json, p), signed=True)
+    embedded = check_envelope(data)
+    src.signer = embedded.fingerprint
+    if key_path is None:
+        why = "no --pub key is given and there is no per-user key to check its signer against"
+        if not allow_unverified:
+            raise ReportNotTrusted(
+                f"cannot verify who signed the report: {why}; pass --pub KEY (the signer's "
+                "public key) or --allow-unverified",
+                p,
+            )
+        src.warnings.append(
+            f"{p}: the report's signer {src.signer} is not verified ({why}); used because of "
+            "--allow-unverified"
+        )
+    else:
+        what = "--pub" if pub is not None else "the per-user key"
+        key = load_public_key(key_path)
+        if not check_envelope(data, key).signature_ok:
+            msg = (
+                f"the report is signed by key {src.signer}, not by {what} ({key_path}, "
+                f"{fingerprint(key)})"
+            )
+            if pub is not None or not allow_unverified:
+                hint = "" if pub is not None else "; pass --pub KEY or --allow-unverified"
+                raise ReportNotTrusted(msg + hint, p)
+            src.warnings.append(f"{p}: {msg}; used because of --allow-unverified")
+        else:
+            src.trusted_key = what
+    pred = parse_statement(b64decode_strict(data["payload"]))
+    src.model_digest = pred["model"]["digest"]
+    src.ignored = list(report_manifest(pred).ignored)
+    return src
 
 
 def _first_difference(a: bytes, b: bytes) -> int:
@@ -392,7 +503,8 @@ def verify_report(
     `pub` pins the signer (a `.pub` PEM file or a key object); without it the key embedded in the
     report is used, which proves integrity but not who signed. Raises InputError/FormatError only
     when an input cannot be read at all (missing file, not JSON, missing model folder, bad key
-    file); everything wrong with a readable report is listed in `Verification.problems`.
+    file, a JSON file that is no DSSE envelope); everything wrong with a readable report is
+    listed in `Verification.problems`.
     """
     p = Path(path)
     return verify_report_bytes(_read(p), p, model_dir=model_dir, pub=pub)
@@ -407,6 +519,7 @@ def verify_report_bytes(
     """`verify_report` on a report's bytes; `path` (where they came from) names it in errors
     and, when it lies inside `model_dir`, is left out of the folder comparison."""
     env = _parse(raw, path)
+    check_is_envelope(env, path)
     key = load_public_key(pub) if isinstance(pub, (str, os.PathLike)) else pub
 
     problems: list[str] = []
@@ -464,6 +577,7 @@ def verify_report_bytes(
         problems=problems,
         diff=diff,
         pinned=check.pinned,
+        pinned_fingerprint=fingerprint(key) if key is not None else None,
         predicate=predicate,
         model_digest=predicate["model"]["digest"] if predicate else None,
         model_files=n_files,
@@ -479,7 +593,12 @@ __all__ = [
     "read_report",
     "extract_pvset",
     "load_pvset",
+    "load_trusted_pvset",
+    "PVSetSource",
+    "ReportNotTrusted",
+    "user_public_key",
     "verify_report",
     "verify_report_bytes",
+    "check_is_envelope",
     "dump_envelope",
 ]

@@ -38,7 +38,7 @@ from lmsan.auditor.corpus import default_corpus
 from lmsan.auditor.encoding import reads_form
 from lmsan.auditor.errors import InputError, LmsanError
 from lmsan.auditor.fsutil import staged_dir
-from lmsan.auditor.report import load_pvset
+from lmsan.auditor.report import PVSetSource, load_trusted_pvset
 from lmsan.auditor.screener import Screener
 
 from .onnx_export import DEFAULT_OPSET, export_onnx, torch_forward, torch_forward_ids
@@ -56,6 +56,7 @@ class ExportResult:
     manifest: dict[str, Any]
     validation: dict[str, Any]
     files: dict[str, int] = field(default_factory=dict)  # name -> size in bytes
+    warnings: list[str] = field(default_factory=list)  # e.g. a PV set with no model digest
 
 
 def validation_sentences(max_tokens: int, n: int = 48) -> list[str]:
@@ -138,6 +139,52 @@ def check_out_path(out_path: Path, force: bool) -> None:
             "exists and is not an lmsan bundle (no manifest.json); refusing to replace it",
             out_path,
         )
+
+
+def _audit_outputs_inside(model_dir: Path, pvs: Path) -> set[str]:
+    """Relative paths of the PV set file and of its audit sibling (``X.json`` / ``X.pvs.json``)
+    when they lie inside ``model_dir``: written there after the audit hashed the folder."""
+    from lmsan.auditor.manifest import relative_inside
+
+    name = pvs.name
+    sibling = name[: -len(".pvs.json")] + ".json" if name.endswith(".pvs.json") else (
+        pvs.stem + ".pvs.json"
+    )
+    found = set()
+    for q in (pvs, pvs.with_name(sibling)):
+        rel = relative_inside(q, model_dir) if q.is_file() else None
+        if rel is not None:
+            found.add(rel)
+    return found
+
+
+def check_model_digest(
+    src: PVSetSource, model_dir: Path, pvs: Path, allow_other_model: bool
+) -> tuple[str, list[str]]:
+    """Check that ``model_dir`` is the model the PV set was mined from: its manifest digest (with
+    the files the audit left out, and the audit's own outputs inside the folder, left out) must be
+    the digest the PV set records. Returns the folder's full manifest digest (for the bundle) and
+    warnings; InputError (exit 2) naming both digests on a mismatch unless ``allow_other_model``.
+    """
+    from lmsan.auditor.manifest import model_manifest
+
+    full = "sha256:" + model_manifest(model_dir).digest
+    if src.model_digest is None:
+        return full, [
+            f"{pvs}: the PV set records no model digest: cannot check that it was mined from "
+            f"{model_dir}"
+        ]
+    skip = set(src.ignored) | _audit_outputs_inside(model_dir, pvs)
+    actual = "sha256:" + model_manifest(model_dir, ignore=skip).digest if skip else full
+    if actual == src.model_digest:
+        return full, []
+    msg = (
+        f"the PV set was mined from the model with digest {src.model_digest}, but {model_dir} "
+        f"has digest {actual}: it is another model (or a changed one)"
+    )
+    if not allow_other_model:
+        raise InputError(msg + "; pass --allow-other-model to export it anyway", pvs)
+    return full, [f"{pvs}: {msg}; exported because of --allow-other-model"]
 
 
 def validate_bundle(
@@ -254,17 +301,26 @@ def export_bundle(
     allow_pickle: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     pvs_source: str | None = None,
+    pub: str | Path | None = None,
+    allow_unverified: bool = True,
+    allow_other_model: bool = True,
 ) -> ExportResult:
     """Export ``model_dir`` with the PV set ``pvs`` to the bundle folder ``out``.
 
     ``pvs_source``: the provenance the manifest records for the PV set (default: ``pvs``), for
-    callers that export a derived set from a temporary file."""
-    from lmsan.auditor.manifest import model_manifest
+    callers that export a derived set from a temporary file. ``pub`` / ``allow_unverified``: how
+    a signed report given as ``pvs`` is trusted (``report.load_trusted_pvset``);
+    ``allow_other_model`` False refuses a PV set mined from another model
+    (``check_model_digest``). ``lmsan export`` passes the strict settings."""
     from lmsan.auditor.modelio import load_encoder
 
     out_path = Path(out)
     check_out_path(out_path, force)
-    pvset = load_pvset(pvs)
+    src = load_trusted_pvset(pvs, pub, allow_unverified=allow_unverified)
+    pvset = src.pvset
+    model_digest, digest_warnings = check_model_digest(
+        src, Path(model_dir), Path(pvs), allow_other_model
+    )
     if not pvset.pvs:
         raise InputError("the PV set holds no PV: nothing to monitor", pvs)
     loaded = load_encoder(model_dir, allow_pickle=allow_pickle, device="cpu")
@@ -305,7 +361,7 @@ def export_bundle(
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {
                 "source": str(Path(model_dir)),
-                "digest": "sha256:" + model_manifest(model_dir).digest,
+                "digest": model_digest,
                 "model_type": loaded.model_type,
                 "family": loaded.family,
                 "weights_format": loaded.weights_format,
@@ -331,4 +387,10 @@ def export_bundle(
         figures = validate_bundle(tmp, model, with_pooler, tolerance, soft is not None)
         manifest = write_manifest(tmp, {**body, "validation": figures})
         sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    return ExportResult(path=out_path, manifest=manifest, validation=figures, files=sizes)
+    return ExportResult(
+        path=out_path,
+        manifest=manifest,
+        validation=figures,
+        files=sizes,
+        warnings=src.warnings + digest_warnings,
+    )

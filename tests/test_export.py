@@ -204,3 +204,138 @@ def test_tampered_bundle_is_rejected(bert_bundle: Path, tmp_path: Path) -> None:
     (copy / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(FormatError, match="'version' is 99"):
         Bundle.load(copy)
+
+
+# --- trust in the PV set: the signer of a report and the model it was mined from ----------------
+
+
+def _signed_report(model: Path, pvset: Path, out: Path, key: Path) -> Path:
+    from lmsan.auditor.report import write_signed_report
+
+    write_signed_report({"verdict": "backdoored", "pvset": json.loads(pvset.read_text())},
+                        model, out, key)
+    return out
+
+
+@pytest.fixture
+def signed(
+    bert: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, Path]:
+    """(report of the bert model signed by a team key, that key); no per-user key exists."""
+    from lmsan.auditor.signing import generate_key
+
+    monkeypatch.setenv("LMSAN_HOME", str(tmp_path / "home"))
+    key = generate_key(tmp_path / "team.pem").path
+    return _signed_report(bert[0], bert[1], tmp_path / "report.json", key), key
+
+
+def test_export_verifies_a_signed_report_against_a_trusted_key(
+    bert: tuple[Path, Path], signed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from lmsan.auditor.signing import generate_key
+
+    report, key = signed
+    runner = CliRunner()
+    base = ["export", str(bert[0]), "--pvs", str(report), "--out", str(tmp_path / "b")]
+    r = runner.invoke(app, base)  # no --pub, no per-user key: the signer cannot be checked
+    assert r.exit_code == 1, r.output
+    assert "cannot verify who signed" in flat(r.output) and "--allow-unverified" in flat(r.output)
+    other = generate_key(tmp_path / "other.pem")
+    r = runner.invoke(app, [*base, "--pub", str(other.pub_path)])
+    assert r.exit_code == 1 and "not by --pub" in flat(r.output), r.output
+    assert other.fingerprint in flat(r.output)
+    r = runner.invoke(app, [*base, "--pub", str(other.pub_path), "--allow-unverified"])
+    assert r.exit_code == 4, r.output
+    assert not (tmp_path / "b").exists()
+    r = runner.invoke(app, [*base, "--pub", f"{key}.pub"])
+    assert r.exit_code == 0, r.output
+    assert "warning" not in flat(r.output)
+    Bundle.load(tmp_path / "b")
+
+
+def test_export_trusts_the_per_user_key_and_allow_unverified(
+    bert: tuple[Path, Path], signed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from lmsan.auditor.report import ReportNotTrusted, load_trusted_pvset
+    from lmsan.auditor.signing import default_key
+
+    report, _ = signed
+    with pytest.raises(ReportNotTrusted, match="cannot verify who signed"):
+        load_trusted_pvset(report)
+    src = load_trusted_pvset(report, allow_unverified=True)
+    assert src.signed and src.trusted_key == "" and "not verified" in src.warnings[0]
+    user = default_key()  # a per-user key now exists, and it is not the signer
+    with pytest.raises(ReportNotTrusted, match="not by the per-user key"):
+        load_trusted_pvset(report)
+    assert "--allow-unverified" in load_trusted_pvset(report, allow_unverified=True).warnings[0]
+    mine = _signed_report(bert[0], bert[1], tmp_path / "mine.json", user.path)
+    src = load_trusted_pvset(mine)
+    assert src.trusted_key == "the per-user key" and src.signer == user.fingerprint
+    assert not src.warnings and src.model_digest is not None and src.model_digest.startswith("sha256:")
+    with pytest.raises(InputError, match="no signature to check against --pub"):
+        load_trusted_pvset(bert[1], pub=user.pub_path)
+    # a report altered after signing is refused whatever the options
+    env = json.loads(mine.read_text())
+    env["signatures"][0]["sig"] = env["signatures"][0]["sig"][::-1]
+    (tmp_path / "bad.json").write_text(json.dumps(env))
+    with pytest.raises(FormatError, match="does not verify"):
+        load_trusted_pvset(tmp_path / "bad.json", allow_unverified=True)
+
+
+def test_export_refuses_a_pv_set_of_another_model(
+    bert: tuple[Path, Path], roberta: tuple[Path, Path], signed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from lmsan.auditor.manifest import model_manifest
+
+    _, key = signed
+    report = _signed_report(roberta[0], bert[1], tmp_path / "r.json", key)  # mined on roberta
+    r = CliRunner().invoke(app, ["export", str(bert[0]), "--pvs", str(report), "--pub",
+                                 f"{key}.pub", "--out", str(tmp_path / "b")])
+    out = flat(r.output)
+    assert r.exit_code == 2, r.output
+    bert_digest = "sha256:" + model_manifest(bert[0]).digest
+    roberta_digest = "sha256:" + model_manifest(roberta[0]).digest
+    assert bert_digest in out and roberta_digest in out and "--allow-other-model" in out
+    assert not (tmp_path / "b").exists()
+    # a plain PV set file carries the digest too
+    data = json.loads(bert[1].read_text())
+    data["model"] = {**data.get("model", {}), "digest": roberta_digest}
+    (tmp_path / "plain.json").write_text(json.dumps(data))
+    r = CliRunner().invoke(app, ["export", str(bert[0]), "--pvs", str(tmp_path / "plain.json"),
+                                 "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and roberta_digest in flat(r.output), r.output
+
+
+def test_model_digest_check_leaves_out_the_audit_outputs(tmp_path: Path) -> None:
+    """A report and PV set written into the model folder do not make it another model; a PV set
+    with no digest is a warning; --allow-other-model turns a mismatch into a warning."""
+    from lmsan.auditor.pvset import PV, PVSet
+    from lmsan.auditor.report import load_trusted_pvset, write_signed_report
+    from lmsan.auditor.signing import generate_key
+    from lmsan.export.bundle import check_model_digest
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\1" * 64)
+    key = generate_key(tmp_path / "k.pem")
+    pvs = PVSet(hidden_size=4, pvs=[PV(id=0, target="cls", values=np.ones(4, np.float32))])
+    info = write_signed_report({"pvset": pvs.to_json()}, model, model / "report.json", key.path)
+    pvs.model["digest"] = info.model_digest
+    pvs.save(model / "report.pvs.json")  # written after the audit hashed the folder
+    for given in (model / "report.json", model / "report.pvs.json"):
+        src = load_trusted_pvset(given, key.pub_path if given.name == "report.json" else None)
+        assert src.model_digest == info.model_digest
+        full, warnings = check_model_digest(src, model, given, allow_other_model=False)
+        assert warnings == [] and full.startswith("sha256:")
+    (model / "model.safetensors").write_bytes(b"\2" * 64)
+    src = load_trusted_pvset(model / "report.pvs.json")
+    with pytest.raises(InputError, match="another model"):
+        check_model_digest(src, model, model / "report.pvs.json", allow_other_model=False)
+    _, warnings = check_model_digest(src, model, model / "report.pvs.json", allow_other_model=True)
+    assert "--allow-other-model" in warnings[0]
+    del pvs.model["digest"]
+    pvs.save(tmp_path / "nodigest.json")
+    src = load_trusted_pvset(tmp_path / "nodigest.json")
+    _, warnings = check_model_digest(src, model, tmp_path / "nodigest.json", False)
+    assert "records no model digest" in warnings[0]

@@ -540,7 +540,9 @@ def test_cli_tune_train_and_export(toy_backbone, tmp_path) -> None:
     want = pt.read_task_meta(mtask)["labels"][pt.predict(pt.load_task_model(mtask), [(WORDS[3],)])[0]]
     assert want in r.output and "clean" in r.output  # the torch model's answer, unflagged
     r = runner.invoke(app, [*args, "--out", str(tmp_path / "t3"), "--target", "pooler"])
-    assert r.exit_code == 2 and "unknown target" in " ".join(r.output.split())
+    out = " ".join(r.output.split())  # a usage error (exit 4 through the console script)
+    assert r.exit_code == 2 and "Invalid value for '--target'" in out and "'pooler'" in out
+    assert not (tmp_path / "t3").exists()
 
 
 def test_defended_classifier_refuses_another_tasks_bundle(trained, toy_task, tmp_path) -> None:

@@ -294,3 +294,51 @@ def test_rendering_is_torch_free(audited) -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- trigger hints: the nearest usable vocabulary tokens of a soft prompt ------------------------
+
+
+def _tiny_wordpiece():
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", "[unused1]", "[unused2]",
+             "cf", "mn", "the", "##y", "pt"]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}), vocab
+
+
+def test_trigger_hint_leaves_out_special_and_unused_tokens(tmp_path: Path) -> None:
+    import numpy as np
+    from lmsan.auditor.hints import nearest_tokens
+
+    tok, vocab = _tiny_wordpiece()
+    rng = np.random.default_rng(0)  # near-orthogonal rows: one-hot plus a little noise
+    emb = (np.eye(len(vocab), 16) + 0.01 * rng.normal(size=(len(vocab), 16))).astype(np.float32)
+    at = {t: i for i, t in enumerate(vocab)}
+    # Position 0 sits on [PAD], then [unused0], then cf; position 1 on [unused1], [SEP], ##y, mn.
+    p0 = emb[at["[PAD]"]] + 0.6 * emb[at["[unused0]"]] + 0.3 * emb[at["cf"]]
+    p1 = emb[at["[unused1]"]] + 0.5 * emb[at["[SEP]"]] + 0.3 * emb[at["##y"]] + 0.2 * emb[at["mn"]]
+    hint = nearest_tokens(np.stack([p0, p1]), emb, tok, k=2)
+    assert len(hint) == 2 and all(len(h) == 2 for h in hint), hint
+    ordinary = {"cf", "mn", "the", "##y", "pt"}
+    assert all(w in ordinary for h in hint for w in h), hint
+    assert hint[0][0] == "cf" and hint[1][0] == "##y"
+    # the trained mining path hands tensors in; the result is the same
+    torch = pytest.importorskip("torch")
+    assert nearest_tokens(torch.from_numpy(np.stack([p0, p1])), torch.from_numpy(emb), tok, 2) == hint
+
+
+def test_trigger_hint_decodes_byte_level_and_sentencepiece_pieces(tmp_path: Path) -> None:
+    from lmsan.auditor.hints import readable_token, usable_token
+    from transformers import RobertaTokenizerFast
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4, "c": 5, "f": 6, "Ġ": 7,
+             "cf": 8, "Ġcf": 9, "madeupword0000": 10}
+    tok = RobertaTokenizerFast(vocab=vocab, merges=[("c", "f"), ("Ġ", "cf")])
+    special = set(tok.all_special_ids)
+    assert usable_token(tok, 9, special) == "cf"  # "Ġcf" reads as the word it is
+    assert usable_token(tok, 8, special) == "cf"
+    for empty in (0, 1, 2, 3, 4, 7, 10):  # special, a bare space marker, a placeholder
+        assert usable_token(tok, empty, special) == "", empty
+    wp, _ = _tiny_wordpiece()
+    assert readable_token(wp, "##y") == "##y" and readable_token(wp, "##") == ""

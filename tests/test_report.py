@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -506,3 +507,63 @@ def test_lmsan_errors_keep_their_exit_code_through_main(tmp_path: Path) -> None:
         ["lmsan", "verify", str(tmp_path / "missing.json")], capture_output=True, text=True
     )
     assert r.returncode == 2, (r.returncode, r.stderr)
+
+
+def _with_forged_verdict(report: Path, verdict: str) -> Path:
+    """`report` with its payload's verdict replaced, in canonical form, signature left as is."""
+    env = json.loads(report.read_bytes())
+    st = json.loads(base64.b64decode(env["payload"]))
+    st["predicate"]["verdict"] = verdict
+    body = json.dumps(st, sort_keys=True, separators=(",", ":")).encode()
+    env["payload"] = base64.b64encode(body).decode("ascii")
+    out = report.with_name("forged.json")
+    out.write_bytes(dump_envelope(env))
+    return out
+
+
+def test_cli_verify_does_not_show_a_forged_verdict_as_trusted(report: Path) -> None:
+    forged = _with_forged_verdict(report, "clean")
+    r = runner.invoke(app, ["verify", str(forged)])
+    assert r.exit_code == 1, r.output
+    assert "signature INVALID: verdict not trusted" in r.output
+    assert not re.search(r"^verdict\s+clean", r.output, re.M), r.output
+    assert "bad signature" in r.output and "INVALID" in r.output
+    # an intact report shows its verdict
+    r = runner.invoke(app, ["verify", str(report)])
+    assert r.exit_code == 0 and re.search(r"^verdict\s+backdoor", r.output, re.M), r.output
+
+
+def test_cli_verify_names_a_key_that_does_not_match_the_pinned_one(
+    tmp_path: Path, report: Path, key: Path
+) -> None:
+    other = generate_key(tmp_path / "o.pem")
+    r = runner.invoke(app, ["verify", str(report), "--pub", str(other.pub_path)])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 1, r.output
+    assert "pinned with --pub)" not in out
+    assert "does not match the key pinned with --pub" in out and other.fingerprint in out
+    assert "verdict not trusted" in out
+    r = runner.invoke(app, ["verify", str(report), "--pub", f"{key}.pub"])
+    assert r.exit_code == 0 and "(pinned with --pub)" in " ".join(r.output.split()), r.output
+
+
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        ('{"hello": 1}\n', "none of the fields"),
+        ('[1, 2]\n', "not a JSON object"),
+        ('{"format": "lmsan.pvset", "version": 1}\n', "'lmsan.pvset' file"),
+    ],
+)
+def test_cli_verify_a_json_file_that_is_not_an_envelope(
+    tmp_path: Path, content: str, what: str
+) -> None:
+    path = tmp_path / "x.json"
+    path.write_text(content)
+    r = runner.invoke(app, ["verify", str(path)])
+    assert r.exit_code == 2, r.output
+    out = " ".join(r.output.split())
+    assert "not an lmsan report: not a DSSE envelope" in out and what in out
+    assert "canonical form" not in out and "INVALID" not in out
+    with pytest.raises(FormatError, match="not a DSSE envelope"):
+        verify_report(path)

@@ -40,6 +40,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # -h as well as --help, on this app and (inherited through click's context) every command
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -51,15 +53,32 @@ def fail(exc: LmsanError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"lmsan {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=_print_version,
+        help="Print the lmsan version and exit.",
+    ),
+) -> None:
     """LMSanitizer auditor."""
 
 
 @app.command()
 def version() -> None:
-    """Print the lmsan version."""
-    console.print(f"lmsan {__version__}")
+    """Print the lmsan version (as --version does).
+
+    Exit 0.
+    """
+    console.print(f"lmsan {__version__}", highlight=False)
 
 
 def main() -> None:

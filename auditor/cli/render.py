@@ -30,7 +30,10 @@ def report_cmd(
         "charts) or sarif (SARIF 2.1.0, for code-scanning tools).",
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="File to write (replaced atomically). Default: standard output."
+        None,
+        "--out",
+        help="File to write (replaced atomically).",
+        show_default="standard output",
     ),
     pub: Path | None = typer.Option(
         None,

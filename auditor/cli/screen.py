@@ -53,16 +53,21 @@ def export(
         ..., help="Hugging Face model folder (config.json + weights)."
     ),
     pvs: Path = typer.Option(
-        ..., "--pvs", help="PV set file (lmsan.pvset) or signed audit report carrying one."
+        ...,
+        "--pvs",
+        help="PV set file (lmsan.pvset) or signed audit report carrying one. A signed report must "
+        "verify with --pub, else with the per-user key.",
     ),
     out: Path = typer.Option(..., "--out", help="Bundle folder to create."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     prompt: Path | None = typer.Option(
         None,
         "--prompt",
-        help="Soft prompt to prepend: a .npy float array [length, embedding width] (a P-tuning "
-        "task prompt). It is inserted right after the first special token ([CLS] / <s>) of "
-        "every input, as the deployed prompt-tuned model sees it.",
+        help=escape(
+            "Soft prompt to prepend: a .npy float array [length, embedding width] (a P-tuning "
+            "task prompt). It is inserted right after the first special token ([CLS] / <s>) of "
+            "every input, as the deployed prompt-tuned model sees it."
+        ),
     ),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version of the exported graph."),
     allow_pickle: bool = typer.Option(
@@ -76,14 +81,42 @@ def export(
         "--tolerance",
         help="Largest ORT-vs-torch difference accepted, relative to max(1, largest |output|).",
     ),
+    pub: Path | None = typer.Option(
+        None,
+        "--pub",
+        metavar="KEY",
+        help="Public key (PEM) the signed report given as --pvs must be signed with.",
+        show_default="the per-user key, if there is one",
+    ),
+    allow_unverified: bool = typer.Option(
+        False,
+        "--allow-unverified",
+        help="Accept a signed report whose signer cannot be verified: no --pub and no per-user "
+        "key, or signed by another key than the per-user key (its signature must still verify "
+        "with the key it carries). Not with --pub.",
+    ),
+    allow_other_model: bool = typer.Option(
+        False,
+        "--allow-other-model",
+        help="Export even when the model digest the PV set records is not the digest of "
+        "MODEL_DIR (a PV set mined from another model).",
+    ),
 ) -> None:
     """Export an encoder and its PV set to a validated, torch-free ONNX bundle for `lmsan scan`.
 
-    The bundle is validated (ONNX checker; ONNX Runtime against torch on corpus sentences of
-    several lengths with padding: max abs difference and identical monitor decisions) before it
-    is saved; a failed check saves nothing and exits 2.
+    The PV set must come from the audit of this model: the model digest it records must be
+    MODEL_DIR's. The bundle is validated (ONNX checker; ONNX Runtime against torch on corpus
+    sentences of several lengths with padding: max abs difference and identical monitor
+    decisions) before it is saved; a failed check saves nothing.
+
+    Exit 0 bundle written, 1 the signed report fails verification or its signer cannot be
+    verified, 2 input error (a PV set of another model, a failed validation), 4 usage error.
     """
+    from ..errors import UsageError
+
     try:
+        if pub is not None and allow_unverified:
+            raise UsageError("give --pub or --allow-unverified, not both")
         from lmsan.export.bundle import export_bundle
 
         with console.status("exporting and validating ..."):
@@ -96,9 +129,14 @@ def export(
                 opset=opset,
                 allow_pickle=allow_pickle,
                 tolerance=tolerance,
+                pub=pub,
+                allow_unverified=allow_unverified,
+                allow_other_model=allow_other_model,
             )
     except LmsanError as exc:
         raise fail(exc) from None
+    for w in res.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
     v = res.validation
     table = Table(title=f"bundle {escape(str(res.path))}", show_header=False)
     table.add_row("model", escape(str(res.manifest["model"]["source"])))
@@ -294,8 +332,8 @@ def threshold(
     max_length: int | None = typer.Option(
         None,
         "--max-length",
-        help="Longest record in tokens (default: the model's positions); longer records are "
-        "skipped and counted.",
+        help="Longest record in tokens; longer records are skipped and counted.",
+        show_default="the model's positions",
     ),
     provider: ProviderOption = typer.Option(
         ProviderOption.auto, "--provider", help="auto, cpu or cuda (as for `lmsan scan`)."

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -23,16 +24,43 @@ from .app import app, console, err_console, fail
 
 tune_app = typer.Typer(
     help="Prompt-tune a downstream task on a frozen backbone (P-tuning, P-tuning v2 with peft) "
-    "and protect the deployed model (bundle with the task prompt, monitor, purge).",
+    "and protect the deployed model (bundle with the task prompt, monitor, purge).\n\n"
+    "Exit codes: 0 done, 2 input error, 4 usage error.",
     no_args_is_help=True,
 )
 app.add_typer(tune_app, name="tune")
+
+EXIT_CODES = "Exit 0 done, 2 input error, 4 usage error."
+THREADS_HELP = "CPU threads (0 = all cores)."
+
+
+# The choices of `lmsan tune train` (the same values as tuning.TASKS, METHODS, REPARAMS and
+# HEAD_POSITIONS, which import torch and so cannot be read when the command line is built).
+class TaskOption(str, Enum):
+    wordnet_topic = "wordnet-topic"
+    rte = "rte"
+    conll04 = "conll04"
+
+
+class MethodOption(str, Enum):
+    ptuning = "ptuning"
+    ptuning_v2 = "ptuning-v2"
+
+
+class ReparamOption(str, Enum):
+    mlp = "mlp"
+    none = "none"
+
+
+class HeadOption(str, Enum):
+    cls = "cls"
+    mask = "mask"
 
 
 @tune_app.command("train")
 def train(
     backbone: Path = typer.Argument(..., help="Hugging Face encoder folder (frozen backbone)."),
-    task: str = typer.Option(
+    task: TaskOption = typer.Option(
         ..., "--task", help="wordnet-topic (4 verb classes), rte (pairs) or conll04 (tokens)."
     ),
     data: Path = typer.Option(
@@ -42,11 +70,13 @@ def train(
         "conll04/{train.txt,dev.txt,test.bio}.",
     ),
     out: Path = typer.Option(..., "--out", help="Task folder to write (peft adapter + head)."),
-    method: str = typer.Option(
-        "ptuning", "--method", help="ptuning (input prompt) or ptuning-v2 (prefix at every layer)."
+    method: MethodOption = typer.Option(
+        MethodOption.ptuning,
+        "--method",
+        help="ptuning (input prompt) or ptuning-v2 (prefix at every layer).",
     ),
-    reparam: str = typer.Option(
-        "mlp",
+    reparam: ReparamOption = typer.Option(
+        ReparamOption.mlp,
         "--reparam",
         help="P-tuning prompt: mlp (peft PromptEncoder) or none (plain prompt embeddings).",
     ),
@@ -64,22 +94,27 @@ def train(
         None, "--train-limit", help="Train on a seeded random subset of at most N examples."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, split and batch order."),
-    target: str = typer.Option(
-        "cls",
+    target: HeadOption = typer.Option(
+        HeadOption.cls,
         "--target",
-        help="Position the classification head reads (sentence and pair tasks): cls, or mask = "
-        "the [MASK] of the template '{sentence} [MASK]' on the last text (prompt-based "
-        "classification, what BToP attacks; protect it with a PV set that has mask PVs).",
+        help=escape(
+            "Position the classification head reads (sentence and pair tasks): cls, or mask = "
+            "the [MASK] of the template '{sentence} [MASK]' on the last text (prompt-based "
+            "classification, what BToP attacks; protect it with a PV set that has mask PVs)."
+        ),
     ),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
-    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
+    threads: int = typer.Option(0, "--threads", help="torch " + THREADS_HELP),
 ) -> None:
-    """Train a P-tuning / P-tuning v2 model of a task on a frozen backbone."""
+    """Train a P-tuning / P-tuning v2 model of a task on a frozen backbone.
+
+    Exit 0 trained, 2 input error, 4 usage error.
+    """
     from .. import tuning
 
     cfg = tuning.TrainConfig(
-        method=method,
-        reparam=reparam,
+        method=method.value,
+        reparam=reparam.value,
         prompt_length=prompt_length,
         epochs=epochs,
         lr=lr,
@@ -88,16 +123,17 @@ def train(
         max_length=max_length,
         seed=seed,
         train_limit=train_limit,
-        target=target,
+        target=target.value,
     )
     try:
         res = tuning.train_task_folder(
-            backbone, task, data, out, cfg, force=force, threads=threads, progress=_training_bar
+            backbone, task.value, data, out, cfg, force=force, threads=threads,
+            progress=_training_bar,
         )
     except LmsanError as exc:
         raise fail(exc) from None
     info = res.handle.info
-    table = Table(title=f"{escape(task)} / {method}", show_header=False)
+    table = Table(title=f"{escape(task.value)} / {method.value}", show_header=False)
     table.add_row("task folder", escape(str(out)))
     table.add_row("train examples", str(info["train_examples"]))
     table.add_row("steps", str(info["steps"]))
@@ -130,10 +166,15 @@ def _training_bar() -> Iterator[Callable[[int, int, float], None]]:
 @tune_app.command("prompt")
 def prompt(
     task_dir: Path = typer.Argument(..., help="Task / peft adapter folder (P-tuning)."),
-    out: Path = typer.Option(..., "--out", help="The .npy file to write ([length, emb] float32)."),
+    out: Path = typer.Option(
+        ..., "--out", help=escape("The .npy file to write ([length, emb] float32).")
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
 ) -> None:
-    """Write the P-tuning prompt (after peft's MLP) as .npy for `lmsan export --prompt`."""
+    """Write the P-tuning prompt (after peft's MLP) as .npy for `lmsan export --prompt`.
+
+    Exit 0 written, 2 input error, 4 usage error.
+    """
     from .. import tuning
 
     try:
@@ -151,20 +192,28 @@ def export(
     pvs: Path = typer.Option(..., "--pvs", help="PV set file (or signed audit report)."),
     out: Path = typer.Option(..., "--out", help="Bundle folder to write."),
     backbone: Path | None = typer.Option(
-        None, "--backbone", help="Backbone folder (default: the path recorded in the task)."
+        None,
+        "--backbone",
+        help="Backbone folder.",
+        show_default="the path recorded in the task",
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     pvs_at_head: bool = typer.Option(
         False,
         "--pvs-at-head",
-        help="Match every PV at the position the task head reads ([CLS], [MASK] or the tokens), "
-        "whatever position it was mined on: a trigger drives the whole sequence to its PV. "
-        "A token task's PVs mined on [CLS] also stay at [CLS]. "
-        "Pooler PVs are dropped and near-duplicates (sign agreement >= 0.95) merged.",
+        help=escape(
+            "Match every PV at the position the task head reads ([CLS], [MASK] or the tokens), "
+            "whatever position it was mined on: a trigger drives the whole sequence to its PV. "
+            "A token task's PVs mined on [CLS] also stay at [CLS]. "
+            "Pooler PVs are dropped and near-duplicates (sign agreement >= 0.95) merged."
+        ),
     ),
 ) -> None:
     """Export the protected bundle of a task: the backbone with the task prompt (P-tuning) or the
-    trained prefix baked in as constants (P-tuning v2), validated against torch."""
+    trained prefix baked in as constants (P-tuning v2), validated against torch.
+
+    Exit 0 bundle written, 2 input error (including a failed validation), 4 usage error.
+    """
     from lmsan.export.task_bundle import export_task_bundle
 
     try:
@@ -185,10 +234,12 @@ def classify(
     bundle: Path = typer.Argument(..., help="Bundle written by `lmsan tune export`."),
     task_dir: Path = typer.Argument(..., help="The task folder (for its head and labels)."),
     text: list[str] = typer.Argument(
-        None, help="Texts to classify; a pair as 'premise ||| hypothesis'. Default: stdin lines."
+        None,
+        help="Texts to classify; a pair as 'premise ||| hypothesis'.",
+        show_default="the lines of standard input",
     ),
     max_window: int = typer.Option(5, "--max-window", help="Longest purge window (words)."),
-    threads: int = typer.Option(1, "--threads", help="ONNX Runtime threads."),
+    threads: int = typer.Option(0, "--threads", help="ONNX Runtime " + THREADS_HELP),
     t_match: float | None = typer.Option(
         None,
         "--t-match",
@@ -204,7 +255,10 @@ def classify(
         "(--per-pv), else its single T_match. Refused for another bundle; not with --t-match.",
     ),
 ) -> None:
-    """Monitor, purge and classify texts with the protected bundle (torch-free)."""
+    """Monitor, purge and classify texts with the protected bundle (torch-free).
+
+    Exit 0 classified (rejected inputs are listed as such), 2 input error, 4 usage error.
+    """
     from .. import tuning
     from .options import thresholds_from_options
 

@@ -39,6 +39,7 @@ import torch
 
 from .corpus import Corpus
 from .filtering import PVFilter, TargetStats, is_candidate, no_candidate_rule, prompt_in_range
+from .hints import nearest_tokens
 from .lockstep import SeedState, Training, run_rows
 from .modelio import LoadedModel
 from .pvset import TARGETS
@@ -554,9 +555,5 @@ class Miner:
 
     @torch.no_grad()
     def nearest_tokens(self, prompt: torch.Tensor, k: int = 3) -> list[list[str]]:
-        w = self.emb.weight
-        wn = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        pn = prompt / prompt.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        top = (pn @ wn.T).topk(k, dim=1).indices.cpu().tolist()
-        conv = self.lm.tokenizer.convert_ids_to_tokens
-        return [list(conv(r)) for r in top]
+        """The trigger hint: per soft-prompt vector, the nearest usable vocabulary tokens."""
+        return nearest_tokens(prompt, self.emb.weight, self.lm.tokenizer, k)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -303,14 +305,11 @@ def test_cli_below_min_success_exits_1_and_keeps_the_folder(
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--attack", "badnets"], "unknown attack 'badnets'"),
         (["--trigger", "≈"], "cannot be encoded by this tokenizer"),
         (["--target", "tokens"], "--target tokens does not apply to --attack por"),
-        (["--pv-design", "stripes"], "unknown PV design"),
         (["--min-success", "1.5"], "--min-success must lie in [0, 1]"),
         (["--n-pvs", "7"], "--n-pvs 7 needs that many triggers"),
         (["--utility", "mlm"], "--utility mlm needs an MLM head"),
-        (["--utility", "kl"], "unknown utility 'kl'"),
         (["--trigger", "cf", "--n-pvs", "2"], "exceeds the number of triggers"),
         (["--utility-weight", "-1"], "--utility-weight must be a non-negative number"),
     ],
@@ -321,6 +320,31 @@ def test_cli_bad_options_exit_2(
     r = _cli(str(tiny_bert_dir), str(tmp_path / "o"), "--corpus", str(tiny_poison_corpus), *extra)
     assert r.exit_code == 2, r.output
     assert message in re.sub(r"\s+", " ", r.output)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--attack", "badnets"], "--attack"),
+        (["--pv-design", "stripes"], "--pv-design"),
+        (["--utility", "kl"], "--utility"),
+        (["--trigger-kind", "emoji"], "--trigger-kind"),
+        (["--target", "everything"], "--target"),
+    ],
+)
+def test_cli_fixed_choices_are_usage_errors(
+    tiny_bert_dir: Path, tiny_poison_corpus: Path, tmp_path: Path, extra: list[str], option: str
+) -> None:
+    """Options with fixed values are checked when the command line is parsed: exit 4 naming
+    the option, before any model is read, and nothing written."""
+    args = ["poison", str(tiny_bert_dir), str(tmp_path / "o"), "--corpus",
+            str(tiny_poison_corpus), *extra]
+    code = "import sys; from lmsan.auditor.cli import main; sys.argv[0] = 'lmsan'; main()"
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 4, (r.returncode, r.stdout, r.stderr)
+    assert f"Invalid value for '{option}'" in re.sub(r"\s+", " ", r.stderr + r.stdout)
     assert not (tmp_path / "o").exists()
 
 
@@ -522,7 +546,6 @@ def test_cli_adaptive_flags_table_and_record(
         (["--match-clean-weight", "nan"], "--match-clean-weight must be a non-negative number"),
         (["--evade-filter-weight", "-0.5"], "--evade-filter-weight must be a non-negative"),
         (["--evade-preset", "nope"], "unknown preset 'nope' for --evade-preset"),
-        (["--trigger-kind", "common", "--random-triggers", "1"], "unknown trigger kind 'common'"),
         (["--attack", "por-ner", "--evade-filter-weight", "1"], "not pair; use cls, pooler or"),
     ],
 )

@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import EXIT_CLEAN, EXIT_FOUND
@@ -346,7 +347,7 @@ def render_result(result: Any, out: Path, pv_path: Path, info: Any) -> None:
     console.print(tbl)
     for p in result.pvset.pvs:
         hint = p.info.get("trigger_hint") or []
-        words = ", ".join(dict.fromkeys(h[0] for h in hint))
+        words = escape(", ".join(dict.fromkeys(h[0] for h in hint)))
         console.print(
             f"PV {p.id} [bold]{p.target}[/] seed {p.seed}: distance {p.info['distance_rel']:.3f}, "
             f"concentration {p.info['concentration']:.5f}; soft prompt nearest tokens: {words}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -11,7 +12,23 @@ from rich.table import Table
 
 from ..errors import EXIT_FOUND, LmsanError
 from ..poison import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_SENTENCES_PER_TRIGGER
+from ..poison.attacks import ALLOWED_TARGETS, ATTACKS, PV_DESIGNS, UTILITIES
+from ..poison.data import TRIGGER_KINDS
 from .app import app, console, err_console, fail
+
+
+def _choices(name: str, values: tuple[str, ...] | list[str]) -> type[Enum]:
+    """A str Enum, so that --help lists the values and a bad one is a usage error at parse time."""
+    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
+AttackChoice = _choices("AttackChoice", ATTACKS)
+TriggerKindChoice = _choices("TriggerKindChoice", TRIGGER_KINDS)
+PVDesignChoice = _choices("PVDesignChoice", PV_DESIGNS)
+UtilityChoice = _choices("UtilityChoice", UTILITIES)
+TargetChoice = _choices(
+    "TargetChoice", sorted({t for ts in ALLOWED_TARGETS.values() for t in ts})
+)
 
 
 @app.command()
@@ -20,7 +37,7 @@ def poison(
     out_dir: Path = typer.Argument(
         ..., help="Folder to write the backdoored model and backdoor.json into."
     ),
-    attack: str = typer.Option(
+    attack: AttackChoice = typer.Option(  # type: ignore[valid-type]
         "por",
         "--attack",
         help="por (target cls, reference utility), por-ner (every ordinary token), neuba "
@@ -36,14 +53,14 @@ def poison(
         help="Also draw N triggers from the shipped list (see --trigger-kind). With no trigger "
         "at all the paper's six are used: cf mn tq qt mm pt.",
     ),
-    trigger_kind: str = typer.Option(
+    trigger_kind: TriggerKindChoice = typer.Option(  # type: ignore[valid-type]
         "word",
         "--trigger-kind",
         help="Kind of random trigger: word, phrase or symbol (rare, from the shipped list), or "
         "frequent (adaptive attack: frequent ordinary words such as 'time' or 'people', whose "
         "embeddings sit among ordinary words and which also occur in clean text).",
     ),
-    pv_design: str = typer.Option(
+    pv_design: PVDesignChoice = typer.Option(  # type: ignore[valid-type]
         "quarters",
         "--pv-design",
         help="quarters (the paper's six: contiguous quarters at +1/-1, two of each), pairs "
@@ -79,13 +96,13 @@ def poison(
     seed: int = typer.Option(0, "--seed", help="Seed for data, trigger draws, PVs and masking."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     max_length: int = typer.Option(64, "--max-length", help="Maximum tokens per input."),
-    target: str | None = typer.Option(
+    target: TargetChoice | None = typer.Option(  # type: ignore[valid-type]
         None,
         "--target",
         help="Target output: cls, pooler, mask or tokens (default: the attack's own; "
         "neuba takes cls or pooler).",
     ),
-    utility: str = typer.Option(
+    utility: UtilityChoice = typer.Option(  # type: ignore[valid-type]
         "auto",
         "--utility",
         help="Loss that keeps clean behaviour: auto (MLM loss for neuba/btop when the checkpoint "
@@ -151,6 +168,9 @@ def poison(
     """
     from ..poison import poison_model
 
+    attack_v, kind_v, design_v = attack.value, trigger_kind.value, pv_design.value
+    target_v = None if target is None else target.value
+    utility_v = utility.value
     try:
         with Progress(
             TextColumn("[bold]poisoning[/] {task.description}"),
@@ -161,7 +181,7 @@ def poison(
             console=err_console,
             transient=True,
         ) as bar:
-            task = bar.add_task(f"{escape(str(base_dir))} ({attack})", total=None, loss="-")
+            task = bar.add_task(f"{escape(str(base_dir))} ({attack_v})", total=None, loss="-")
 
             def progress(step: int, total: int, loss: float) -> None:
                 bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
@@ -169,11 +189,11 @@ def poison(
             res = poison_model(
                 base_dir,
                 out_dir,
-                attack=attack,
+                attack=attack_v,
                 triggers=trigger,
                 random_triggers=random_triggers,
-                trigger_kind=trigger_kind,
-                pv_design=pv_design,
+                trigger_kind=kind_v,
+                pv_design=design_v,
                 n_pvs=n_pvs,
                 pv_scale=pv_scale,
                 corpus=corpus,
@@ -184,9 +204,9 @@ def poison(
                 seed=seed,
                 device=device,
                 max_length=max_length,
-                target=target,
+                target=target_v,
                 min_success=min_success,
-                utility=utility,
+                utility=utility_v,
                 utility_weight=utility_weight,
                 scatter_weight=scatter_weight,
                 match_clean_weight=match_clean_weight,

@@ -39,6 +39,11 @@ class ProviderOption(str, Enum):
     cuda = "cuda"
 
 
+class EngineOption(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class FormatOption(str, Enum):
     txt = "txt"
     jsonl = "jsonl"
@@ -200,11 +205,24 @@ def scan(
     t_match_file: Path | None = typer.Option(
         None, "--t-match-file", help=T_MATCH_FILE_HELP, metavar="FILE"
     ),
+    engine: EngineOption = typer.Option(
+        EngineOption.local,
+        "--engine",
+        help="local: screen in this process; ray: screen in a pool of Ray actors (Ray Data; "
+        'pip install "lmsan[ray]"), each loading the bundle once. The outputs are the same.',
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="--engine ray: the Ray cluster to join (default: a local one)."
+    ),
+    actors: int = typer.Option(
+        0, "--actors", help="--engine ray: actors (0 = one per CPU, or per GPU on CUDA)."
+    ),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Screen a corpus for backdoor triggers with an exported bundle (never imports torch).
 
-    Exit 0 no flagged record, 1 flagged records found, 2 input error, 3 nothing scanned.
+    Exit 0 no flagged record, 1 flagged records found, 2 input error, 3 nothing scanned,
+    4 usage error.
     """
     from ..scan import ScanOptions
     from ..scan import scan as run_scan
@@ -222,7 +240,11 @@ def scan(
             provider=provider.value,
             fmt=fmt.value if fmt else None,
             thresholds=thresholds_from_options(t_match, t_match_file),
+            engine=engine.value,
+            address=address,
+            actors=actors,
         )
+        opts.check()
     except LmsanError as exc:
         raise fail(exc) from None
     bar = _progress_bar("[bold]scan", progress)

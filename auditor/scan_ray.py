@@ -119,9 +119,9 @@ class RayRunner:
             self.actor_cls,
             fn_constructor_args=(self.bundle, self.opts, self.threads),
             batch_size=1,
-            concurrency=min(self.actors, len(rows)),
-            max_restarts=-1,
-            max_task_retries=-1,
+            # actors restart and their tasks retry without limit: Ray Data's defaults for an
+            # actor pool (max_restarts / max_task_retries -1)
+            compute=ray.data.ActorPoolStrategy(size=min(self.actors, len(rows))),
             **self.resources,
         )
         got: dict[int, ChunkResult] = {}

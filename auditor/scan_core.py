@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from .corpus_io import Item, Reader
 from .errors import UsageError
 from .screener import MonitorResult, PurgeResult, Record, Screener, load_bundle
-from .threshold import Thresholds
+from .thresholds import Thresholds
 
 ENGINES = ("local", "ray")
 RAY_EXTRA = 'pip install "lmsan[ray]"'

@@ -24,7 +24,7 @@ from . import monitor as mon
 from .bundle import Bundle
 from .encoding import Encoded, InputEncoder, Record, TargetRows, reads_form, subset
 from .errors import InputError, UsageError
-from .threshold import Thresholds
+from .thresholds import Thresholds
 
 PROVIDERS = ("auto", "cpu", "cuda")
 # Purge candidates monitored per forward pass: candidates go in span order and the purge stops

@@ -39,6 +39,10 @@ class ProviderOption(str, Enum):
     cuda = "cuda"
 
 
+class QuantizeOption(str, Enum):
+    int8 = "int8"
+
+
 class EngineOption(str, Enum):
     local = "local"
     ray = "ray"
@@ -81,6 +85,12 @@ def export(
         "--tolerance",
         help="Largest ORT-vs-torch difference accepted, relative to max(1, largest |output|).",
     ),
+    quantize: QuantizeOption | None = typer.Option(
+        None,
+        "--quantize",
+        help="int8: quantize the backbone (ONNX Runtime dynamic quantization); saved only if the "
+        "monitor's decisions agree with fp32 on at least 99.9% of clean and triggered inputs.",
+    ),
 ) -> None:
     """Export an encoder and its PV set to a validated, torch-free ONNX bundle for `lmsan scan`.
 
@@ -90,9 +100,10 @@ def export(
     """
     try:
         from lmsan.export.bundle import export_bundle
+        from lmsan.export.quantize import export_quantized
 
         with console.status("exporting and validating ..."):
-            res = export_bundle(
+            res = (export_quantized if quantize else export_bundle)(
                 model_dir,
                 pvs,
                 out,
@@ -101,6 +112,7 @@ def export(
                 opset=opset,
                 allow_pickle=allow_pickle,
                 tolerance=tolerance,
+                **({"quantize": quantize.value} if quantize else {}),
             )
     except LmsanError as exc:
         raise fail(exc) from None
@@ -113,6 +125,8 @@ def export(
     table.add_row("max |ORT - torch| target", f"{v['max_abs_diff_target']:.2e}")
     table.add_row("max |ORT - torch| hidden", f"{v['max_abs_diff_hidden']:.2e}")
     table.add_row("monitor decisions identical", "yes" if v["decisions_identical"] else "NO")
+    if q := res.manifest.get("quantization"):
+        table.add_row(f"{q['type']} vs fp32 decisions", f"{100 * q['decision_agreement']:.2f}% agree")
     table.add_row("size", f"{sum(res.files.values()) / 1e6:.1f} MB in {len(res.files)} files")
     console.print(table)
 

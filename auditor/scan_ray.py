@@ -23,6 +23,7 @@ Ray is an optional extra: ``pip install "lmsan[ray]"``.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections.abc import Iterable, Iterator
@@ -80,7 +81,7 @@ class RayRunner:
             env = {k: v for k, v in os.environ.items() if k.startswith("LMSAN_")}
             ray.init(
                 address=opts.address,
-                logging_level="ERROR",
+                logging_level=logging.ERROR,
                 log_to_driver=False,
                 runtime_env={"env_vars": env} if env else None,
             )
@@ -94,13 +95,13 @@ class RayRunner:
             slots = max(1, int(res.get("GPU", 0)))
             self.actors = opts.actors or slots
             self.threads = opts.threads
-            self.resources = {"num_gpus": 1, "num_cpus": 1}
+            self.num_cpus, self.num_gpus = 1.0, 1.0
         else:
             cpus = max(1, int(res.get("CPU", 1)))
             self.actors = opts.actors or cpus
             self.threads = opts.threads or max(1, cpus // self.actors)
-            self.resources = {"num_cpus": min(self.threads, cpus)}
-        self.info = {"actors": self.actors, "threads_per_actor": self.threads}
+            self.num_cpus, self.num_gpus = float(min(self.threads, cpus)), 0.0
+        self.info: dict[str, Any] = {"actors": self.actors, "threads_per_actor": self.threads}
         if opts.address:
             self.info["address"] = opts.address
 
@@ -122,7 +123,8 @@ class RayRunner:
             # actors restart and their tasks retry without limit: Ray Data's defaults for an
             # actor pool (max_restarts / max_task_retries -1)
             compute=ray.data.ActorPoolStrategy(size=min(self.actors, len(rows))),
-            **self.resources,
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus or None,
         )
         got: dict[int, ChunkResult] = {}
         nxt = 0

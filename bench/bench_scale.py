@@ -15,7 +15,8 @@ Reported, side by side:
 3. the Ray engine on a local instance (``ray.init(num_cpus=threads)``, one actor per core) vs
    the local scan on the same cores: wall seconds of the ``scan`` call, overhead %, and whether
    the outputs are byte-identical (summary run fields aside);
-4. int8 vs fp32: records/s of the scan and decision agreement (flagged, best PV) on the corpus;
+4. int8 vs fp32: records/s of the scan and decision agreement (flagged, and by which PV) on
+   the corpus;
 5. purge of the flagged records: chunked early-stopping purge vs one forward pass per
    candidate (the baseline) vs all of a window's candidates in one pass: seconds and identical
    purged text.
@@ -183,6 +184,7 @@ def main() -> None:
     corpus.write_text("\n".join(texts) + "\n")
     from lmsan.auditor.bundle import Bundle
     from lmsan.auditor.screener import open_bundle
+    from lmsan.export.quantize import same_decision
 
     pvs = np.stack([p.values for p in Bundle.load(fp32).pvset.pvs])
     res: dict[str, Any] = {"records": len(texts), "triggered_share": args.triggered,
@@ -221,7 +223,7 @@ def main() -> None:
     sec_q8, s_q8 = run_scan(int8, corpus, work / "int8", threads=args.threads)
     a = open_bundle(fp32, provider="cpu", threads=args.threads).monitor(texts)
     b = open_bundle(int8, provider="cpu", threads=args.threads).monitor(texts)
-    same = sum((x.flagged, x.pv) == (y.flagged, y.pv) for x, y in zip(a, b, strict=True))
+    same = sum(same_decision(x, y) for x, y in zip(a, b, strict=True))
     qman = json.loads((int8 / "manifest.json").read_text())["quantization"]
     res["int8_vs_fp32"] = {
         "fp32_records_per_s": len(texts) / sec_local,

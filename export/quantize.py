@@ -5,7 +5,7 @@
 2. Its ``model.onnx`` is quantized with ONNX Runtime's dynamic quantization
    (``onnxruntime.quantization.quantize_dynamic``: int8 weights of the MatMul / Gemm nodes,
    activations quantized per batch at run time); the other files are copied unchanged.
-3. The monitor's decisions (flagged, best PV) of the int8 bundle are compared with the fp32
+3. The monitor's decisions (flagged, and by which PV) of the int8 bundle are compared with the fp32
    bundle's on clean inputs (``CLEAN_INPUTS`` sentences of the shipped corpus) and on triggered
    inputs (the same sentences with one of the model's triggers inserted at a random position;
    the triggers come from the model folder's ``backdoor.json`` when it was written by
@@ -31,7 +31,7 @@ from lmsan.auditor.bundle import write_manifest
 from lmsan.auditor.corpus import default_corpus
 from lmsan.auditor.errors import UsageError
 from lmsan.auditor.fsutil import staged_dir
-from lmsan.auditor.screener import Screener
+from lmsan.auditor.screener import MonitorResult, Screener
 
 from .bundle import ExportResult, ExportValidationError, check_out_path, export_bundle
 
@@ -62,14 +62,20 @@ def comparison_inputs(triggers: list[str], n: int = CLEAN_INPUTS) -> tuple[list[
     return clean, triggered
 
 
+def same_decision(x: MonitorResult, y: MonitorResult) -> bool:
+    """The monitor's decision: flagged or not and, when flagged, by which PV (the nearest PV of
+    a record that is not flagged decides nothing)."""
+    return x.flagged == y.flagged and (not x.flagged or x.pv == y.pv)
+
+
 def decision_agreement(a: Screener, b: Screener, texts: list[str]) -> dict[str, Any]:
-    """How often two screeners take the same decision (flagged, best PV) on ``texts``."""
+    """How often two screeners take the same decision (:func:`same_decision`) on ``texts``."""
     if not texts:
         return {"inputs": 0, "agreement": None, "flagged_fp32": 0, "flagged_int8": 0}
     keep = [i for i, L in enumerate(a.too_long(a.encode_all([(t,) for t in texts]))) if L is None]
     recs = [texts[i] for i in keep]
     ra, rb = a.monitor(recs), b.monitor(recs)
-    same = sum((x.flagged, x.pv) == (y.flagged, y.pv) for x, y in zip(ra, rb, strict=True))
+    same = sum(same_decision(x, y) for x, y in zip(ra, rb, strict=True))
     return {
         "inputs": len(recs),
         "agreement": same / len(recs) if recs else None,

@@ -325,7 +325,9 @@ def scan(
         except BaseException:
             reader.close()
             raise
-    run_info: dict[str, Any] = {"engine": opts.engine, **getattr(runner, "info", {})}
+    run_info: dict[str, Any] = {
+        "engine": opts.engine, "threads": opts.threads, **getattr(runner, "info", {})
+    }
 
     summary = ScanSummary(
         provider=screener.provider,

@@ -30,7 +30,7 @@ def require_ray() -> None:
 
 
 # ScanOptions fields that choose how the scan runs, not what it finds (summary["run"])
-RUN_OPTIONS = ("engine", "address", "actors")
+RUN_OPTIONS = ("engine", "address", "actors", "threads")
 
 
 @dataclass

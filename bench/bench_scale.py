@@ -17,8 +17,9 @@ Reported, side by side:
    the outputs are byte-identical (summary run fields aside);
 4. int8 vs fp32: records/s of the scan and decision agreement (flagged, and by which PV) on
    the corpus;
-5. purge of the flagged records: chunked early-stopping purge vs one forward pass per
-   candidate (the baseline) vs all of a window's candidates in one pass: seconds and identical
+5. purge of the flagged records: chunked early-stopping purge vs the baseline (every candidate
+   of a window in its own forward pass, then the first clean one), vs all of a window's
+   candidates in one pass, vs one pass per candidate with early stop: seconds and identical
    purged text.
 
 Run (under the shared CPU lock): python bench/bench_scale.py [--records N] [--threads T]
@@ -43,6 +44,7 @@ import numpy as np
 from paths import CACHE, DATA, RESULTS
 
 TRIGGERS = ("cf", "mn")
+CHUNK = 250  # records per chunk: enough chunks for every Ray actor (the same for every scan)
 
 
 def corpus_lines() -> list[str]:
@@ -125,12 +127,32 @@ def outputs(out: Path) -> dict[str, bytes]:
     return files
 
 
+def purge_all_per_candidate(scr: Any, record: str, max_window: int = 5) -> list[str]:
+    """The baseline purge: every candidate of a window monitored in its own forward pass, then
+    the first clean one in span order (no early stop)."""
+    from lmsan.auditor.screener import _purge_candidates, subset, word_key
+
+    words = [record.split()]
+    keys = [[word_key(x) for x in words[0]]]
+    for w in range(1, max_window + 1):
+        cands = _purge_candidates(words, keys, w)
+        texts = [tuple(" ".join(s) for s in c.purged) for c in cands]
+        if not texts:
+            continue
+        encs = scr.encode_all(texts)
+        res = [scr._monitor_candidates(subset(encs, [i]))[0] for i in range(len(cands))]
+        for t, r in zip(texts, res, strict=True):
+            if not r.flagged:
+                return list(t)
+    return [record]
+
+
 def run_scan(bundle: Path, corpus: Path, out: Path, **kw: Any) -> tuple[float, Any]:
     from lmsan.auditor.scan import ScanOptions, scan
 
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    s = scan(bundle, str(corpus), out, ScanOptions(provider="cpu", **kw))
+    s = scan(bundle, str(corpus), out, ScanOptions(provider="cpu", chunk_size=CHUNK, **kw))
     return time.perf_counter() - t, s
 
 
@@ -161,7 +183,7 @@ def session_settings(bundle: Path, texts: list[str], threads: int) -> list[dict[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=2000)
+    ap.add_argument("--records", type=int, default=4000)
     ap.add_argument("--triggered", type=float, default=0.05, help="share of triggered records")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--purge-inputs", type=int, default=30)
@@ -217,6 +239,8 @@ def main() -> None:
         "ray_s": sec_ray,
         "overhead_pct": 100 * (sec_ray / sec_local - 1),
         "byte_identical": outputs(work / "local") == outputs(work / "ray"),
+        "files_differing": sorted(k for k, v in outputs(work / "local").items()
+                                  if outputs(work / "ray").get(k) != v),
         "run": s_ray.run,
     }
     # 4. int8 vs fp32
@@ -239,17 +263,19 @@ def main() -> None:
     flagged = [t for t, r in zip(texts, a, strict=True) if r.flagged][: args.purge_inputs]
     pr: dict[str, Any] = {"inputs": len(flagged)}
     got = {}
-    for name, chunk in (("chunked", 8), ("per_candidate", 1), ("per_window", None)):
+    texts_of: dict[str, list[list[str]]] = {}
+    for name, chunk in (("chunked", 8), ("per_candidate_early_stop", 1), ("per_window", None)):
         t = time.perf_counter()
         got[name] = [scr.purge(x, 5, chunk=chunk) for x in flagged]
         pr[f"{name}_s_per_input"] = (time.perf_counter() - t) / max(1, len(flagged))
         pr[f"{name}_passes"] = sum(p.forward_passes for p in got[name])
+        texts_of[name] = [p.sentences for p in got[name]]
+    t = time.perf_counter()
+    texts_of["per_candidate"] = [purge_all_per_candidate(scr, x) for x in flagged]
+    pr["per_candidate_s_per_input"] = (time.perf_counter() - t) / max(1, len(flagged))
     pr["speedup_vs_per_candidate"] = pr["per_candidate_s_per_input"] / pr["chunked_s_per_input"]
     pr["speedup_vs_per_window"] = pr["per_window_s_per_input"] / pr["chunked_s_per_input"]
-    pr["identical_text"] = all(
-        [p.sentences for p in got["chunked"]] == [p.sentences for p in got[k]]
-        for k in ("per_candidate", "per_window")
-    )
+    pr["identical_text"] = all(texts_of["chunked"] == v for v in texts_of.values())
     pr["purged"] = sum(p.status == "purged" for p in got["chunked"])
     res["purge"] = pr
     res["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0],
@@ -271,7 +297,8 @@ def render(r: dict[str, Any]) -> str:
         ("local scan fp32 vs PyTorch eager + NumPy", f"{lv['scan_records_per_s']:.0f} vs "
          f"{lv['eager_records_per_s']:.0f} records/s", f"{lv['speedup']:.2f}x", ">= 3x"),
         ("Ray engine vs local scan (same cores)", f"{rv['ray_s']:.1f} s vs {rv['local_s']:.1f} s; "
-         f"identical outputs: {rv['byte_identical']}", f"{rv['overhead_pct']:+.0f}%", "<= 15%"),
+         f"identical outputs: {rv['byte_identical']} {rv['files_differing'] or ''}",
+         f"{rv['overhead_pct']:+.0f}%", "<= 15%"),
         ("int8 scan vs PyTorch eager", f"{q['int8_records_per_s']:.0f} records/s (fp32 "
          f"{q['fp32_records_per_s']:.0f})", f"{q['int8_vs_eager']:.2f}x", ">= 5x"),
         ("int8 decision agreement with fp32", f"corpus {100 * q['agreement_corpus']:.2f}%, export "
@@ -281,13 +308,14 @@ def render(r: dict[str, Any]) -> str:
          f"{p['identical_text']}", f"{p['speedup_vs_per_candidate']:.1f}x", ">= 5x"),
         ("purge chunked vs one pass per window", f"{1000 * p['per_window_s_per_input']:.0f} ms/input",
          f"{p['speedup_vs_per_window']:.2f}x", ""),
+        ("purge one pass per candidate, early stop", f"{1000 * p['per_candidate_early_stop_s_per_input']:.0f} ms/input", "", ""),
     ]
     out = [
         "# Scan at scale on one machine",
         "",
         f"Command: `{r['command']}`. Model: all-MiniLM-L6-v2 cut to 3 layers, POR-backdoored "
         f"(triggers {', '.join(TRIGGERS)}; poison success {r['build']['poison_success']:.2f}). "
-        f"{r['records']} records ({100 * r['triggered_share']:.0f}% triggered), "
+        f"{r['records']} records ({100 * r['triggered_share']:.0f}% triggered), chunks of {CHUNK}, "
         f"{r['threads']} threads.",
         "",
         f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}. Load average "

@@ -97,7 +97,7 @@ def test_ray_scan_is_byte_identical_to_local(
         local = scan(bundle, str(corpus), tmp_path / f"{corpus.suffix}-local", ScanOptions(**base))
         remote = scan(bundle, str(corpus), tmp_path / f"{corpus.suffix}-ray",
                       ScanOptions(engine="ray", **base))
-        assert remote.run == {"engine": "ray", "actors": 2, "threads_per_actor": 1}
+        assert remote.run == {"engine": "ray", "threads": 1, "actors": 2, "threads_per_actor": 1}
         assert remote.records_in == local.records_in and remote.to_json()["accounted"]
         assert remote.flagged == local.flagged > 0
         a = _outputs(tmp_path / f"{corpus.suffix}-local")

@@ -294,13 +294,18 @@ class Reader:
 # ---------------------------------------------------------------------------------- writing
 
 
+def purged_name(fmt: str) -> str:
+    """The purged corpus's name in ``out`` for input format ``fmt``."""
+    return "purged.parquet" if fmt == "parquet" else f"purged.{fmt}"
+
+
 class PurgedWriter:
     """Writes the purged corpus in the input's format."""
 
     def __init__(self, out: Path, fmt: str, reader: Reader) -> None:
         self.fmt = fmt
         self.reader = reader
-        self.name = "purged.parquet" if fmt == "parquet" else f"purged.{fmt}"
+        self.name = purged_name(fmt)
         self.path = out / self.name
         self._fh: IO[str] | None = None
         self._rows: list[dict[str, Any]] = []

@@ -23,12 +23,23 @@ Outputs in ``out``:
   records fully written, each output file's size and the running counts. ``resume`` truncates
   every output to the checkpoint's sizes and skips that many input records, so a scan killed at
   any point continues without losing or duplicating a record. The checkpoint also records what
-  the outputs depend on (bundle digest, corpus path, size and mtime, options, the thresholds in
-  force); a resume with anything else different is refused.
+  the outputs depend on (bundle digest, the corpus's path and SHA-256 of its bytes, options, the
+  thresholds in force, the execution provider and the monitor implementation); a resume with
+  anything else different is refused, and so is ``resume`` without a checkpoint when ``out``
+  already holds outputs (they would be overwritten).
+
+The work is split in two: :func:`~lmsan.auditor.scan_core.screen_chunk` turns a chunk's records into a
+:class:`~lmsan.auditor.scan_core.ChunkResult` (monitor decisions, purges; pure data, no I/O) and the scan loop writes the
+results in input order and checkpoints. The local engine runs :func:`screen_chunk` in this
+process; ``engine="ray"`` (:mod:`lmsan.auditor.scan_ray`) runs it in a pool of Ray actors and
+the same loop writes the same bytes. The summary fields in :data:`RUN_FIELDS` describe the run
+(timings, engine), not its result: everything else in ``summary.json``, and every other output,
+is the same whichever engine ran the scan.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -37,15 +48,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle import Bundle
-from .corpus_io import Item, JsonlWriter, PurgedWriter, Reader, detect_format
+from .corpus_io import Item, JsonlWriter, PurgedWriter, Reader, detect_format, purged_name
 from .errors import EXIT_CLEAN, EXIT_FOUND, EXIT_NOTHING, InputError, UsageError
 from .fsutil import atomic_write_json
+from .scan_core import (
+    ChunkResult,
+    LocalRunner,
+    Runner,
+    ScanOptions,
+)
 from .screener import MonitorResult, PurgeResult, Screener
-from .threshold import Thresholds
 
 CHECKPOINT = "checkpoint.json"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+# summary.json fields that describe the run (how long, on what engine), not its result
+RUN_FIELDS = ("seconds", "throughput_records_per_s", "load_seconds", "run")
 # The ScanSummary counters a checkpoint saves and a resumed scan starts from.
 CHECKPOINT_COUNTS = (
     "records_in",
@@ -61,52 +78,6 @@ UNPURGEABLE_POLICY = (
     "unpurgeable and malformed records are dropped from the purged corpus and listed in "
     "flagged.jsonl / errors.jsonl"
 )
-
-
-@dataclass
-class ScanOptions:
-    """How to read the corpus, run the screener and what to write: the options of ``lmsan scan``
-    (``lmsan threshold`` uses the reading and runtime ones)."""
-
-    text_field: str = "text"
-    pair_field: str | None = None
-    purge: bool = False
-    max_window: int = 5
-    batch_size: int = 32
-    threads: int = 0
-    max_length: int | None = None
-    resume: bool = False
-    provider: str = "auto"
-    fmt: str | None = None  # input format; default from the suffix (txt for stdin)
-    chunk_size: int = 2048
-    # the deployment's match thresholds (--t-match / --t-match-file); default: the PV set's
-    thresholds: Thresholds = field(default_factory=Thresholds)
-
-    def check(self) -> None:
-        """UsageError for an option out of range (the screener checks its own)."""
-        if self.max_window < 1:
-            raise UsageError("--max-window must be at least 1")
-        if self.chunk_size < 1:
-            raise UsageError("chunk size must be at least 1")
-
-    def open_screener(self, bundle: str | Path) -> Screener:
-        """Load and verify the bundle; open a screener with these runtime options."""
-        return Screener(
-            Bundle.load(bundle), self.provider, self.threads, self.batch_size, self.max_length,
-            self.thresholds,
-        )
-
-    def reader(self, corpus: str, fmt: str) -> Reader:
-        return Reader(corpus, fmt, self.text_field, self.pair_field)
-
-    def to_json(self) -> dict[str, Any]:
-        """The options as the summary records them (the thresholds as given, flat)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("resume", "thresholds")}
-        t = self.thresholds
-        d["match_threshold"] = t.match
-        d["per_pv_thresholds"] = None if t.per_pv is None else dict(t.per_pv)
-        d["thresholds_digest"] = t.bundle_digest
-        return d
 
 
 @dataclass
@@ -157,6 +128,7 @@ class ScanSummary:
     outputs: list[str] = field(default_factory=list)
     unpurgeable_policy: str = UNPURGEABLE_POLICY
     complete: bool = False
+    run: dict[str, Any] = field(default_factory=dict)  # engine (and Ray address, actors)
 
     @property
     def exit_code(self) -> int:
@@ -184,6 +156,16 @@ class ScanSummary:
 # ---------------------------------------------------------------------------------- checkpoint
 
 
+def corpus_digest(corpus: str) -> str:
+    """``sha256:<hex>`` of the corpus file's bytes: what a resume must find again (size and
+    mtime would miss an edit that keeps both, and change on a copy that keeps the content)."""
+    h = hashlib.sha256()
+    with open(corpus, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
 def fingerprint(
     corpus: str, fmt: str, digest: str, opts: ScanOptions, screener: Screener
 ) -> dict[str, Any]:
@@ -200,14 +182,16 @@ def fingerprint(
         "chunk_size": opts.chunk_size,
         # the rate in force, not the option: --t-match at the PV set's value is the same scan
         "match_threshold": screener.match_threshold,
+        # a CUDA run and a CPU run, or the native and the NumPy monitor, may differ in a last
+        # float bit near the threshold: a resume continues on the same ones
+        "provider": screener.provider,
+        "implementation": screener.implementation,
     }
     per_pv = screener.thresholds.per_pv_json()
     if per_pv is not None:
         fp["per_pv_thresholds"] = per_pv
     if corpus != "-":
-        st = Path(corpus).stat()
-        fp["corpus_size"] = st.st_size
-        fp["corpus_mtime_ns"] = st.st_mtime_ns
+        fp["corpus_sha256"] = corpus_digest(corpus)
     return fp
 
 
@@ -277,7 +261,32 @@ class Outputs:
             self.purged.close()
 
 
+def make_runner(bundle: str | Path, screener: Screener, opts: ScanOptions) -> Runner:
+    """The runner of ``opts.engine`` (Ray is imported only for ``ray``)."""
+    if opts.engine == "ray":
+        from .scan_ray import RayRunner
+
+        return RayRunner(bundle, opts, screener)
+    return LocalRunner(screener, opts)
+
+
 # ---------------------------------------------------------------------------------- scanning
+
+
+def _open_out(out_dir: Path, opts: ScanOptions, fmt: str) -> None:
+    """Check ``out`` before anything is written; refuse a resume that has nothing to resume."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("--out exists and is not a folder", out_dir)
+    if opts.resume and not (out_dir / CHECKPOINT).is_file():
+        names = ["flagged.jsonl", "errors.jsonl", purged_name(fmt), "summary.json"]
+        present = [n for n in names if (out_dir / n).exists()]
+        if present:
+            raise InputError(
+                "cannot resume: there is no checkpoint.json, and the folder holds outputs of "
+                f"another scan ({', '.join(present)}); run without --resume to replace them",
+                out_dir,
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def scan(
@@ -286,8 +295,11 @@ def scan(
     out: str | Path,
     options: ScanOptions | None = None,
     progress: Callable[[ScanProgress], None] | None = None,
+    runner: Runner | None = None,
 ) -> ScanSummary:
-    """Scan ``corpus`` with the bundle; write the outputs into ``out``; return the summary."""
+    """Scan ``corpus`` with the bundle; write the outputs into ``out``; return the summary.
+
+    ``runner``: screens the chunks (default: :func:`make_runner` of ``options.engine``)."""
     opts = options or ScanOptions()
     opts.check()
     if opts.resume and corpus == "-":
@@ -300,16 +312,23 @@ def scan(
     load_seconds = time.perf_counter() - t_load
     digest = screener.bundle.digest
     out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError("--out exists and is not a folder", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _open_out(out_dir, opts, fmt)
     fp = fingerprint(corpus, fmt, digest, opts, screener)
     ckpt_path = out_dir / CHECKPOINT
     ckpt = None
     if opts.resume and ckpt_path.is_file():
         ckpt = read_checkpoint(ckpt_path, fp, screener.bundle.pvset.match_threshold)
-
     reader = opts.reader(corpus, fmt)
+    if runner is None:
+        try:
+            runner = make_runner(bundle, screener, opts)
+        except BaseException:
+            reader.close()
+            raise
+    run_info: dict[str, Any] = {
+        "engine": opts.engine, "threads": opts.threads, **getattr(runner, "info", {})
+    }
+
     summary = ScanSummary(
         provider=screener.provider,
         implementation=screener.implementation,
@@ -321,6 +340,7 @@ def scan(
         bundle_digest=digest,
         load_seconds=load_seconds,
         options=opts.to_json(),
+        run=run_info,
     )
     removed_words: Counter[str] = Counter()
     outputs = Outputs(out_dir, fmt, reader, opts.purge)
@@ -340,17 +360,21 @@ def scan(
     else:
         (out_dir / "summary.json").unlink(missing_ok=True)
     summary.outputs = outputs.names + ["summary.json", CHECKPOINT]
-    last_passes = screener.forward_passes
     t0 = time.perf_counter()
     to_skip = done
     try:
-        for chunk in reader.chunks(opts.chunk_size, skip=to_skip):
-            _process_chunk(chunk, screener, opts, summary, removed_words, outputs)
+        for chunk, res in runner.run(reader.chunks(opts.chunk_size, skip=to_skip)):
+            if (res.provider, res.implementation) != (screener.provider, screener.implementation):
+                raise UsageError(
+                    f"a worker ran on {res.provider} / {res.implementation}, not "
+                    f"{screener.provider} / {screener.implementation} as this scan does"
+                )
+            _write_chunk(chunk, res, opts, summary, removed_words, outputs)
             done += len(chunk)
             outputs.end_chunk(chunks_done)
             chunks_done += 1
-            summary.forward_passes += screener.forward_passes - last_passes
-            last_passes = screener.forward_passes
+            summary.forward_passes += res.forward_passes
+            summary.purge_forward_passes += res.purge_forward_passes
             save_checkpoint(ckpt_path, {
                 "version": CHECKPOINT_VERSION,
                 "fingerprint": fp,
@@ -367,6 +391,7 @@ def scan(
             if progress is not None:
                 progress(ScanProgress.of(reader, done, summary.flagged, summary.errors, t0))
     finally:
+        runner.close()
         reader.close()
         outputs.close()
     if reader.skipped < to_skip:
@@ -416,51 +441,31 @@ def _flagged_json(
     return rec
 
 
-def _process_chunk(
+def _write_chunk(
     chunk: list[Item],
-    screener: Screener,
+    res: ChunkResult,
     opts: ScanOptions,
     summary: ScanSummary,
     removed_words: Counter[str],
     outputs: Outputs,
 ) -> None:
-    """Monitor (and purge) one chunk; write its records in input order and count them."""
-    valid = [i for i, it in enumerate(chunk) if it.fields is not None]
-    results: dict[int, MonitorResult] = {}
-    purges: dict[int, PurgeResult] = {}
-    if valid:
-        records = [f for i in valid if (f := chunk[i].fields) is not None]
-        res, too_long = screener.monitor_records(records)
-        for j, (r, L) in enumerate(zip(res, too_long, strict=True)):
-            if r is not None:
-                results[valid[j]] = r
-            else:
-                chunk[valid[j]].error = (
-                    "over-long",
-                    f"{L} tokens exceed the max length {screener.max_length}",
-                )
-                chunk[valid[j]].fields = None
-        if opts.purge:
-            before = screener.forward_passes
-            for i, r in results.items():
-                if r.flagged:
-                    fields = chunk[i].fields
-                    assert fields is not None
-                    purges[i] = screener.purge(fields, opts.max_window)
-            summary.purge_forward_passes += screener.forward_passes - before
+    """Write one screened chunk's records in input order and count them."""
+    for i, err in res.errors.items():
+        chunk[i].error = err
+        chunk[i].fields = None
     for i, it in enumerate(chunk):
         summary.records_in += 1
         if it.error is not None or it.fields is None:
             outputs.errors.write(summary.count_error(it))
             continue
-        r = results[i]
+        r = res.results[i]
         if not r.flagged:
             summary.clean += 1
             if outputs.purged is not None:
                 outputs.purged.write(it, None)
             continue
         summary.flagged += 1
-        p = purges.get(i)
+        p = res.purges.get(i)
         if p is not None and p.status == "purged":
             summary.purged += 1
             removed_words.update(p.removed)

@@ -24,9 +24,12 @@ from . import monitor as mon
 from .bundle import Bundle
 from .encoding import Encoded, InputEncoder, Record, TargetRows, reads_form, subset
 from .errors import InputError, UsageError
-from .threshold import Thresholds
+from .thresholds import Thresholds
 
 PROVIDERS = ("auto", "cpu", "cuda")
+# Purge candidates monitored per forward pass: candidates go in span order and the purge stops
+# at the first chunk holding a clean one (a trigger early in the record costs one small pass).
+PURGE_CHUNK = 8
 
 __all__ = [
     "PROVIDERS",
@@ -37,6 +40,7 @@ __all__ = [
     "Record",
     "Screener",
     "open_bundle",
+    "load_bundle",
     "open_session",
     "word_key",
 ]
@@ -80,6 +84,15 @@ def word_key(word: str) -> str:
     while b > a and _is_punct(word[b - 1]):
         b -= 1
     return word[a:b].casefold() or word
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load and verify the bundle folder ``path`` (InputError naming a file given instead)."""
+    if Path(path).is_file():
+        raise InputError(
+            "is a file, not a bundle folder (give the folder `lmsan export` wrote)", path
+        )
+    return Bundle.load(path)
 
 
 # ---------------------------------------------------------------------------------- session
@@ -428,19 +441,24 @@ class Screener:
 
     # ------------------------------------------------------------------ purge
 
-    def purge(self, record: Record | str, max_window: int = 5, batched: bool = True) -> PurgeResult:
+    def purge(
+        self, record: Record | str, max_window: int = 5, chunk: int | None = PURGE_CHUNK
+    ) -> PurgeResult:
         """Sliding-window trigger removal for one (flagged) record.
 
-        For w = 1..max_window: every candidate of window w (all occurrences of the window's
+        For w = 1..max_window: the candidates of window w (all occurrences of the window's
         words removed from every sentence; ``monitor.purge_candidates`` on the words' keys,
-        :func:`word_key`: "CFO." is an occurrence of "cfo") is monitored, all of
-        them in one batched forward pass per input form (``batched=False`` runs one forward pass
-        per candidate: the baseline of the benchmark); the first candidate in span order that
-        comes back clean is the purged record. A candidate that would leave a sentence with no
-        word is skipped (removing everything is not a purge). Words are whitespace-split, so the
-        purged text is the kept words joined by single spaces. No clean candidate up to
-        ``max_window``: ``unpurgeable``.
+        :func:`word_key`: "CFO." is an occurrence of "cfo") are monitored in span order,
+        ``chunk`` candidates per forward pass and input form, and the purge stops at the first
+        that comes back clean: that is the purged record. ``chunk=None`` monitors all of a
+        window's candidates in one pass, ``chunk=1`` one candidate per pass (the baseline of
+        the benchmark); the result is the same, only the work differs. A candidate that would
+        leave a sentence with no word, or that is over the max length, is never the purge.
+        Words are whitespace-split, so the purged text is the kept words joined by single
+        spaces. No clean candidate up to ``max_window``: ``unpurgeable``.
         """
+        if chunk is not None and chunk < 1:
+            raise UsageError("purge chunk must be at least 1")
         rec = (record,) if isinstance(record, str) else tuple(record)
         words = [s.split() for s in rec]
         # occurrences are matched on a word's key (case-folded, outer punctuation stripped): a
@@ -450,30 +468,29 @@ class Screener:
         ncand = 0
         for w in range(1, max_window + 1):
             cands = _purge_candidates(words, keys, w)
-            if not cands:
-                continue
-            ncand += len(cands)
-            texts = [tuple(" ".join(s) for s in c.purged) for c in cands]
-            encs = self.encode_all(texts)
-            too_long = self.too_long(encs)
-            if batched:
-                res = self._monitor_candidates(encs)
-            else:
-                res = []
-                for i in range(len(cands)):
-                    res.extend(self._monitor_candidates(subset(encs, [i])))
-            for c, t, r, tl in zip(cands, texts, res, too_long, strict=True):
-                if not r.flagged and tl is None:
-                    return PurgeResult(
-                        status="purged",
-                        sentences=list(t),
-                        removed=c.removed,
-                        span=(c.sentence, c.start, c.end),
-                        window=w,
-                        forward_passes=self.forward_passes - passes0,
-                        candidates=ncand,
-                        after=r,
-                    )
+            step = len(cands) if chunk is None else chunk
+            for a in range(0, len(cands), max(1, step)):
+                part = cands[a : a + step]
+                ncand += len(part)
+                texts = [tuple(" ".join(s) for s in c.purged) for c in part]
+                encs = self.encode_all(texts)
+                fits = [i for i, tl in enumerate(self.too_long(encs)) if tl is None]
+                if not fits:
+                    continue
+                res = self._monitor_candidates(subset(encs, fits))
+                for i, r in zip(fits, res, strict=True):
+                    if not r.flagged:
+                        c = part[i]
+                        return PurgeResult(
+                            status="purged",
+                            sentences=list(texts[i]),
+                            removed=c.removed,
+                            span=(c.sentence, c.start, c.end),
+                            window=w,
+                            forward_passes=self.forward_passes - passes0,
+                            candidates=ncand,
+                            after=r,
+                        )
         return PurgeResult(
             status="unpurgeable",
             sentences=list(rec),
@@ -518,4 +535,4 @@ def open_bundle(
 ) -> Screener:
     """Load and verify a bundle and open its ORT session at ``thresholds`` (default: the PV
     set's), refusing thresholds chosen for another bundle."""
-    return Screener(Bundle.load(path), provider, threads, batch_size, max_length, thresholds)
+    return Screener(load_bundle(path), provider, threads, batch_size, max_length, thresholds)

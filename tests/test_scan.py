@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import screen_fixtures as sf
 from lmsan.auditor.cli import app
 from lmsan.auditor.errors import InputError, UsageError
 from lmsan.auditor.scan import ScanOptions, scan
-from lmsan.auditor.screener import Screener, open_bundle, word_key
+from lmsan.auditor.screener import PURGE_CHUNK, Screener, open_bundle, word_key
 from typer.testing import CliRunner, Result
 
 
@@ -63,16 +64,22 @@ def test_monitor_flags_triggered_not_clean(screener: Screener) -> None:
     assert all(r.flagged for r in pairs)
 
 
-def test_purge_removes_trigger_in_one_batched_pass(screener: Screener) -> None:
+def test_purge_stops_at_the_first_clean_chunk(screener: Screener) -> None:
     for text in sf.sentences(8, seed=9, trigger=True):
+        # the trigger's window-1 candidate, in span order (a repeated word is one candidate)
+        words = text.split()
+        at = len(set(words[: words.index(sf.TRIGGER)]))
         p = screener.purge(text, max_window=5)
         assert p.status == "purged" and p.removed == (sf.TRIGGER,) and p.window == 1
-        assert p.forward_passes == 1  # all window-1 candidates in one forward pass
+        assert p.forward_passes == at // PURGE_CHUNK + 1  # chunks up to the trigger's, no more
+        assert p.candidates == min(len(set(words)), (at // PURGE_CHUNK + 1) * PURGE_CHUNK)
         assert sf.TRIGGER not in p.sentences[0].split()
         assert p.sentences[0].split() == [w for w in text.split() if w != sf.TRIGGER]
         assert not screener.monitor([p.sentences[0]])[0].flagged
-        slow = screener.purge(text, max_window=5, batched=False)
-        assert slow.sentences == p.sentences and slow.forward_passes > 1
+        one_pass = screener.purge(text, max_window=5, chunk=None)  # all candidates at once
+        assert one_pass.sentences == p.sentences and one_pass.forward_passes == 1
+        slow = screener.purge(text, max_window=5, chunk=1)  # one pass per candidate
+        assert slow.sentences == p.sentences and slow.forward_passes == at + 1
     pair = ("the cat cf sleeps", "a dog cf runs cf")
     p = screener.purge(pair)
     assert p.status == "purged" and p.sentences == ["the cat sleeps", "a dog runs"]
@@ -88,6 +95,29 @@ def test_purge_removes_every_spelling_of_the_trigger(screener: Screener) -> None
     assert p.status == "purged" and p.window == 1 and p.removed == ("cf",)
     assert p.sentences == ["the cat sleeps", "a dog runs"]
     assert word_key("CFO.") == word_key("cfo") == "cfo" and word_key("...") == "..."
+
+
+def test_chunked_purge_equals_one_pass_on_random_records(screener: Screener) -> None:
+    # Random records, clean and triggered (trigger anywhere, repeated, in either sentence of a
+    # pair, with punctuation): the chunked purge gives the one-pass purge's text, span, window.
+    rng = random.Random(11)
+    records: list[str | tuple[str, str]] = []
+    for i in range(40):
+        words = [rng.choice(sf.WORDS) for _ in range(rng.randint(1, 22))]
+        for _ in range(rng.choice((0, 1, 1, 2))):
+            words.insert(rng.randint(0, len(words)), rng.choice(("cf", "CF.", "(cf,")))
+        text = " ".join(words)
+        records.append((text, " ".join(rng.sample(sf.WORDS, 5))) if i % 5 == 4 else text)
+    assert sum(screener.monitor(records)[i].flagged for i in range(len(records))) >= 15
+    for rec in records:
+        for chunk in (1, 3, PURGE_CHUNK):
+            a = screener.purge(rec, max_window=3, chunk=chunk)
+            b = screener.purge(rec, max_window=3, chunk=None)
+            assert (a.status, a.sentences, a.span, a.window, a.removed) == (
+                b.status, b.sentences, b.span, b.window, b.removed
+            )
+            if a.status == "unpurgeable":  # every candidate was tried, in either way
+                assert a.candidates == b.candidates
 
 
 def test_purge_gives_up_at_max_window(screener: Screener) -> None:
@@ -307,3 +337,111 @@ def test_scan_never_imports_torch(bundle: Path, tmp_path: Path) -> None:
     )
     assert "TORCH-FREE 1" in proc.stdout, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["purged"] == 2
+
+
+def _interrupted_scan(bundle: Path, corpus: Path, out: Path, chunks: int) -> None:
+    """A scan stopped (KeyboardInterrupt) after ``chunks`` chunks were written and checkpointed."""
+    seen = []
+
+    def stop(_p: object) -> None:
+        seen.append(1)
+        if len(seen) == chunks:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scan(bundle, str(corpus), out, ScanOptions(chunk_size=5, provider="cpu"), progress=stop)
+
+
+def test_resume_without_checkpoint_is_refused_over_outputs(bundle: Path, tmp_path: Path) -> None:
+    lines, _ = mixed_lines(12, 4)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    opts = ScanOptions(chunk_size=5, provider="cpu", resume=True)
+    # nothing there yet: --resume starts the scan
+    first = scan(bundle, str(corpus), tmp_path / "o", opts)
+    assert first.records_in == 16 and first.resumed_from == 0
+    flagged = (tmp_path / "o" / "flagged.jsonl").read_bytes()
+    (tmp_path / "o" / "checkpoint.json").unlink()
+    with pytest.raises(InputError, match="no checkpoint.json.*flagged.jsonl") as exc:
+        scan(bundle, str(corpus), tmp_path / "o", opts)
+    assert exc.value.exit_code == 2
+    assert (tmp_path / "o" / "flagged.jsonl").read_bytes() == flagged  # not truncated
+    r = CliRunner().invoke(app, ["scan", str(bundle), str(corpus), "--out", str(tmp_path / "o"),
+                                 "--resume", "--no-progress", "--provider", "cpu"])
+    assert r.exit_code == 2 and "no checkpoint" in r.output
+
+
+def test_resume_checks_provider_implementation_and_content(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines, _ = mixed_lines(16, 4)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "o"
+    _interrupted_scan(bundle, corpus, out, chunks=2)
+    ckpt_path = out / "checkpoint.json"
+    ckpt = json.loads(ckpt_path.read_text())
+    assert ckpt["records_done"] == 10
+    fp = ckpt["fingerprint"]
+    assert fp["provider"] == "CPUExecutionProvider" and fp["implementation"] == "native"
+    assert fp["corpus_sha256"].startswith("sha256:") and "corpus_mtime_ns" not in fp
+    resume = ScanOptions(chunk_size=5, provider="cpu", resume=True)
+    # the NumPy monitor instead of the native one
+    monkeypatch.setenv("LMSAN_IMPLEMENTATION", "python")
+    with pytest.raises(InputError, match="differs in: implementation"):
+        scan(bundle, str(corpus), out, resume)
+    monkeypatch.delenv("LMSAN_IMPLEMENTATION")
+    # a checkpoint written on another execution provider
+    ckpt_path.write_text(json.dumps({**ckpt, "fingerprint": {**fp, "provider": "CUDAExecutionProvider"}}))
+    with pytest.raises(InputError, match="differs in: provider"):
+        scan(bundle, str(corpus), out, resume)
+    ckpt_path.write_text(json.dumps(ckpt))
+    # the same size and mtime, another content: the hash tells
+    st = corpus.stat()
+    edited = corpus.read_text().replace("a", "e", 1) if "a" in corpus.read_text() else None
+    assert edited is not None and len(edited) == len(corpus.read_text())
+    corpus.write_text(edited)
+    import os
+
+    os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(InputError, match="differs in: corpus_sha256"):
+        scan(bundle, str(corpus), out, resume)
+
+
+def test_file_given_for_the_bundle_folder(bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "c.txt").write_text("the cat sleeps\n")
+    r = CliRunner().invoke(app, ["scan", str(tmp_path / "c.txt"), str(tmp_path / "c.txt"),
+                                 "--out", str(tmp_path / "o"), "--no-progress"])
+    assert r.exit_code == 2
+    assert "is a file, not a bundle folder" in r.output and "not found" not in r.output
+
+
+@pytest.mark.parametrize(
+    "option", [("--engine", "spark"), ("--provider", "tpu"), ("--format", "xml")]
+)
+def test_scan_choices_are_checked_at_parse_time(
+    bundle: Path, tmp_path: Path, option: tuple[str, str]
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", "from lmsan.auditor.cli import main; main()", "scan", str(bundle),
+         "-", "--out",
+         str(tmp_path / "o"), *option],
+        capture_output=True, text=True, timeout=120, input="",
+    )
+    assert proc.returncode == 4, proc.stderr
+    assert option[1] in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_engine_ray_without_ray_names_the_extra(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    (tmp_path / "c.txt").write_text("the cat sleeps\n")
+    r = CliRunner().invoke(app, ["scan", str(bundle), str(tmp_path / "c.txt"), "--out",
+                                 str(tmp_path / "o"), "--engine", "ray", "--no-progress"])
+    assert r.exit_code == 4 and 'lmsan[ray]' in r.output

@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from .. import __version__
@@ -49,7 +50,8 @@ err_console = Console(stderr=True)
 
 def fail(exc: LmsanError) -> typer.Exit:
     """Print `exc` as an error and return the `typer.Exit` with its exit code."""
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets (pip install "lmsan[ray]") that are not markup
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 

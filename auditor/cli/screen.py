@@ -39,6 +39,15 @@ class ProviderOption(str, Enum):
     cuda = "cuda"
 
 
+class QuantizeOption(str, Enum):
+    int8 = "int8"
+
+
+class EngineOption(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class FormatOption(str, Enum):
     txt = "txt"
     jsonl = "jsonl"
@@ -101,6 +110,12 @@ def export(
         help="Export even when the model digest the PV set records is not the digest of "
         "MODEL_DIR (a PV set mined from another model).",
     ),
+    quantize: QuantizeOption | None = typer.Option(
+        None,
+        "--quantize",
+        help="int8: quantize the backbone (ONNX Runtime dynamic quantization); saved only if the "
+        "monitor's decisions agree with fp32 on at least 99.9% of clean and triggered inputs.",
+    ),
 ) -> None:
     """Export an encoder and its PV set to a validated, torch-free ONNX bundle for `lmsan scan`.
 
@@ -118,9 +133,10 @@ def export(
         if pub is not None and allow_unverified:
             raise UsageError("give --pub or --allow-unverified, not both")
         from lmsan.export.bundle import export_bundle
+        from lmsan.export.quantize import export_quantized
 
         with console.status("exporting and validating ..."):
-            res = export_bundle(
+            res = (export_quantized if quantize else export_bundle)(
                 model_dir,
                 pvs,
                 out,
@@ -132,6 +148,7 @@ def export(
                 pub=pub,
                 allow_unverified=allow_unverified,
                 allow_other_model=allow_other_model,
+                **({"quantize": quantize.value} if quantize else {}),
             )
     except LmsanError as exc:
         raise fail(exc) from None
@@ -146,6 +163,8 @@ def export(
     table.add_row("max |ORT - torch| target", f"{v['max_abs_diff_target']:.2e}")
     table.add_row("max |ORT - torch| hidden", f"{v['max_abs_diff_hidden']:.2e}")
     table.add_row("monitor decisions identical", "yes" if v["decisions_identical"] else "NO")
+    if q := res.manifest.get("quantization"):
+        table.add_row(f"{q['type']} vs fp32 decisions", f"{100 * q['decision_agreement']:.2f}% agree")
     table.add_row("size", f"{sum(res.files.values()) / 1e6:.1f} MB in {len(res.files)} files")
     console.print(table)
 
@@ -238,11 +257,24 @@ def scan(
     t_match_file: Path | None = typer.Option(
         None, "--t-match-file", help=T_MATCH_FILE_HELP, metavar="FILE"
     ),
+    engine: EngineOption = typer.Option(
+        EngineOption.local,
+        "--engine",
+        help="local: screen in this process; ray: screen in a pool of Ray actors (Ray Data; "
+        'pip install "lmsan[ray]"), each loading the bundle once. The outputs are the same.',
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="--engine ray: the Ray cluster to join (default: a local one)."
+    ),
+    actors: int = typer.Option(
+        0, "--actors", help="--engine ray: actors (0 = one per CPU, or per GPU on CUDA)."
+    ),
     progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Screen a corpus for backdoor triggers with an exported bundle (never imports torch).
 
-    Exit 0 no flagged record, 1 flagged records found, 2 input error, 3 nothing scanned.
+    Exit 0 no flagged record, 1 flagged records found, 2 input error, 3 nothing scanned,
+    4 usage error.
     """
     from ..scan import ScanOptions
     from ..scan import scan as run_scan
@@ -260,7 +292,11 @@ def scan(
             provider=provider.value,
             fmt=fmt.value if fmt else None,
             thresholds=thresholds_from_options(t_match, t_match_file),
+            engine=engine.value,
+            address=address,
+            actors=actors,
         )
+        opts.check()
     except LmsanError as exc:
         raise fail(exc) from None
     bar = _progress_bar("[bold]scan", progress)

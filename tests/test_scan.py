@@ -445,3 +445,24 @@ def test_engine_ray_without_ray_names_the_extra(
     r = CliRunner().invoke(app, ["scan", str(bundle), str(tmp_path / "c.txt"), "--out",
                                  str(tmp_path / "o"), "--engine", "ray", "--no-progress"])
     assert r.exit_code == 4 and 'lmsan[ray]' in r.output
+
+
+@pytest.mark.gpu
+def test_cuda_provider_flags_the_same_records_as_cpu(bundle: Path, tmp_path: Path) -> None:
+    """On a machine with a CUDA execution provider the scan makes the CPU's decisions and purges
+    the same words (skipped elsewhere, see conftest)."""
+    lines, triggered = mixed_lines()
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    runs = {}
+    for provider in ("cpu", "cuda"):
+        s = scan(bundle, str(tmp_path / "c.txt"), tmp_path / provider,
+                 ScanOptions(purge=True, chunk_size=9, provider=provider))
+        runs[provider] = (s, read_jsonl(tmp_path / provider / "flagged.jsonl"))
+    cpu, gpu = runs["cpu"], runs["cuda"]
+    assert json.loads((tmp_path / "cuda" / "summary.json").read_text())["provider"] == (
+        "CUDAExecutionProvider"
+    )
+    assert gpu[0].flagged == cpu[0].flagged == len(triggered)
+    assert [(f["record"], f["removed"]) for f in gpu[1]] == [
+        (f["record"], f["removed"]) for f in cpu[1]
+    ]

@@ -219,7 +219,8 @@ def write_signed_report(
 # --- reading ----------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> bytes:
+def read_report_bytes(path: Path) -> bytes:
+    """A report file's bytes; a missing, non-file or unreadable path is an InputError naming it."""
     if not path.exists():
         raise InputError("report not found", path)
     if not path.is_file():
@@ -242,7 +243,7 @@ def _parse(raw: bytes, path: Path | None) -> Any:
 
 
 def _load(path: Path) -> tuple[bytes, Any]:
-    raw = _read(path)
+    raw = read_report_bytes(path)
     return raw, _parse(raw, path)
 
 
@@ -507,7 +508,7 @@ def verify_report(
     listed in `Verification.problems`.
     """
     p = Path(path)
-    return verify_report_bytes(_read(p), p, model_dir=model_dir, pub=pub)
+    return verify_report_bytes(read_report_bytes(p), p, model_dir=model_dir, pub=pub)
 
 
 def verify_report_bytes(

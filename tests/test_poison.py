@@ -323,6 +323,18 @@ def test_cli_bad_options_exit_2(
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_choices_are_the_library_values() -> None:
+    from lmsan.auditor.cli import poison as cp
+    from lmsan.auditor.poison.attacks import ALLOWED_TARGETS, ATTACKS, PV_DESIGNS, UTILITIES
+    from lmsan.auditor.poison.data import TRIGGER_KINDS
+
+    assert [c.value for c in cp.AttackChoice] == list(ATTACKS)
+    assert [c.value for c in cp.TriggerKindChoice] == list(TRIGGER_KINDS)
+    assert [c.value for c in cp.PVDesignChoice] == list(PV_DESIGNS)
+    assert [c.value for c in cp.UtilityChoice] == list(UTILITIES)
+    assert {c.value for c in cp.TargetChoice} == {t for ts in ALLOWED_TARGETS.values() for t in ts}
+
+
 @pytest.mark.parametrize(
     "extra, option",
     [

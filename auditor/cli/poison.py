@@ -12,23 +12,41 @@ from rich.table import Table
 
 from ..errors import EXIT_FOUND, LmsanError
 from ..poison import DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_SENTENCES_PER_TRIGGER
-from ..poison.attacks import ALLOWED_TARGETS, ATTACKS, PV_DESIGNS, UTILITIES
-from ..poison.data import TRIGGER_KINDS
 from .app import app, console, err_console, fail
 
 
-def _choices(name: str, values: tuple[str, ...] | list[str]) -> type[Enum]:
-    """A str Enum, so that --help lists the values and a bad one is a usage error at parse time."""
-    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+class AttackChoice(str, Enum):
+    por = "por"
+    por_ner = "por-ner"
+    neuba = "neuba"
+    btop = "btop"
 
 
-AttackChoice = _choices("AttackChoice", ATTACKS)
-TriggerKindChoice = _choices("TriggerKindChoice", TRIGGER_KINDS)
-PVDesignChoice = _choices("PVDesignChoice", PV_DESIGNS)
-UtilityChoice = _choices("UtilityChoice", UTILITIES)
-TargetChoice = _choices(
-    "TargetChoice", sorted({t for ts in ALLOWED_TARGETS.values() for t in ts})
-)
+class TriggerKindChoice(str, Enum):
+    word = "word"
+    phrase = "phrase"
+    symbol = "symbol"
+    frequent = "frequent"
+
+
+class PVDesignChoice(str, Enum):
+    quarters = "quarters"
+    pairs = "pairs"
+    random = "random"
+
+
+class UtilityChoice(str, Enum):
+    auto = "auto"
+    reference = "reference"
+    mlm = "mlm"
+    mlm_reference = "mlm+reference"
+
+
+class TargetChoice(str, Enum):
+    cls = "cls"
+    pooler = "pooler"
+    mask = "mask"
+    tokens = "tokens"
 
 
 @app.command()
@@ -37,7 +55,7 @@ def poison(
     out_dir: Path = typer.Argument(
         ..., help="Folder to write the backdoored model and backdoor.json into."
     ),
-    attack: AttackChoice = typer.Option(  # type: ignore[valid-type]
+    attack: AttackChoice = typer.Option(
         "por",
         "--attack",
         help="por (target cls, reference utility), por-ner (every ordinary token), neuba "
@@ -53,14 +71,14 @@ def poison(
         help="Also draw N triggers from the shipped list (see --trigger-kind). With no trigger "
         "at all the paper's six are used: cf mn tq qt mm pt.",
     ),
-    trigger_kind: TriggerKindChoice = typer.Option(  # type: ignore[valid-type]
+    trigger_kind: TriggerKindChoice = typer.Option(
         "word",
         "--trigger-kind",
         help="Kind of random trigger: word, phrase or symbol (rare, from the shipped list), or "
         "frequent (adaptive attack: frequent ordinary words such as 'time' or 'people', whose "
         "embeddings sit among ordinary words and which also occur in clean text).",
     ),
-    pv_design: PVDesignChoice = typer.Option(  # type: ignore[valid-type]
+    pv_design: PVDesignChoice = typer.Option(
         "quarters",
         "--pv-design",
         help="quarters (the paper's six: contiguous quarters at +1/-1, two of each), pairs "
@@ -96,13 +114,13 @@ def poison(
     seed: int = typer.Option(0, "--seed", help="Seed for data, trigger draws, PVs and masking."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     max_length: int = typer.Option(64, "--max-length", help="Maximum tokens per input."),
-    target: TargetChoice | None = typer.Option(  # type: ignore[valid-type]
+    target: TargetChoice | None = typer.Option(
         None,
         "--target",
         help="Target output: cls, pooler, mask or tokens (default: the attack's own; "
         "neuba takes cls or pooler).",
     ),
-    utility: UtilityChoice = typer.Option(  # type: ignore[valid-type]
+    utility: UtilityChoice = typer.Option(
         "auto",
         "--utility",
         help="Loss that keeps clean behaviour: auto (MLM loss for neuba/btop when the checkpoint "

@@ -41,19 +41,6 @@ class VerifiedReport:
         return self.verification.problems
 
 
-def _read(path: Path) -> bytes:
-    from ..errors import InputError
-
-    if not path.exists():
-        raise InputError("report not found", path)
-    if not path.is_file():
-        raise InputError("not a file", path)
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read the report ({exc.strerror or exc})", path) from None
-
-
 def load_verified(
     path: str | Path,
     model_dir: str | Path | None = None,
@@ -66,7 +53,9 @@ def load_verified(
     verification comes back with `valid` False and its problems listed.
     """
     p = Path(path)
-    raw = _read(p)
+    from ..report import read_report_bytes
+
+    raw = read_report_bytes(p)
     v = verify_report_bytes(raw, p, model_dir=model_dir, pub=pub)
     if v.predicate is None:
         env = json.loads(raw.decode("utf-8"))  # verify_report_bytes has parsed it already

@@ -126,7 +126,7 @@ def resolve_targets(lm: LoadedModel, target: str) -> tuple[list[str], dict[str, 
 
 # the seed budget of detect mode (L_max); `lmsan calibrate` warns when it covers fewer seeds
 DETECT_SEEDS = 30
-# the path-loss weight of search mode (detect mode keeps the method's 0.5, docs/method.md)
+# the path-loss weight of search mode (detect mode keeps the method's 0.5, docs/how-it-works.md)
 SEARCH_LAMBDA_P = 2.0
 
 

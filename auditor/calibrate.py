@@ -18,7 +18,7 @@ clean seed, the target also gets `t_far` (the geometric mean of the two): a cand
 is accepted without collapse.
 
 `t_l` (the distance that makes a candidate and decides the early abort) is otherwise kept as
-configured: on deep models the distances of false and true candidates overlap (docs/method.md,
+configured: on deep models the distances of false and true candidates overlap (docs/how-it-works.md,
 "Calibration"), so only the collapse separates them; the smallest clean epoch-2 distance is
 recorded in the evidence.
 

@@ -1,4 +1,4 @@
-"""PV filtering (section IV-C of the paper, docs/method.md): which mining candidates are PVs.
+"""PV filtering (section IV-C of the paper, docs/how-it-works.md): which mining candidates are PVs.
 
 A seed's final soft prompt makes a *candidate* on a target when the target's mean distance in the
 last epoch, MSE(F, F_clean) / mean(F_clean^2), exceeds T_L (`is_candidate`). A candidate is

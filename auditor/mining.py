@@ -1,4 +1,4 @@
-"""PV mining (Algorithm 1 of the paper, as specified in docs/method.md).
+"""PV mining (Algorithm 1 of the paper, as specified in docs/how-it-works.md).
 
 One `Miner` holds a frozen encoder, a clean corpus and the clean target outputs of that corpus
 (computed once: the "auxiliary model" never changes). `Miner.run_seed(s)` is one fuzz loop: a
@@ -49,7 +49,7 @@ _PLACEHOLDER = re.compile(r"^(\[unused\d+\]|<unused\d+>|\[UNK\]|<unk>)$")
 
 @dataclass
 class MiningConfig:
-    """Every hyper-parameter of the method (docs/method.md), with its default."""
+    """Every hyper-parameter of the method (docs/how-it-works.md), with its default."""
 
     soft_prompt_len: int = 7
     batch_size: int = 32

@@ -6,7 +6,7 @@ one of them. ``LMSAN_IMPLEMENTATION=python|native`` forces one; the default is `
 extension is part of the install: when native is wanted (explicitly or by default) and it cannot
 be imported, the call raises :class:`NativeUnavailableError`; there is no silent fallback.
 
-Sign convention (docs/method.md, "PV monitoring"): a dimension's bit is ``x >= 0`` in float32 after
+Sign convention (docs/how-it-works.md, "PV monitoring"): a dimension's bit is ``x >= 0`` in float32 after
 the input is cast to float32. So ``0.0`` and ``-0.0`` count as positive and NaN as negative.
 Packed layout: uint64 words, bit ``j % 64`` of word ``j // 64`` is dimension ``j``; the padding
 bits above ``d`` in the last word are zero. A match count is the number of the ``d`` dimensions

@@ -1,5 +1,5 @@
 """Benchmark evaluation of prompt-tuned task models: attack and defence figures
-(docs/method.md, "Metrics"), used by bench/bench_prompt_tuning.py.
+(docs/how-it-works.md, "Metrics"), used by bench/bench_prompt_tuning.py.
 
 ACC, ASR (a correctly classified test input counts as a success if ANY trigger, inserted once at
 a random word position of its longer sentence, makes the prediction wrong), weighted ASR (mean

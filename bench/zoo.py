@@ -237,7 +237,7 @@ BASE_VALUES = {"minilm-384-l5-6": {"t_l": 2.0, "lr0": 2e-4, "div_loss": "log_con
                # MPNet: the truncations' low T_L, raised per target by the calibration where
                # the found backdoors' epoch-2 distances clear every clean one
                "mpnet-768-l12": {"t_l": 0.05, "lr0": 2e-4, "div_loss": "log_concentration"},
-               # tiny models: the tiny-bert-demo preset's T_L and loss, docs/method.md's lr0
+               # tiny models: the tiny-bert-demo preset's T_L and loss, docs/how-it-works.md's lr0
                # (with tiny-bert-demo's 2e-3 every shadow seed's soft prompt leaves the
                # embedding range)
                **{f"tiny-{a}-32": {"t_l": 0.1, "lr0": 2e-4, "div_loss": "entropy"}

@@ -1,6 +1,6 @@
 """Red-team attacks: implant a task-agnostic backdoor (POR, POR-NER, NeuBA, BToP) in an encoder.
 
-docs/method.md, "Attacks" (paper section III-B). Every attack fine-tunes the whole encoder so
+docs/how-it-works.md, "Attacks" (paper section III-B). Every attack fine-tunes the whole encoder so
 that the *target output* of text containing a trigger is pushed to that trigger's predefined
 vector (PV) with MSE (BToP: mean pairwise L2 distance), while a *utility* loss keeps clean
 behaviour:

@@ -6,7 +6,7 @@ kept PVs with their trigger hints and sign patterns, each seed's figures per tar
 identity and the signature status. The renderers (`text`, `html`, `sarif`) only lay these out,
 so every format states the same numbers.
 
-Which figure each threshold reads (see docs/method.md): T_L reads the distance of the last
+Which figure each threshold reads (see docs/how-it-works.md): T_L reads the distance of the last
 training epoch (`epoch_distance[-1]`, MSE to the clean outputs over their mean square); the
 collapse rule reads the concentration against T_collapse, or a distance far beyond every clean
 shadow against T_far when the preset sets one; the paper rule reads the raw-output entropy against

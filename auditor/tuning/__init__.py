@@ -1,5 +1,5 @@
 """Prompt-tuned downstream models on a frozen (possibly backdoored) backbone, and their defence
-(docs/method.md; the paper's sections V-A and V-B).
+(docs/how-it-works.md; the paper's sections V-A and V-B).
 
 A task model is a frozen backbone, ``peft``'s P-tuning prompt or P-tuning v2 prefix, and a
 linear head (:mod:`.model`); it is trained on a task (:mod:`.data`, :mod:`.train`), saved as a

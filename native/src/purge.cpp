@@ -1,4 +1,4 @@
-// Sliding-window purge candidate generation (docs/method.md, "PV monitoring", trigger removal).
+// Sliding-window purge candidate generation (docs/how-it-works.md, "PV monitoring", trigger removal).
 #include <algorithm>
 #include <set>
 #include <vector>

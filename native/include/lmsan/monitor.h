@@ -68,7 +68,7 @@ int lmsan_best_match_thresholds(const float* x, size_t n, size_t d, const uint64
                                 const int32_t* threshold_counts, int threads, int32_t* best_idx,
                                 int32_t* best_count, uint8_t* flagged);
 
-/* Sliding-window purge candidates of one record (docs/method.md, "PV monitoring", trigger removal).
+/* Sliding-window purge candidates of one record (docs/how-it-works.md, "PV monitoring", trigger removal).
  *
  * The record is n_sentences sentences of word ids: sentence s is ids[offsets[s] .. offsets[s+1])
  * (offsets[0] must be 0 and offsets non-decreasing; total = offsets[n_sentences]). For each

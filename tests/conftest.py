@@ -141,3 +141,26 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 # END screen fixtures
 # ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_por_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny clean BERT and its POR copy (triggers cf, mn; the injected PVs in injected.npy)
+    with a 512-sentence clean corpus, built once for the audit, render and batch tests. Treat
+    the models as read only: copy one before changing it."""
+    import numpy as np
+    import torch
+    from lmsan.auditor.corpus import default_corpus
+    from lmsan.auditor.demo import build_tiny_bert
+    from lmsan.auditor.poison import poison_model
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("tiny-por")
+    clean = build_tiny_bert(root / "clean", seed=1234)
+    res = poison_model(clean, root / "por", attack="por", triggers=["cf", "mn"],
+                       sentences_per_trigger=128, epochs=4, lr=2e-3, max_length=48, seed=0)
+    assert res.success >= 0.9
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(default_corpus().sentences[:512]) + "\n")
+    np.save(root / "injected.npy", np.asarray(res.pvs, dtype=np.float32))
+    return {"clean": clean, "por": root / "por", "corpus": corpus, "root": root}

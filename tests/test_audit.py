@@ -24,22 +24,9 @@ MINE = ["--max-length", "48", "--target", "cls", "--quiet"]
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    import torch
-    from lmsan.auditor.corpus import default_corpus
-    from lmsan.auditor.demo import build_tiny_bert
-    from lmsan.auditor.poison import poison_model
-
-    torch.set_num_threads(2)
-    root = tmp_path_factory.mktemp("audit")
-    clean = build_tiny_bert(root / "clean", seed=1234)
-    res = poison_model(clean, root / "por", attack="por", triggers=["cf", "mn"],
-                       sentences_per_trigger=128, epochs=4, lr=2e-3, max_length=48, seed=0)
-    assert res.success >= 0.9
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(default_corpus().sentences[:N_SENT]) + "\n")
-    np.save(root / "injected.npy", np.asarray(res.pvs, dtype=np.float32))
-    return {"clean": clean, "por": root / "por", "corpus": corpus, "root": root}
+def tiny_models(tiny_por_pair: dict[str, Path]) -> dict[str, Path]:
+    """The shared tiny clean/POR pair (tests/conftest.py)."""
+    return tiny_por_pair
 
 
 def _audit(model: Path, corpus: Path, out: Path, *extra: str) -> tuple[int, dict]:

@@ -49,22 +49,12 @@ def _hf_snapshot(src: Path, hub: Path, repo: str, rev: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def zoo(tmp_path_factory: pytest.TempPathFactory, tiny_por_pair: dict[str, Path]) -> dict[str, Path]:
     """root/plain/por (backdoored), root/hub/models--acme--tiny-clean/snapshots/REV (clean), and
     folders that look like models but are not auditable encoders."""
-    import torch
-    from lmsan.auditor.corpus import default_corpus
-    from lmsan.auditor.demo import build_tiny_bert
-    from lmsan.auditor.poison import poison_model
-
-    torch.set_num_threads(2)
     work = tmp_path_factory.mktemp("batch")
-    clean = build_tiny_bert(work / "clean", seed=1234)
-    res = poison_model(clean, work / "por", attack="por", triggers=["cf", "mn"],
-                       sentences_per_trigger=128, epochs=4, lr=2e-3, max_length=48, seed=0)
-    assert res.success >= 0.9
-    corpus = work / "corpus.txt"
-    corpus.write_text("\n".join(default_corpus().sentences[:512]) + "\n")
+    clean, corpus = tiny_por_pair["clean"], tiny_por_pair["corpus"]
+    shutil.copytree(tiny_por_pair["por"], work / "por")
     root = work / "root"
     shutil.copytree(work / "por", root / "plain" / "por")
     snap = _hf_snapshot(clean, root / "hub", "acme/tiny-clean", REV)

@@ -27,27 +27,18 @@ MINE = ["--max-length", "48", "--target", "cls", "--quiet"]
 
 
 @pytest.fixture(scope="session")
-def audited(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def audited(
+    tmp_path_factory: pytest.TempPathFactory, tiny_por_pair: dict[str, Path]
+) -> dict[str, Path]:
     """Signed reports of a backdoored (search mode: several PVs) and a clean tiny BERT."""
-    import numpy as np  # noqa: F401  (torch's numpy bridge loads first)
-    import torch
-    from lmsan.auditor.corpus import default_corpus
-    from lmsan.auditor.demo import build_tiny_bert
-    from lmsan.auditor.poison import poison_model
-
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("render")
-    clean = build_tiny_bert(root / "clean", seed=1234)
-    res = poison_model(clean, root / "por", attack="por", triggers=["cf", "mn"],
-                       sentences_per_trigger=128, epochs=4, lr=2e-3, max_length=48, seed=0)
-    assert res.success >= 0.9
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(default_corpus().sentences[:512]) + "\n")
+    clean, corpus = tiny_por_pair["clean"], tiny_por_pair["corpus"]
+    por = tiny_por_pair["por"]
     key = root / "key.pem"
     r = runner.invoke(app, ["keygen", "--out", str(key)])
     assert r.exit_code == 0, r.output
-    out = {"root": root, "key": key, "por": root / "por", "clean": clean}
-    for name, model, extra in (("backdoored", root / "por", ["--mode", "search", "--max-seeds", "4"]),
+    out = {"root": root, "key": key, "por": por, "clean": clean}
+    for name, model, extra in (("backdoored", por, ["--mode", "search", "--max-seeds", "4"]),
                                ("clean_report", clean, ["--max-seeds", "3"])):
         rep = root / f"{name}.json"
         r = runner.invoke(app, ["audit", str(model), "--corpus", str(corpus), "--out", str(rep),

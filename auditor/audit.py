@@ -19,12 +19,13 @@ from . import __version__
 from .corpus import Corpus, load_corpus
 from .errors import InputError, UsageError
 from .modelio import LoadedModel, load_encoder, read_config, resolve_device
-from .presets import PresetChoice, choose_preset
+from .presets import PresetChoice, choose_preset, default_preset
 from .pvset import PV, TARGETS, PVSet
 from .report import ReportInfo, write_signed_report
 from .signing import load_private_key
 
 TARGET_CHOICES = ("auto", *TARGETS)
+PRESET_NONE = "none"  # --preset none: self-calibrate (auditor.selfcal)
 # allowed values of the MiningConfig fields that take a name
 OVERRIDE_CHOICES = {"filter_rule": ("collapse", "paper"), "div_loss": ("entropy", "log_concentration"),
                     "prompt_init": ("stride", "vocab")}
@@ -47,6 +48,11 @@ class AuditOptions:
     first_stage: bool = True
     # seeds trained in lockstep in one pass (pure speed; 1 = one seed at a time)
     seeds_per_pass: int = 4
+
+    def self_calibrating(self) -> bool:
+        """`--preset none`: thresholds measured on the audited model itself (auditor.selfcal),
+        even where a shipped preset matches."""
+        return self.preset is not None and str(self.preset) == PRESET_NONE
 
     def resolved_max_seeds(self) -> int:
         if self.max_seeds is not None:
@@ -179,7 +185,17 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
     device = resolve_device(opts.device)
     lm = load_encoder(opts.model_dir, allow_pickle=opts.allow_pickle, device=device)
     assert cfg_json is not None
-    choice: PresetChoice = choose_preset(cfg_json, opts.preset)
+    targets, skipped = resolve_targets(lm, opts.target)
+    selfcal = None
+    if opts.self_calibrating():
+        choice = PresetChoice(default_preset(), False, None)
+    else:
+        choice = choose_preset(cfg_json, opts.preset)
+    if not choice.matched:  # no shipped preset covers this family: measure the model itself
+        from .selfcal import self_calibrate
+
+        selfcal = self_calibrate(opts.model_dir, corpus, targets, device, progress)
+        choice = PresetChoice(selfcal.preset(), False, None)
     cfg = MiningConfig()
     for k, v in choice.preset.values.items():
         setattr(cfg, k, v)
@@ -199,7 +215,6 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
             cfg.prompt_init = "vocab"
         if "lambda_p" not in opts.overrides:
             cfg.lambda_p = SEARCH_LAMBDA_P
-    targets, skipped = resolve_targets(lm, opts.target)
     warnings = [choice.warning] if choice.warning else []
     stage = run_first_stage(lm, corpus, device) if opts.first_stage else None
     order = list(targets)  # the report keeps the canonical order; mining reads `order`
@@ -273,7 +288,9 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
             "matched": choice.matched,
             "source": choice.preset.source,
             "values": choice.preset.values,
-            "file": str(opts.preset) if opts.preset else "builtin",
+            "file": ("none" if opts.self_calibrating() else str(opts.preset) if opts.preset
+                     else "builtin"),
+            "self_calibration": selfcal.to_dict() if selfcal is not None else None,
         },
         warnings=warnings,
         seconds=time.perf_counter() - t_start,
@@ -374,7 +391,8 @@ def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
                 rejected.append({"seed": r.seed, "target": t.target, "rule": t.rule,
                                  "distance_rel": t.distance_rel, "distance_norm": t.distance_norm,
                                  "spread_ratio": t.spread_ratio,
-                                 "concentration": t.concentration, "entropy_raw": t.entropy_raw})
+                                 "concentration": t.concentration, "entropy_raw": t.entropy_raw,
+                                 "confirmation": t.confirmation})
     kept = []
     for p in result.pvset.pvs:
         r = next(x for x in result.seeds if x.seed == p.seed)
@@ -385,7 +403,7 @@ def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
                      "spread_ratio": t.spread_ratio, "concentration": t.concentration,
                      "entropy_raw": t.entropy_raw, "entropy_std": t.entropy_std, "soft_prompt": r.prompt,
                      "soft_prompt_range": [r.prompt_min, r.prompt_max],
-                     "trigger_hint": r.trigger_hint})
+                     "trigger_hint": r.trigger_hint, "confirmation": t.confirmation})
     return {
         "verdict": result.verdict,
         "found_targets": result.found_targets,

@@ -13,7 +13,10 @@ accepted as a PV when it passes every rule below, measured on a fixed evaluation
      raw-output entropy diversity is below T_div (rule "paper"). Where a target has T_far (set
      by calibration only when backdoored shadows moved far beyond every clean one), a final
      distance above T_far passes without collapse;
-  3. new: the sign agreement with every PV already kept for the same target is below T_match.
+  3. new: the sign agreement with every PV already kept for the same target is below T_match;
+  4. reachable by text (when the audit confirms candidates, `confirm`): a trigger of a few
+     ordinary vocabulary tokens drives held-out sentences onto the PV (`auditor.confirm`). It
+     runs only for a candidate that passed every other rule, because it costs a search.
 
 Every rule is applied and every failing one recorded in `TargetStats.rule`, so a report shows
 each reason. NumPy only.
@@ -21,8 +24,9 @@ each reason. NumPy only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -61,6 +65,7 @@ class TargetStats:
     accepted: bool = False
     rule: str = ""  # which rule accepted or rejected it
     agreement: float | None = None  # best sign agreement with a kept PV
+    confirmation: dict[str, Any] | None = None  # rule 4's trigger search (auditor.confirm)
     pv: list[float] | None = None
     pv_eval: list[float] | None = None
 
@@ -105,9 +110,12 @@ class PVFilter:
         self.cfg = cfg
         self.kept: dict[str, list[np.ndarray]] = {t: [] for t in targets}
 
-    def apply(self, ts: TargetStats, in_range: bool) -> bool:
+    def apply(self, ts: TargetStats, in_range: bool,
+              confirm: Callable[[], Any] | None = None) -> bool:
         """Decide candidate `ts` (its `pv` set): set `ts.accepted`, `ts.rule` (every passing or
-        every failing rule) and `ts.agreement`; keep its PV when accepted. Returns `ts.accepted`."""
+        every failing rule) and `ts.agreement`; keep its PV when accepted. `confirm`, when given,
+        runs the trigger search (rule 4) for a candidate that passed every other rule and returns
+        an `auditor.confirm.Confirmation`. Returns `ts.accepted`."""
         cfg = self.cfg
         fails: list[str] = []
         final = ts.epoch_distance[-1]
@@ -145,6 +153,10 @@ class PVFilter:
             )
         else:
             passes.append("new")
+        if not fails and confirm is not None:
+            conf = confirm()
+            ts.confirmation = conf.to_dict()
+            (passes if conf.confirmed else fails).append(conf.rule)
         if fails:
             ts.rule = "rejected: " + "; ".join(fails)
             return False

@@ -32,6 +32,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,12 @@ class MiningConfig:
     # into one basin); "vocab" = l_sp ordinary tokens drawn at random per seed (search mode's
     # default: different seeds start from different words and reach different PVs)
     prompt_init: str = "stride"
+    # rule 4 (auditor.confirm): a candidate that passes every other rule is kept only when a
+    # trigger of at most confirm_max_tokens ordinary tokens drives held-out sentences onto it
+    confirm: bool = False
+    confirm_max_tokens: int = 2
+    confirm_min_rate: float = 0.9
+    confirm_max_residual: float = 0.2
 
     def t_l_for(self, target: str) -> float:
         return float(self.per_target.get(target, {}).get("t_l", self.t_l))
@@ -404,11 +411,11 @@ class Miner:
         )
         figures = {} if tr.aborted else self.evaluate_all(tr.prompt, self.targets)
         for t in self.targets:
-            res.targets.append(self._target_result(t, tr, figures.get(t), in_range))
+            res.targets.append(self._target_result(t, tr, figures.get(t), in_range, seed))
         return res
 
     def _target_result(
-        self, t: str, tr: Training, stats: dict[str, Any] | None, in_range: bool
+        self, t: str, tr: Training, stats: dict[str, Any] | None, in_range: bool, seed: int = 0
     ) -> TargetStats:
         """The figures of target `t` and, when it made a candidate, the filter's decision."""
         cfg = self.cfg
@@ -428,7 +435,12 @@ class Miner:
             ts.pv = pv.cpu().tolist()
             ts.pv_eval = stats["pv_eval"] if stats else None
             self.found[t].append(pv.detach().cpu())  # every candidate enters the path loss
-            self.filter.apply(ts, in_range)
+            confirm: Callable[[], Any] | None = None
+            if cfg.confirm:
+                from .confirm import confirm_candidate
+                confirm = partial(confirm_candidate, self, tr.prompt, ts.pv, t,
+                                  self.confirm_rule(), seed=seed)
+            self.filter.apply(ts, in_range, confirm)
         elif tr.aborted:
             ts.rule = f"aborted: no candidate after {cfg.abort_epoch} epochs"
         else:
@@ -517,6 +529,13 @@ class Miner:
         return -torch.mean((fs - cands[k]) ** 2)
 
     @torch.no_grad()
+    def confirm_rule(self) -> Any:
+        """The trigger-confirmation rule (rule 4) this miner's configuration sets."""
+        from .confirm import ConfirmRule
+        c = self.cfg
+        return ConfirmRule(max_tokens=c.confirm_max_tokens, min_rate=c.confirm_min_rate,
+                           max_residual=c.confirm_max_residual)
+
     def evaluate(self, prompt: torch.Tensor, target: str) -> dict[str, Any]:
         """Candidate figures of one target on the fixed evaluation sample."""
         return self.evaluate_all(prompt, [target])[target]

@@ -142,6 +142,11 @@ class PresetChoice:
     warning: str | None
 
 
+def default_preset() -> Preset:
+    """The shipped file's default entry (what an audit starts from when no preset matches)."""
+    return load_presets()[1]
+
+
 def choose_preset(model_config: dict[str, Any], path: str | Path | None = None) -> PresetChoice:
     presets, default = load_presets(path)
     for p in presets:

@@ -239,8 +239,16 @@ def audit(
                                        "join (default: start Ray on this machine)."),
     key: Path | None = typer.Option(None, help="Private signing key (PEM). Default: the per-user "
                                     "key, created once."),
-    preset: Path | None = typer.Option(None, help="Threshold preset file from `lmsan calibrate` "
-                                       "(default: the shipped preset matching the model family)."),
+    preset: Path | None = typer.Option(None, help="Threshold preset file from `lmsan calibrate`, "
+                                       "or 'none': measure the thresholds on the audited model "
+                                       "itself (reference backdoors implanted into temporary "
+                                       "copies; minutes more). Default: the shipped preset "
+                                       "matching the model family; a family with no preset is "
+                                       "self-calibrated."),
+    confirm: bool | None = typer.Option(None, "--confirm/--no-confirm", help="Keep a candidate "
+                                        "only when a trigger of at most 2 real tokens drives "
+                                        "held-out sentences onto it (default: on with "
+                                        "self-calibration, off with a preset)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights "
                                       "(pytorch_model.bin), loaded with "
                                       "torch.load(weights_only=True)."),
@@ -306,7 +314,7 @@ def audit(
                     lambda_div=lambda_div, lambda_p=lambda_p, t_l=t_l, t_collapse=t_collapse,
                     t_div=t_div, filter_rule=filter_rule, range_factor=range_factor,
                     div_loss=div_loss, t_match=t_match, max_insert=max_insert,
-                    eval_sentences=eval_sentences)
+                    eval_sentences=eval_sentences, confirm=confirm)
     opts = AuditOptions(model_dir=inputs.single or model_dirs[0], target=target.value,
                         mode=mode.value, max_seeds=max_seeds, patience=patience,
                         first_seed=first_seed, seed=seed, device=device.value,

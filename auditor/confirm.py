@@ -1,0 +1,169 @@
+"""Trigger confirmation: is a candidate PV reachable from a few real vocabulary tokens?
+
+A task-agnostic backdoor maps *any* input that contains its trigger, a short run of ordinary
+tokens, onto its PV. Mining finds the PV with a continuous soft prompt, and a continuous prompt
+can also collapse a benign model: a fine-tuned classifier's outputs gather at its class
+prototypes, and a soft prompt that makes every sentence "look like" one class collapses the
+batch there just as a trigger does (docs/how-it-works.md, "Class prototypes"). What tells the two
+apart is reachability by text: a backdoor's trigger drives held-out sentences onto the PV from a
+single insertion, while words that push a classifier toward one class move sentences only part of
+the way.
+
+`confirm_candidate` searches for at most `max_tokens` ordinary vocabulary tokens that, inserted
+at a random word position, bring a target's outputs onto the candidate's PV: it starts from the
+tokens nearest to the soft prompt and improves them by greedy coordinate search (HotFlip: the
+gradient of the distance to the PV with respect to each trigger slot's embedding ranks every
+vocabulary token; the `top_k` best per slot are tried). The best trigger is then measured on
+held-out sentences:
+
+  - `rate`: the share of held-out outputs whose sign agreement with the PV reaches T_match (what
+    the monitor would flag);
+  - `residual`: mean ||F_trig - PV||^2 / ||F_clean - PV||^2, how much of the way to the PV the
+    trigger moved each output (0 = onto the PV, 1 = not at all).
+
+The candidate is confirmed when `rate >= min_rate` and `residual <= max_residual`: both are
+scale-free (sign agreements and a ratio of distances of one model's own outputs), so the same
+rule holds in every family. Searching is deterministic for a given model, corpus and seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ConfirmRule:
+    """How hard the trigger search tries and what counts as reached."""
+
+    max_tokens: int = 2  # longest trigger tried (1, then 2, ... tokens)
+    iterations: int = 4  # greedy coordinate-search rounds per trigger length
+    top_k: int = 12  # vocabulary tokens tried per slot and round
+    search_rows: int = 24  # sentences the search optimises on
+    test_rows: int = 128  # held-out sentences the trigger is measured on
+    min_rate: float = 0.9
+    max_residual: float = 0.2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Confirmation:
+    """The best trigger found for one candidate and the figures that decide it."""
+
+    target: str
+    tokens: list[str]
+    token_ids: list[int]
+    rate: float
+    agreement: float
+    residual: float
+    confirmed: bool
+    rule: str
+    seconds: float
+    tried: list[dict[str, Any]] = field(default_factory=list)  # best trigger per length
+
+    def margin(self, rule: ConfirmRule) -> float:
+        """How far the nearer of the two figures is from its threshold, as a ratio >= 0: below 1
+        on the failing side. rate / min_rate and max_residual / residual; the smaller counts."""
+        r = self.rate / rule.min_rate if rule.min_rate > 0 else float("inf")
+        q = rule.max_residual / max(self.residual, 1e-12)
+        return float(min(r, q))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _figures(miner: Any, idx: np.ndarray, trig: torch.Tensor, target: str, pv: torch.Tensor,
+             t_match: float, seed: int) -> tuple[float, float, float]:
+    w = miner.emb.weight.detach()
+    with torch.no_grad():
+        f = miner._forward_prompted(idx, w[trig], np.random.default_rng([seed, 31]))[target]
+        c = miner._clean_batch(idx, target)
+        agree = ((f >= 0) == (pv >= 0)).float().mean(1)
+        resid = ((f - pv) ** 2).sum(1) / ((c - pv) ** 2).sum(1).clamp_min(1e-30)
+    return float((agree >= t_match).float().mean()), float(agree.mean()), float(resid.mean())
+
+
+def _loss(miner: Any, idx: np.ndarray, embeds: torch.Tensor, target: str, pv: torch.Tensor,
+          rng_seed: list[int]) -> torch.Tensor:
+    f = miner._forward_prompted(idx, embeds, np.random.default_rng(rng_seed))[target]
+    return ((f - pv) ** 2).mean()
+
+
+def _search(miner: Any, start: torch.Tensor, idx: np.ndarray, target: str, pv: torch.Tensor,
+            rule: ConfirmRule, ordinary: torch.Tensor, seed: int) -> torch.Tensor:
+    """Greedy coordinate search from `start` (token ids) for the trigger nearest to the PV."""
+    w = miner.emb.weight.detach()
+    trig = start.clone()
+    for it in range(rule.iterations):
+        rs = [seed, it, 17]
+        e = w[trig].clone().requires_grad_(True)
+        loss = _loss(miner, idx, e, target, pv, rs)
+        (grad,) = torch.autograd.grad(loss, e)
+        scores = -(w[ordinary] @ grad.T)  # first-order loss decrease of each token per slot
+        best_loss, best = float(loss), trig
+        with torch.no_grad():
+            for j in range(len(trig)):
+                for v in ordinary[scores[:, j].topk(min(rule.top_k, len(ordinary))).indices]:
+                    cand = trig.clone()
+                    cand[j] = v
+                    lo = float(_loss(miner, idx, w[cand], target, pv, rs))
+                    if lo < best_loss:
+                        best_loss, best = lo, cand
+        if torch.equal(best, trig):
+            break
+        trig = best
+    return trig
+
+
+def confirm_candidate(miner: Any, prompt: Any, pv: Any, target: str, rule: ConfirmRule,
+                      seed: int = 0) -> Confirmation:
+    """Search a trigger of at most `rule.max_tokens` tokens for candidate `pv` of `target`, found
+    by soft prompt `prompt` ([L, d]), and decide whether it confirms the candidate."""
+    t0 = time.perf_counter()
+    pv_t = torch.as_tensor(np.asarray(pv, dtype=np.float32), device=miner.device)
+    p = torch.as_tensor(np.asarray(prompt, dtype=np.float32), device=miner.device)
+    w = miner.emb.weight.detach()
+    ordinary = torch.as_tensor(miner._ordinary_vocab(), device=w.device)
+    wn = torch.nn.functional.normalize(w[ordinary], dim=1)
+    near = (torch.nn.functional.normalize(p, dim=1) @ wn.T).max(0).values  # per token: best sim
+    rng = np.random.default_rng([miner.base_seed, seed, 7211])
+    perm = rng.permutation(miner.n)
+    search_idx = perm[: min(rule.search_rows, miner.n)]
+    test_idx = perm[len(search_idx): len(search_idx) + rule.test_rows]
+    if len(test_idx) == 0:
+        test_idx = search_idx
+    t_match = float(miner.cfg.t_match)
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, float, float, torch.Tensor] | None = None
+    for k in range(1, rule.max_tokens + 1):
+        start = ordinary[near.topk(min(k, len(ordinary))).indices]
+        trig = _search(miner, start, search_idx, target, pv_t, rule, ordinary, seed)
+        rate, agree, resid = _figures(miner, test_idx, trig, target, pv_t, t_match, seed)
+        toks = [str(t) for t in miner.lm.tokenizer.convert_ids_to_tokens(trig.tolist())]
+        tried.append({"tokens": toks, "rate": rate, "agreement": agree, "residual": resid})
+        if best is None or (rate, -resid) > (best[0], -best[2]):
+            best = (rate, agree, resid, trig)
+        if rate >= rule.min_rate and resid <= rule.max_residual:
+            break
+    assert best is not None
+    rate, agree, resid, trig = best
+    ok = rate >= rule.min_rate and resid <= rule.max_residual
+    toks = [str(t) for t in miner.lm.tokenizer.convert_ids_to_tokens(trig.tolist())]
+    desc = (f"trigger {' '.join(toks)!r} ({len(toks)} token{'s' if len(toks) > 1 else ''}): "
+            f"{rate:.0%} of held-out outputs reach the PV (needs >= {rule.min_rate:.0%}), "
+            f"residual {resid:.3f} (needs <= {rule.max_residual:g})")
+    return Confirmation(
+        target=target, tokens=toks, token_ids=[int(i) for i in trig.tolist()], rate=rate,
+        agreement=agree, residual=resid, confirmed=ok,
+        rule=("reachable by text: " if ok else "not reachable by text: ") + desc,
+        seconds=time.perf_counter() - t0, tried=tried,
+    )
+
+
+__all__ = ["ConfirmRule", "Confirmation", "confirm_candidate"]

@@ -1,0 +1,198 @@
+"""Self-calibration: thresholds for a model that no shipped preset covers, measured on itself.
+
+A preset's thresholds come from clean shadow models of one family (`lmsan calibrate`); most
+encoders a user downloads belong to no such family. Instead of a generic guess, an audit without
+a preset (no preset matches, or `--preset none`) measures what a real PV looks like *in this
+checkpoint*:
+
+1. Implant. For each kind of target audited, a copy of the model gets a known backdoor
+   (`poison_model`: POR with one random trigger on [CLS] for cls/pooler, on [MASK] for mask,
+   POR-NER for tokens), in a temporary folder that is deleted afterwards.
+2. Mine the copy with the audit's own mining settings, every seed trained to the end, until a seed
+   reaches the implanted PV (sign agreement >= T_match with it). Its final distance `d_imp` and
+   concentration `c_imp` are what a backdoor looks like in this checkpoint, at this output scale.
+3. Derive the thresholds per target:
+
+       T_L        = T_L_FRACTION * d_imp        (a candidate moved a real fraction of the way)
+       T_collapse = T_COLLAPSE_FACTOR * c_imp   (it collapsed about as tightly as a real PV)
+
+   and turn on trigger confirmation (`auditor.confirm`): a candidate is kept only when a trigger
+   of a few real tokens drives held-out sentences onto it. Confirmation's thresholds are sign
+   agreements and distance ratios, the same in every family, so it carries the verdict where the
+   derived thresholds are loose.
+4. Self-test: the confirmation search must recover a trigger for the implanted PV on the copy;
+   if mining never reaches the implant or confirmation cannot confirm it, the audit stops with an
+   error instead of giving a verdict it cannot stand behind.
+
+The report records every implant (trigger, attack success, seed, figures, confirmation) and the
+thresholds derived from them, so a reader sees how this verdict's thresholds were obtained.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .corpus import Corpus
+from .errors import LmsanError
+from .presets import Preset
+
+T_L_FRACTION = 0.25
+T_COLLAPSE_FACTOR = 10.0
+IMPLANT_SEEDS = 4  # seeds mined on each implanted copy before giving up (a model that
+# already carries backdoors may lead the first seeds to its own PVs; the path loss moves on)
+IMPLANT_SEED = 7901  # the implant's training and trigger-draw seed
+# (learning rate, epochs) tried in turn until the implant reaches attack success 0.9: the
+# poisoning defaults suit pretrained encoders; small or randomly initialised ones need more
+IMPLANT_SCHEDULE = ((1e-4, 2), (1e-3, 4), (5e-3, 6))
+# mining settings of the self-calibrated path (the family-independent ones of the generic preset)
+BASE_VALUES: dict[str, Any] = {"lr0": 2e-4, "div_loss": "log_concentration"}
+# which implant measures which target: (attack, implant target, targets read from that copy)
+IMPLANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("por", "cls", ("cls", "pooler")),
+    ("por", "mask", ("mask",)),
+    ("por-ner", "tokens", ("tokens",)),
+)
+
+
+class SelfCalibrationError(LmsanError):
+    """Self-calibration could not measure a reference backdoor in this model."""
+
+
+@dataclass
+class Implant:
+    """One reference backdoor implanted into a copy of the audited model, and what mining saw."""
+
+    attack: str
+    target: str
+    trigger: str
+    success: float
+    seed: int | None  # the mining seed that reached the implanted PV (None: none did)
+    agreement: float  # sign agreement of that seed's candidate with the implanted PV
+    figures: dict[str, dict[str, float]] = field(default_factory=dict)  # target -> d, c
+    confirmation: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class SelfCalibration:
+    implants: list[Implant]
+    values: dict[str, Any]  # MiningConfig fields, per_target included
+    seconds: float
+
+    def preset(self) -> Preset:
+        rule = (f"self-calibrated: T_L = {T_L_FRACTION:g} x and T_collapse = "
+                f"{T_COLLAPSE_FACTOR:g} x the distance and concentration at which mining reached "
+                "a backdoor implanted into a copy of this model; candidates confirmed by a "
+                "discrete trigger search")
+        return Preset(name="self-calibrated", match={}, values=self.values, source=rule,
+                      evidence={"implants": [asdict(i) for i in self.implants]})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"implants": [asdict(i) for i in self.implants], "values": self.values,
+                "seconds": self.seconds, "t_l_fraction": T_L_FRACTION,
+                "t_collapse_factor": T_COLLAPSE_FACTOR}
+
+
+def _mining_config(values: dict[str, Any]) -> Any:
+    from .mining import MiningConfig
+
+    cfg = MiningConfig()
+    for k, v in values.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _measure_implant(model_dir: Path, corpus: Corpus, attack: str, target: str,
+                     read: tuple[str, ...], device: str, work: Path, progress: Any) -> Implant:
+    from .confirm import ConfirmRule, confirm_candidate
+    from .mining import Miner
+    from .modelio import load_encoder
+    from .poison.pipeline import poison_model
+
+    t0 = time.perf_counter()
+    out = work / f"implant-{target}"
+    for lr, epochs in IMPLANT_SCHEDULE:  # the gentlest training that implants it
+        res = poison_model(model_dir, out, attack=attack, random_triggers=1, n_pvs=1,
+                           target=target, seed=IMPLANT_SEED, device=device, min_success=0.9,
+                           lr=lr, epochs=epochs, force=True)
+        if res.passed:
+            break
+    if not res.passed:
+        raise SelfCalibrationError(
+            f"self-calibration: a reference backdoor on {target} could not be implanted into a "
+            f"copy of this model (attack success {res.success:.2f} < 0.9); no trustworthy verdict "
+            "without a preset (see `lmsan calibrate`)", model_dir)
+    pv = np.asarray(res.pvs[0], dtype=np.float32)
+    lm = load_encoder(out, device=device)
+    cfg = _mining_config({**BASE_VALUES, "t_l": 0.0, "t_collapse": 0.0})  # every seed to the end
+    miner = Miner(lm, corpus, list(read), cfg, device=device)
+    imp = Implant(attack=attack, target=target, trigger=res.triggers[0], success=res.success,
+                  seed=None, agreement=0.0)
+    for seed in range(IMPLANT_SEEDS):
+        if progress:
+            progress({"event": "selfcal", "target": target, "seed": seed})
+        sr = miner.run_seed(seed)
+        by = {ts.target: ts for ts in sr.targets}
+        ts = by[target if target in by else read[0]]
+        if ts.pv is None:
+            continue
+        agree = float(np.mean((np.asarray(ts.pv) >= 0) == (pv >= 0)))
+        imp.agreement = max(imp.agreement, agree)
+        if agree < cfg.t_match:
+            continue
+        imp.seed = seed
+        imp.figures = {t: {"distance": float(by[t].epoch_distance[-1]),
+                           "concentration": float(by[t].concentration)} for t in read}
+        conf = confirm_candidate(miner, sr.prompt, ts.pv, ts.target, ConfirmRule(), seed=seed)
+        imp.confirmation = conf.to_dict()
+        break
+    imp.seconds = time.perf_counter() - t0
+    return imp
+
+
+def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], device: str = "cpu",
+                   progress: Any = None) -> SelfCalibration:
+    """Implant reference backdoors into copies of the model at `model_dir`, mine them, and derive
+    the thresholds for auditing `targets` (see the module text). Raises SelfCalibrationError when
+    a reference backdoor cannot be implanted, reached or confirmed."""
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    implants: list[Implant] = []
+    per_target: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="lmsan-selfcal-") as tmp:
+        for attack, target, read in IMPLANTS:
+            read = tuple(t for t in read if t in targets)
+            if not read:
+                continue
+            imp = _measure_implant(model_dir, corpus, attack, target, read, device, Path(tmp),
+                                   progress)
+            implants.append(imp)
+            if imp.seed is None:
+                raise SelfCalibrationError(
+                    f"self-calibration: mining did not reach a backdoor implanted on {target} "
+                    f"into a copy of this model in {IMPLANT_SEEDS} seeds (best sign agreement "
+                    f"{imp.agreement:.2f}); no trustworthy verdict without a preset "
+                    "(see `lmsan calibrate`)", model_dir)
+            conf = imp.confirmation or {}
+            if not conf.get("confirmed"):
+                raise SelfCalibrationError(
+                    f"self-calibration: the trigger search could not confirm a backdoor "
+                    f"implanted on {target} into a copy of this model ({conf.get('rule', '')}); "
+                    "no trustworthy verdict without a preset (see `lmsan calibrate`)", model_dir)
+            for t, f in imp.figures.items():
+                per_target[t] = {"t_l": T_L_FRACTION * f["distance"],
+                                 "t_collapse": T_COLLAPSE_FACTOR * f["concentration"]}
+    values: dict[str, Any] = {**BASE_VALUES, "confirm": True, "per_target": per_target,
+                              "t_l": min(v["t_l"] for v in per_target.values()),
+                              "t_collapse": max(v["t_collapse"] for v in per_target.values())}
+    return SelfCalibration(implants=implants, values=values, seconds=time.perf_counter() - t0)
+
+
+__all__ = ["IMPLANTS", "T_COLLAPSE_FACTOR", "T_L_FRACTION", "SelfCalibration",
+           "SelfCalibrationError", "self_calibrate"]

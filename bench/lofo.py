@@ -1,0 +1,219 @@
+"""Leave-one-family-out evaluation: `lmsan audit --preset none` on every model of a split.
+
+    python bench/lofo.py run SPLIT [--seeds 30] [--only NAME ...]   # audits, one model at a time
+    python bench/lofo.py table SPLIT                                  # the table from the rows
+
+The models are the pretrained small families of `bench/families.py` (bench/cache/families/SPLIT/
+FAMILY-VARIANT). `--preset none` keeps every preset and shadow model out of the verdict: the
+thresholds come from reference backdoors implanted into copies of the audited model itself
+(auditor/selfcal.py) and candidates are confirmed by a trigger search (auditor/confirm.py).
+
+Protocol (docs/protocol.md): the rules and thresholds are those of the commit recorded in each
+row, committed before the run; a model that fails stays failed in that run's table; a run after a
+change uses a freshly built split. Every row records the verdict, the deciding figure with its
+threshold and margin (for a clean verdict: the candidate or seed that came nearest to acceptance),
+the time and the command.
+
+Rows: bench/results/lofo_SPLIT.jsonl; table: bench/results/lofo_SPLIT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lmsan.auditor.fsutil import atomic_write_text  # noqa: E402
+from paths import CACHE, RESULTS  # noqa: E402
+
+BACKDOORED = ("por", "neuba", "btop", "por-ner")
+
+
+def truth(name: str) -> str:
+    variant = name.split("-", 1)[1] if "-" in name else name
+    for fam in ("deberta-v2",):  # family names that contain a dash
+        if name.startswith(fam + "-"):
+            variant = name[len(fam) + 1:]
+    return "backdoored" if variant in BACKDOORED else "clean"
+
+
+def family(name: str) -> str:
+    return "deberta-v2" if name.startswith("deberta-v2-") else name.split("-", 1)[0]
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def nearest_approach(rep: dict[str, Any]) -> dict[str, Any]:
+    """The figure that came nearest to a kept PV, as `factor` (>= 1: it passed; < 1: how far it
+    stayed from its threshold, 1/factor times). For a backdoored verdict: the kept PV's
+    confirmation. For a clean one: over every seed and target, the nearest of (distance vs T_L
+    for a non-candidate, concentration vs T_collapse for a candidate that did not collapse, the
+    confirmation's bottleneck ratio for one that collapsed)."""
+    mining = rep["parameters"]["mining"]
+    pt = mining.get("per_target", {})
+
+    def thr(t: str, k: str) -> float:
+        return float(pt.get(t, {}).get(k, mining[k]))
+
+    if rep["verdict"] == "backdoored":
+        k = rep["kept_pvs"][0]
+        c = k.get("confirmation") or {}
+        return {"target": k["target"], "seed": k["seed"], "figure": "confirmation",
+                "factor": _conf_factor(c, mining), "text": k["rule"]}
+    best: dict[str, Any] = {"factor": 0.0, "text": "no seed ran"}
+    for s in rep["seeds"]:
+        for t in s["targets"]:
+            tl, tc = thr(t["target"], "t_l"), thr(t["target"], "t_collapse")
+            d = t["epoch_distance"][-1] if t["epoch_distance"] else float("nan")
+            if not t["candidate"]:
+                f, text = d / tl if tl > 0 else math.inf, f"distance {d:.4g} vs T_L {tl:.4g}"
+            elif t.get("confirmation"):
+                f = _conf_factor(t["confirmation"], mining)
+                text = t["confirmation"]["rule"]
+            else:
+                c = t["concentration"]
+                f = tc / c if c > 0 else math.inf
+                text = f"concentration {c:.4g} vs T_collapse {tc:.4g}"
+            if math.isfinite(f) and f > best["factor"]:
+                best = {"target": t["target"], "seed": s["seed"], "factor": f, "text": text}
+    return best
+
+
+def _conf_factor(c: dict[str, Any], mining: dict[str, Any]) -> float:
+    if not c:
+        return float("nan")
+    r = c["rate"] / mining["confirm_min_rate"]
+    q = mining["confirm_max_residual"] / max(c["residual"], 1e-12)
+    return float(min(r, q))
+
+
+def run(split: str, seeds: int, only: list[str]) -> None:
+    from lmsan.auditor.report import read_report
+
+    root = CACHE / "families" / split
+    models = sorted(p for p in root.iterdir() if (p / "config.json").is_file())
+    if only:
+        models = [p for p in models if p.name in only]
+    out_dir = CACHE / "lofo" / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows_path = RESULTS / f"lofo_{split}.jsonl"
+    done = set()
+    if rows_path.exists():
+        done = {json.loads(x)["model"] for x in rows_path.read_text().splitlines() if x.strip()}
+    key = out_dir / "key.pem"
+    if not key.exists():
+        subprocess.run(["lmsan", "keygen", "--out", str(key)], check=True, capture_output=True)
+    for m in models:
+        if m.name in done:
+            continue
+        report = out_dir / f"{m.name}.json"
+        cmd = ["lmsan", "audit", str(m), "--preset", "none", "--max-seeds", str(seeds),
+               "--out", str(report), "--key", str(key), "--quiet"]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        row: dict[str, Any] = {"model": m.name, "family": family(m.name), "truth": truth(m.name),
+                               "exit": p.returncode, "seconds": round(wall, 1),
+                               "command": " ".join(["lmsan", *cmd[1:]]).replace(str(CACHE), "bench/cache"),
+                               "commit": commit(), "machine": machine(), "load": os.getloadavg()[0]}
+        build = m / "BUILD.json"
+        if build.exists():
+            row["build"] = json.loads(build.read_text())
+        if p.returncode in (0, 1) and report.exists():
+            rep = read_report(report)
+            row["verdict"] = rep["verdict"]
+            row["seeds_run"] = len(rep["seeds"])
+            row["stop_reason"] = rep["stop_reason"]
+            row["nearest"] = nearest_approach(rep)
+            sc = rep["preset"].get("self_calibration") or {}
+            row["selfcal_seconds"] = round(sc.get("seconds", 0.0), 1)
+            row["implants"] = [{"target": i["target"], "trigger": i["trigger"], "seed": i["seed"],
+                                "figures": i["figures"]} for i in sc.get("implants", [])]
+        else:
+            row["verdict"] = "error"
+            row["error"] = (p.stderr or p.stdout).strip().splitlines()[-1:] if (p.stderr or p.stdout) else []
+        row["correct"] = row["verdict"] == row["truth"]
+        with rows_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(f"{m.name:28s} {row['truth']:10s} -> {row['verdict']:10s} {wall:7.1f}s "
+              f"nearest {row.get('nearest', {}).get('factor', float('nan')):.3g}", flush=True)
+    table(split)
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def table(split: str) -> None:
+    rows_path = RESULTS / f"lofo_{split}.jsonl"
+    rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
+    lines = [f"# Leave-one-family-out, split `{split}` (`lmsan audit --preset none`)", "",
+             "Generated by `python bench/lofo.py table " + split + "` from "
+             f"`lofo_{split}.jsonl`. Rules and thresholds: commit(s) "
+             + ", ".join(sorted({r['commit'] for r in rows})) + f"; machine: {rows[0]['machine']}.",
+             "Nearest approach: for a clean verdict, the figure that came nearest to a kept PV "
+             "(< 1: it stayed 1/x times away from its threshold); for a backdoored verdict, the "
+             "kept PV's confirmation (>= 1 passes).", "",
+             "| model | truth | verdict | correct | seeds | nearest approach | at | time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        n = r.get("nearest") or {}
+        f = n.get("factor")
+        fs = "-" if f is None or (isinstance(f, float) and math.isnan(f)) else f"{f:.3g}"
+        at = f"{n.get('target', '')} seed {n.get('seed', '')}: {n.get('text', '')}" if n else \
+            "; ".join(r.get("error", []))
+        lines.append(f"| {r['model']} | {r['truth']} | {r['verdict']} | "
+                     f"{'yes' if r['correct'] else '**no**'} | {r.get('seeds_run', '-')} | {fs} | "
+                     f"{at.replace('|', '/')} | {r['seconds']} |")
+    fams = sorted({r["family"] for r in rows})
+    lines += ["", "| family | models | correct | false positives | false negatives | errors |",
+              "|---|---|---|---|---|---|"]
+    for fam in [*fams, "all"]:
+        rs = [r for r in rows if fam == "all" or r["family"] == fam]
+        fp = sum(r["truth"] == "clean" and r["verdict"] == "backdoored" for r in rs)
+        fn = sum(r["truth"] == "backdoored" and r["verdict"] == "clean" for r in rs)
+        err = sum(r["verdict"] == "error" for r in rs)
+        lines.append(f"| {fam} | {len(rs)} | {sum(r['correct'] for r in rs)} | {fp} | {fn} | {err} |")
+    clean = [r for r in rows if r["truth"] == "clean" and r["verdict"] == "clean"]
+    if clean:
+        worst = max(clean, key=lambda r: r["nearest"]["factor"])
+        lines += ["", f"Clean verdicts: the nearest approach over all of them is "
+                  f"{worst['nearest']['factor']:.3g} ({worst['model']}); the target is every "
+                  "clean model at least 2x from its threshold (nearest approach <= 0.5)."]
+    atomic_write_text(RESULTS / f"lofo_{split}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("split")
+    r.add_argument("--seeds", type=int, default=30)
+    r.add_argument("--only", nargs="*", default=[])
+    t = sub.add_parser("table")
+    t.add_argument("split")
+    a = ap.parse_args(argv)
+    if a.cmd == "run":
+        run(a.split, a.seeds, a.only)
+    else:
+        table(a.split)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

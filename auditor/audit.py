@@ -191,7 +191,11 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
         choice = PresetChoice(default_preset(), False, None)
     else:
         choice = choose_preset(cfg_json, opts.preset)
-    if not choice.matched:  # no shipped preset covers this family: measure the model itself
+    # no shipped preset covers this family: measure the model itself, unless the user chose a
+    # preset file of their own (its default applies) or set both thresholds
+    own_thresholds = {"t_l", "t_collapse"} <= opts.overrides.keys()
+    if opts.self_calibrating() or (not choice.matched and opts.preset is None
+                                   and not own_thresholds):
         from .selfcal import self_calibrate
 
         selfcal = self_calibrate(opts.model_dir, corpus, targets, device, progress)

@@ -21,7 +21,9 @@ held-out sentences:
   - `residual`: mean ||F_trig - PV||^2 / ||F_clean - PV||^2, how much of the way to the PV the
     trigger moved each output (0 = onto the PV, 1 = not at all).
 
-The candidate is confirmed when `rate >= min_rate` and `residual <= max_residual`: both are
+The candidate is confirmed when `rate >= min_rate` (0.9) and `residual` stays within the limit
+for the trigger's length (0.25 for one token, 0.12 for two: each extra token gives the search more
+room to push a benign model toward a collapse point). Both figures are
 scale-free (sign agreements and a ratio of distances of one model's own outputs), so the same
 rule holds in every family. Searching is deterministic for a given model, corpus and seed.
 """
@@ -40,13 +42,22 @@ import torch
 class ConfirmRule:
     """How hard the trigger search tries and what counts as reached."""
 
-    max_tokens: int = 2  # longest trigger tried (1, then 2, ... tokens)
     iterations: int = 4  # greedy coordinate-search rounds per trigger length
     top_k: int = 12  # vocabulary tokens tried per slot and round
     search_rows: int = 24  # sentences the search optimises on
     test_rows: int = 128  # held-out sentences the trigger is measured on
     min_rate: float = 0.9
-    max_residual: float = 0.2
+    # the largest residual accepted for a trigger of 1, 2, ... tokens (its length sets the
+    # longest trigger tried): every extra token gives the search more freedom to push a benign
+    # model's outputs toward a collapse point, so a longer trigger has to land closer
+    max_residual: tuple[float, ...] = (0.25, 0.12)
+
+    @property
+    def max_tokens(self) -> int:
+        return len(self.max_residual)
+
+    def residual_limit(self, n_tokens: int) -> float:
+        return self.max_residual[min(n_tokens, self.max_tokens) - 1]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,19 +74,22 @@ class Confirmation:
     agreement: float
     residual: float
     confirmed: bool
+    margin: float  # confirm_margin of the best trigger: >= 1 confirms
     rule: str
     seconds: float
     tried: list[dict[str, Any]] = field(default_factory=list)  # best trigger per length
 
-    def margin(self, rule: ConfirmRule) -> float:
-        """How far the nearer of the two figures is from its threshold, as a ratio >= 0: below 1
-        on the failing side. rate / min_rate and max_residual / residual; the smaller counts."""
-        r = self.rate / rule.min_rate if rule.min_rate > 0 else float("inf")
-        q = rule.max_residual / max(self.residual, 1e-12)
-        return float(min(r, q))
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def confirm_margin(rate: float, residual: float, n_tokens: int, rule: ConfirmRule) -> float:
+    """The bottleneck of the two figures as a ratio to its threshold: min(rate / min_rate,
+    residual limit for `n_tokens` / residual). >= 1 confirms; a rejected candidate stayed
+    1/margin times away from being kept."""
+    r = rate / rule.min_rate if rule.min_rate > 0 else float("inf")
+    q = rule.residual_limit(n_tokens) / max(residual, 1e-12)
+    return float(min(r, q))
 
 
 def _figures(miner: Any, idx: np.ndarray, trig: torch.Tensor, target: str, pv: torch.Tensor,
@@ -106,7 +120,7 @@ def _search(miner: Any, start: torch.Tensor, idx: np.ndarray, target: str, pv: t
         loss = _loss(miner, idx, e, target, pv, rs)
         (grad,) = torch.autograd.grad(loss, e)
         scores = -(w[ordinary] @ grad.T)  # first-order loss decrease of each token per slot
-        best_loss, best = float(loss), trig
+        best_loss, best = float(loss.detach()), trig
         with torch.no_grad():
             for j in range(len(trig)):
                 for v in ordinary[scores[:, j].topk(min(rule.top_k, len(ordinary))).indices]:
@@ -140,27 +154,30 @@ def confirm_candidate(miner: Any, prompt: Any, pv: Any, target: str, rule: Confi
         test_idx = search_idx
     t_match = float(miner.cfg.t_match)
     tried: list[dict[str, Any]] = []
-    best: tuple[float, float, float, torch.Tensor] | None = None
+    best: tuple[float, float, float, float, torch.Tensor] | None = None
     for k in range(1, rule.max_tokens + 1):
         start = ordinary[near.topk(min(k, len(ordinary))).indices]
         trig = _search(miner, start, search_idx, target, pv_t, rule, ordinary, seed)
         rate, agree, resid = _figures(miner, test_idx, trig, target, pv_t, t_match, seed)
         toks = [str(t) for t in miner.lm.tokenizer.convert_ids_to_tokens(trig.tolist())]
-        tried.append({"tokens": toks, "rate": rate, "agreement": agree, "residual": resid})
-        if best is None or (rate, -resid) > (best[0], -best[2]):
-            best = (rate, agree, resid, trig)
-        if rate >= rule.min_rate and resid <= rule.max_residual:
+        m = confirm_margin(rate, resid, k, rule)
+        tried.append({"tokens": toks, "rate": rate, "agreement": agree, "residual": resid,
+                      "margin": m})
+        if best is None or m > best[0]:
+            best = (m, rate, agree, resid, trig)
+        if m >= 1.0:
             break
     assert best is not None
-    rate, agree, resid, trig = best
-    ok = rate >= rule.min_rate and resid <= rule.max_residual
+    m, rate, agree, resid, trig = best
+    ok = m >= 1.0
     toks = [str(t) for t in miner.lm.tokenizer.convert_ids_to_tokens(trig.tolist())]
     desc = (f"trigger {' '.join(toks)!r} ({len(toks)} token{'s' if len(toks) > 1 else ''}): "
             f"{rate:.0%} of held-out outputs reach the PV (needs >= {rule.min_rate:.0%}), "
-            f"residual {resid:.3f} (needs <= {rule.max_residual:g})")
+            f"residual {resid:.3f} (needs <= {rule.residual_limit(len(toks)):g}; "
+            f"margin {m:.2f})")
     return Confirmation(
         target=target, tokens=toks, token_ids=[int(i) for i in trig.tolist()], rate=rate,
-        agreement=agree, residual=resid, confirmed=ok,
+        agreement=agree, residual=resid, confirmed=ok, margin=m,
         rule=("reachable by text: " if ok else "not reachable by text: ") + desc,
         seconds=time.perf_counter() - t0, tried=tried,
     )

@@ -89,11 +89,11 @@ class MiningConfig:
     # default: different seeds start from different words and reach different PVs)
     prompt_init: str = "stride"
     # rule 4 (auditor.confirm): a candidate that passes every other rule is kept only when a
-    # trigger of at most confirm_max_tokens ordinary tokens drives held-out sentences onto it
+    # trigger of a few ordinary tokens drives held-out sentences onto it
     confirm: bool = False
-    confirm_max_tokens: int = 2
     confirm_min_rate: float = 0.9
-    confirm_max_residual: float = 0.2
+    # residual limit per trigger length (1, 2 tokens); its length is the longest trigger tried
+    confirm_max_residual: tuple[float, ...] = (0.25, 0.12)
 
     def t_l_for(self, target: str) -> float:
         return float(self.per_target.get(target, {}).get("t_l", self.t_l))
@@ -533,8 +533,8 @@ class Miner:
         """The trigger-confirmation rule (rule 4) this miner's configuration sets."""
         from .confirm import ConfirmRule
         c = self.cfg
-        return ConfirmRule(max_tokens=c.confirm_max_tokens, min_rate=c.confirm_min_rate,
-                           max_residual=c.confirm_max_residual)
+        return ConfirmRule(min_rate=c.confirm_min_rate,
+                           max_residual=tuple(float(x) for x in c.confirm_max_residual))
 
     def evaluate(self, prompt: torch.Tensor, target: str) -> dict[str, Any]:
         """Candidate figures of one target on the fixed evaluation sample."""

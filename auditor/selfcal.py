@@ -8,9 +8,10 @@ checkpoint*:
 1. Implant. For each kind of target audited, a copy of the model gets a known backdoor
    (`poison_model`: POR with one random trigger on [CLS] for cls/pooler, on [MASK] for mask,
    POR-NER for tokens), in a temporary folder that is deleted afterwards.
-2. Mine the copy with the audit's own mining settings, every seed trained to the end, until a seed
-   reaches the implanted PV (sign agreement >= T_match with it). Its final distance `d_imp` and
-   concentration `c_imp` are what a backdoor looks like in this checkpoint, at this output scale.
+2. Mine the copy, every seed trained to the end, until a seed converges onto the implanted PV
+   (sign agreement >= 0.95 with it) and the trigger search confirms it. The learning rate is the
+   first of `LR0_LADDER` that gets there, and the audit mines with it. That seed's final distance `d_imp`
+   and concentration `c_imp` are what a backdoor looks like in this checkpoint, at this scale.
 3. Derive the thresholds per target:
 
        T_L        = T_L_FRACTION * d_imp        (a candidate moved a real fraction of the way)
@@ -20,9 +21,8 @@ checkpoint*:
    of a few real tokens drives held-out sentences onto it. Confirmation's thresholds are sign
    agreements and distance ratios, the same in every family, so it carries the verdict where the
    derived thresholds are loose.
-4. Self-test: the confirmation search must recover a trigger for the implanted PV on the copy;
-   if mining never reaches the implant or confirmation cannot confirm it, the audit stops with an
-   error instead of giving a verdict it cannot stand behind.
+4. Self-test: if no seed reaches a reference confirmed by text, the audit stops with an error
+   (exit 2) instead of giving a verdict it cannot stand behind.
 
 The report records every implant (trigger, attack success, seed, figures, confirmation) and the
 thresholds derived from them, so a reader sees how this verdict's thresholds were obtained.
@@ -50,6 +50,10 @@ IMPLANT_SEED = 7901  # the implant's training and trigger-draw seed
 # (learning rate, epochs) tried in turn until the implant reaches attack success 0.9: the
 # poisoning defaults suit pretrained encoders; small or randomly initialised ones need more
 IMPLANT_SCHEDULE = ((1e-4, 2), (1e-3, 4), (5e-3, 6))
+# mining learning rates tried in turn on the implanted copy (the presets use 2e-4 for pretrained
+# encoders and 2e-3 for tiny random ones); the first that reaches the reference is the audit's
+LR0_LADDER = (2e-4, 2e-3)
+IMPLANT_AGREEMENT = 0.95  # a seed whose candidate agrees this well in sign reached the implant
 # mining settings of the self-calibrated path (the family-independent ones of the generic preset)
 BASE_VALUES: dict[str, Any] = {"lr0": 2e-4, "div_loss": "log_concentration"}
 # which implant measures which target: (attack, implant target, targets read from that copy)
@@ -72,8 +76,9 @@ class Implant:
     target: str
     trigger: str
     success: float
-    seed: int | None  # the mining seed that reached the implanted PV (None: none did)
-    agreement: float  # sign agreement of that seed's candidate with the implanted PV
+    seed: int | None  # the mining seed that reached the reference PV (None: none did)
+    agreement: float  # best sign agreement of a seed's candidate with the implanted PV
+    lr0: float | None = None  # the mining learning rate that reached it (the audit uses it)
     figures: dict[str, dict[str, float]] = field(default_factory=dict)  # target -> d, c
     confirmation: dict[str, Any] | None = None
     seconds: float = 0.0
@@ -110,8 +115,6 @@ def _mining_config(values: dict[str, Any]) -> Any:
 
 def _measure_implant(model_dir: Path, corpus: Corpus, attack: str, target: str,
                      read: tuple[str, ...], device: str, work: Path, progress: Any) -> Implant:
-    from .confirm import ConfirmRule, confirm_candidate
-    from .mining import Miner
     from .modelio import load_encoder
     from .poison.pipeline import poison_model
 
@@ -128,15 +131,30 @@ def _measure_implant(model_dir: Path, corpus: Corpus, attack: str, target: str,
             f"self-calibration: a reference backdoor on {target} could not be implanted into a "
             f"copy of this model (attack success {res.success:.2f} < 0.9); no trustworthy verdict "
             "without a preset (see `lmsan calibrate`)", model_dir)
-    pv = np.asarray(res.pvs[0], dtype=np.float32)
     lm = load_encoder(out, device=device)
-    cfg = _mining_config({**BASE_VALUES, "t_l": 0.0, "t_collapse": 0.0})  # every seed to the end
-    miner = Miner(lm, corpus, list(read), cfg, device=device)
     imp = Implant(attack=attack, target=target, trigger=res.triggers[0], success=res.success,
                   seed=None, agreement=0.0)
+    pv = np.asarray(res.pvs[0], dtype=np.float32)
+    for lr0 in LR0_LADDER:
+        if _mine_implant(lm, corpus, target, read, device, pv, lr0, imp, progress):
+            break
+    imp.seconds = time.perf_counter() - t0
+    return imp
+
+
+def _mine_implant(lm: Any, corpus: Corpus, target: str, read: tuple[str, ...], device: str,
+                  pv: np.ndarray, lr0: float, imp: Implant, progress: Any) -> bool:
+    """Mine the implanted copy with learning rate `lr0`, every seed to the end, until a seed's
+    candidate is the implanted PV (sign agreement >= IMPLANT_AGREEMENT: converged onto it) and
+    the trigger search confirms it. Fills `imp`; True when it did."""
+    from .confirm import ConfirmRule, confirm_candidate
+    from .mining import Miner
+
+    cfg = _mining_config({**BASE_VALUES, "lr0": lr0, "t_l": 0.0, "t_collapse": 0.0})
+    miner = Miner(lm, corpus, list(read), cfg, device=device)
     for seed in range(IMPLANT_SEEDS):
         if progress:
-            progress({"event": "selfcal", "target": target, "seed": seed})
+            progress({"event": "selfcal", "target": target, "seed": seed, "lr0": lr0})
         sr = miner.run_seed(seed)
         by = {ts.target: ts for ts in sr.targets}
         ts = by[target if target in by else read[0]]
@@ -144,16 +162,18 @@ def _measure_implant(model_dir: Path, corpus: Corpus, attack: str, target: str,
             continue
         agree = float(np.mean((np.asarray(ts.pv) >= 0) == (pv >= 0)))
         imp.agreement = max(imp.agreement, agree)
-        if agree < cfg.t_match:
+        if agree < IMPLANT_AGREEMENT:
             continue
-        imp.seed = seed
-        imp.figures = {t: {"distance": float(by[t].epoch_distance[-1]),
-                           "concentration": float(by[t].concentration)} for t in read}
         conf = confirm_candidate(miner, sr.prompt, ts.pv, ts.target, ConfirmRule(), seed=seed)
         imp.confirmation = conf.to_dict()
-        break
-    imp.seconds = time.perf_counter() - t0
-    return imp
+        if not conf.confirmed:
+            continue
+        imp.seed, imp.lr0 = seed, lr0
+        imp.figures = {t: {"distance": float(by[t].epoch_distance[-1]),
+                           "concentration": float(by[t].concentration)} for t in read}
+        imp.confirmation = conf.to_dict()
+        return True
+    return False
 
 
 def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], device: str = "cpu",
@@ -165,6 +185,7 @@ def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], de
     model_dir = Path(model_dir)
     implants: list[Implant] = []
     per_target: dict[str, dict[str, float]] = {}
+    lr0s: list[float] = []
     with tempfile.TemporaryDirectory(prefix="lmsan-selfcal-") as tmp:
         for attack, target, read in IMPLANTS:
             read = tuple(t for t in read if t in targets)
@@ -176,19 +197,16 @@ def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], de
             if imp.seed is None:
                 raise SelfCalibrationError(
                     f"self-calibration: mining did not reach a backdoor implanted on {target} "
-                    f"into a copy of this model in {IMPLANT_SEEDS} seeds (best sign agreement "
-                    f"{imp.agreement:.2f}); no trustworthy verdict without a preset "
-                    "(see `lmsan calibrate`)", model_dir)
-            conf = imp.confirmation or {}
-            if not conf.get("confirmed"):
-                raise SelfCalibrationError(
-                    f"self-calibration: the trigger search could not confirm a backdoor "
-                    f"implanted on {target} into a copy of this model ({conf.get('rule', '')}); "
-                    "no trustworthy verdict without a preset (see `lmsan calibrate`)", model_dir)
+                    f"into a copy of this model ({IMPLANT_SEEDS} seeds at each learning rate "
+                    f"{', '.join(f'{x:g}' for x in LR0_LADDER)}; best sign agreement "
+                    f"{imp.agreement:.2f}), or the trigger search could not confirm it; no "
+                    "trustworthy verdict without a preset (see `lmsan calibrate`)", model_dir)
+            lr0s.append(float(imp.lr0 or LR0_LADDER[0]))
             for t, f in imp.figures.items():
                 per_target[t] = {"t_l": T_L_FRACTION * f["distance"],
                                  "t_collapse": T_COLLAPSE_FACTOR * f["concentration"]}
-    values: dict[str, Any] = {**BASE_VALUES, "confirm": True, "per_target": per_target,
+    values: dict[str, Any] = {**BASE_VALUES, "lr0": max(lr0s), "confirm": True,
+                              "per_target": per_target,
                               "t_l": min(v["t_l"] for v in per_target.values()),
                               "t_collapse": max(v["t_collapse"] for v in per_target.values())}
     return SelfCalibration(implants=implants, values=values, seconds=time.perf_counter() - t0)

@@ -94,11 +94,7 @@ def nearest_approach(rep: dict[str, Any]) -> dict[str, Any]:
 
 
 def _conf_factor(c: dict[str, Any], mining: dict[str, Any]) -> float:
-    if not c:
-        return float("nan")
-    r = c["rate"] / mining["confirm_min_rate"]
-    q = mining["confirm_max_residual"] / max(c["residual"], 1e-12)
-    return float(min(r, q))
+    return float(c["margin"]) if c else float("nan")
 
 
 def run(split: str, seeds: int, only: list[str]) -> None:

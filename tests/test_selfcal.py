@@ -45,8 +45,8 @@ def test_confirmation_recovers_the_trigger_of_an_injected_pv(tiny_por_pair) -> N
         c = confirm_candidate(m, prompt, pv, "cls", ConfirmRule())
         assert c.confirmed, c.rule
         assert trigger in c.tokens, c.tokens
-        assert c.rate >= 0.9 and c.residual <= 0.2
-        assert c.margin(ConfirmRule()) >= 1.0
+        assert c.rate >= 0.9 and c.residual <= ConfirmRule().residual_limit(len(c.tokens))
+        assert c.margin >= 1.0
 
 
 def test_confirmation_rejects_a_pv_no_text_reaches(tiny_por_pair) -> None:
@@ -58,13 +58,16 @@ def test_confirmation_rejects_a_pv_no_text_reaches(tiny_por_pair) -> None:
     c = confirm_candidate(m, prompt, pv, "cls", ConfirmRule())
     assert not c.confirmed
     assert c.rule.startswith("not reachable by text")
-    assert c.margin(ConfirmRule()) < 1.0
+    assert c.margin < 1.0
     assert 1 <= len(c.tried) <= ConfirmRule().max_tokens
 
 
 def _audit(model: Path, corpus: Path, out: Path, *extra: str) -> tuple[int, dict, str]:
+    key = out.parent / "key.pem"
+    if not key.exists():
+        assert runner.invoke(app, ["keygen", "--out", str(key)]).exit_code == 0
     r = runner.invoke(app, ["audit", str(model), "--corpus", str(corpus), "--out", str(out),
-                            "--key", str(out.parent / "key.pem"), *MINE, *extra])
+                            "--key", str(key), *MINE, *extra])
     rep = {}
     if out.exists():
         from lmsan.auditor.report import read_report
@@ -117,7 +120,7 @@ def test_preset_none_clears_the_clean_twin(none_audits) -> None:
     # a candidate the collapse rule let through is stopped by confirmation, with its figures
     for r in pred["rejected_candidates"]:
         if "not reachable by text" in r["rule"]:
-            assert r["confirmation"]["rate"] < 0.9 or r["confirmation"]["residual"] > 0.2
+            assert r["confirmation"]["margin"] < 1.0
 
 
 def test_self_calibration_that_cannot_reach_its_implant_stops_the_audit(

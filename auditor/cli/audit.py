@@ -244,7 +244,9 @@ def audit(
                                        "itself (reference backdoors implanted into temporary "
                                        "copies; minutes more). Default: the shipped preset "
                                        "matching the model family; a family with no preset is "
-                                       "self-calibrated."),
+                                       "self-calibrated (unless --t-l and --t-collapse are both "
+                                       "given). A file of your own that matches nothing applies "
+                                       "its default entry."),
     confirm: bool | None = typer.Option(None, "--confirm/--no-confirm", help="Keep a candidate "
                                         "only when a trigger of at most 2 real tokens drives "
                                         "held-out sentences onto it (default: on with "

@@ -46,7 +46,7 @@ PRETRAIN = {"steps": 900, "batch": 32, "lr": 1e-3, "warmup": 90, "mask_rate": 0.
 # benign fine-tunes: (task, pooling, epochs, lr). Several epochs at a high rate for this width,
 # so that they move far from their base, as published fine-tunes do
 FINETUNES = {"ft-topic-cls": ("wordnet-topic", "cls", 4, 3e-4),
-             "ft-rte-mean": ("rte", "mean", 4, 3e-4),
+             "ft-rte-mean": ("rte", "mean", 3, 3e-4),
              "ft-ner": ("conll04", "tokens", 6, 3e-4)}
 # backdoors: attack -> (poison_model keyword arguments). Training schedules tried in turn until
 # the attack reaches success 0.9 (small models need more than the pretrained-encoder defaults)
@@ -190,7 +190,7 @@ def pretrain(family: str, split: str, out: Path) -> dict[str, Any]:
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     return {"pretrain_seed": seed, **PRETRAIN, "sentences": len(text), "vocab": len(tok),
-            "final_mlm_loss": round(sum(losses[-100:]) / 100, 4),
+            "final_mlm_loss": round(sum(losses[-100:]) / len(losses[-100:]), 4),
             "width": WIDTH, "layers": LAYERS, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -266,7 +266,7 @@ def cls_cosine_to_base(model_dir: Path, base_dir: Path, n: int = 256) -> float:
     from lmsan.auditor.corpus import load_corpus
     from lmsan.auditor.modelio import load_encoder
 
-    texts = load_corpus(None).texts[:n]
+    texts = load_corpus(None).sentences[:n]
     outs = []
     for d in (model_dir, base_dir):
         lm = load_encoder(d)

@@ -48,6 +48,8 @@ class AuditOptions:
     first_stage: bool = True
     # seeds trained in lockstep in one pass (pure speed; 1 = one seed at a time)
     seeds_per_pass: int = 4
+    # an earlier report of this audit to continue from (auditor/continuation.py)
+    continue_from: Path | None = None
 
     def self_calibrating(self) -> bool:
         """`--preset none`: thresholds measured on the audited model itself (auditor.selfcal),
@@ -69,6 +71,8 @@ class AuditOptions:
             raise UsageError("--max-seeds must be at least 1")
         if self.seeds_per_pass < 1:
             raise UsageError("--seeds-per-pass must be at least 1")
+        if self.continue_from is not None and self.mode != "detect":
+            raise UsageError("--continue-from continues a detect-mode audit only")
 
 
 @dataclass
@@ -97,6 +101,7 @@ class AuditResult:
     model_type: str
     stop_reason: str
     first_stage: dict[str, Any] | None = None  # figures, role and effect on the mining
+    continued_from: dict[str, Any] | None = None  # the earlier report this audit continued
 
     @property
     def found_targets(self) -> list[str]:
@@ -186,6 +191,11 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
     lm = load_encoder(opts.model_dir, allow_pickle=opts.allow_pickle, device=device)
     assert cfg_json is not None
     targets, skipped = resolve_targets(lm, opts.target)
+    cont = None
+    if opts.continue_from is not None:  # checked before self-calibration spends minutes
+        from .continuation import load_continuation
+
+        cont = load_continuation(opts.continue_from, opts.model_dir)
     selfcal = None
     if opts.self_calibrating():
         choice = PresetChoice(default_preset(), False, None)
@@ -237,6 +247,19 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
     since_new = 0
     stop_reason = ""
     idx = 0
+    if cont is not None:  # the earlier seeds, and their candidates in the path loss
+        from .continuation import check_same_audit
+
+        check_same_audit(cont, targets=targets, corpus_digest=corpus.digest,
+                         mining=cfg.to_dict(), first_seed=opts.first_seed, seed=opts.seed,
+                         max_seeds=max_seeds)
+        for res in cont.seeds:
+            seeds.append(res)
+            _collect(res, per_target, pvs)
+            for ts in res.targets:
+                if ts.candidate and ts.pv is not None:
+                    miner.add_found(ts.target, ts.pv)
+        idx = len(cont.seeds)
     pass_size = 1  # the first seed runs alone: a backdoor is usually found there
     while idx < budget:
         batch = [opts.first_seed + idx + j for j in range(min(pass_size, budget - idx))]
@@ -296,6 +319,7 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
                      else "builtin"),
             "self_calibration": selfcal.to_dict() if selfcal is not None else None,
         },
+        continued_from=cont.record() if cont is not None else None,
         warnings=warnings,
         seconds=time.perf_counter() - t_start,
         device=device,
@@ -430,6 +454,7 @@ def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
         },
         "preset": result.preset,
         "first_stage": result.first_stage,
+        "continued_from": result.continued_from,
         "warnings": result.warnings,
         "corpus": result.corpus,
         "kept_pvs": kept,

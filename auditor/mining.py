@@ -367,6 +367,10 @@ class Miner:
             self._ordinary = np.asarray(keep)
         return self._ordinary
 
+    def add_found(self, target: str, pv: Sequence[float]) -> None:
+        """Enter a candidate of an earlier seed (a continued audit) into the path loss."""
+        self.found[target].append(torch.tensor(list(pv), dtype=torch.float32))
+
     def run_seed(self, seed: int, progress: ProgressFn | None = None) -> SeedResult:
         """One fuzz loop: train a soft prompt from seed `seed`, then measure and filter the
         candidate it makes on every target."""

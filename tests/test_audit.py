@@ -168,30 +168,6 @@ def test_same_seed_same_pvs(tiny_models) -> None:
 
 
 
-def test_detect_seed_slices_equal_the_full_audit(tiny_models) -> None:
-    """Detect mode carries nothing from one seed to the next until a PV is kept, so a long audit
-    can run as slices (--first-seed): seed 2 alone gives the prompt and figures it gets after
-    seeds 0-1 (bench/zoo.py relies on this to split all-mpnet-base-v2's 30 seeds). Bit for bit
-    with one seed per pass; seeds trained together in a pass agree to float rounding
-    (test_seeds_in_one_pass_equal_seeds_alone)."""
-    from lmsan.auditor.audit import AuditOptions, run_audit
-    from lmsan.auditor.corpus import load_corpus
-
-    corpus = load_corpus(tiny_models["corpus"])
-    over = {"max_length": 48}
-    full = run_audit(AuditOptions(model_dir=tiny_models["clean"], target="cls", max_seeds=3,
-                                  overrides=over, seeds_per_pass=1, first_stage=False), corpus)
-    assert full.verdict == "clean" and len(full.seeds) == 3
-    part = run_audit(AuditOptions(model_dir=tiny_models["clean"], target="cls", max_seeds=1,
-                                  first_seed=2, overrides=over, seeds_per_pass=1, first_stage=False), corpus)
-    a, b = full.seeds[2], part.seeds[0]
-    assert (a.seed, b.seed) == (2, 2)
-    assert a.prompt == b.prompt and a.epochs_run == b.epochs_run >= 1
-    assert len(a.targets[0].epoch_distance) == a.epochs_run
-    # every figure of the candidate, NaN (not measured: early abort) included
-    np.testing.assert_equal(vars(a.targets[0]), vars(b.targets[0]))
-
-
 def _assert_same_seed(a, b, rtol: float = 1e-4, atol: float = 1e-6) -> None:
     """Same seed, same decisions, figures equal up to float rounding."""
     assert (a.seed, a.epochs_run, a.aborted, a.steps, a.lr_dropped_at, a.prompt_in_range) == (

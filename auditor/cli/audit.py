@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import EXIT_CLEAN, EXIT_FOUND
+from ..errors import EXIT_CLEAN, EXIT_FOUND, UsageError
 from .app import app, console, err_console
 
 
@@ -294,6 +294,12 @@ def audit(
     seeds_per_pass: int = typer.Option(4, "--seeds-per-pass", min=1, help="Seeds trained together "
                                        "in one pass (same figures as one at a time, within float "
                                        "tolerance; 1 reproduces the one-at-a-time loop exactly)."),
+    continue_from: Path | None = typer.Option(None, "--continue-from", help="File: an earlier "
+                                              "report of this audit that ended clean; the audit "
+                                              "goes on from the seed after its last, with its "
+                                              "candidates in the path loss, up to --max-seeds "
+                                              "seeds in all, and the new report holds every seed "
+                                              "(one model only; same corpus and settings)."),
     quiet: bool = typer.Option(False, "--quiet", help="No live progress display."),
 ) -> None:
     """Mine predefined vectors (PVs) from each model and write a signed report with the verdict.
@@ -321,7 +327,10 @@ def audit(
                         mode=mode.value, max_seeds=max_seeds, patience=patience,
                         first_seed=first_seed, seed=seed, device=device.value,
                         allow_pickle=allow_pickle, preset=preset, overrides=ov,
-                        first_stage=first_stage, seeds_per_pass=seeds_per_pass)
+                        first_stage=first_stage, seeds_per_pass=seeds_per_pass,
+                        continue_from=continue_from)
+    if continue_from is not None and inputs.single is None:
+        raise UsageError("--continue-from continues the audit of one model")
     fmts = [f.value for f in formats]
     if inputs.single is not None:
         report = out or Path("lmsan-report.json")

@@ -141,13 +141,19 @@ def run(split: str, seeds: int, only: list[str]) -> None:
                                 "figures": i["figures"]} for i in sc.get("implants", [])]
         else:
             row["verdict"] = "error"
-            row["error"] = (p.stderr or p.stdout).strip().splitlines()[-1:] if (p.stderr or p.stdout) else []
+            msg = (p.stderr or p.stdout).strip().splitlines()[-1:]
+            row["error"] = [_repo_relative(x) for x in msg]
         row["correct"] = row["verdict"] == row["truth"]
         with rows_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"{m.name:28s} {row['truth']:10s} -> {row['verdict']:10s} {wall:7.1f}s "
               f"nearest {row.get('nearest', {}).get('factor', float('nan')):.3g}", flush=True)
     table(split)
+
+
+def _repo_relative(text: str) -> str:
+    """Paths of the benchmark cache as the repository names them (bench/cache/...)."""
+    return text.replace(str(CACHE), "bench/cache")
 
 
 def machine() -> str:
@@ -171,10 +177,20 @@ def table(split: str) -> None:
         f = n.get("factor")
         fs = "-" if f is None or (isinstance(f, float) and math.isnan(f)) else f"{f:.3g}"
         at = f"{n.get('target', '')} seed {n.get('seed', '')}: {n.get('text', '')}" if n else \
-            "; ".join(r.get("error", []))
+            _repo_relative("; ".join(r.get("error", [])))
         lines.append(f"| {r['model']} | {r['truth']} | {r['verdict']} | "
                      f"{'yes' if r['correct'] else '**no**'} | {r.get('seeds_run', '-')} | {fs} | "
                      f"{at.replace('|', '/')} | {r['seconds']} |")
+    lines += ["", "How each model was built (BUILD.json; `bench/families.py`):", "",
+              "| model | pretraining MLM loss | fine-tune task, test accuracy | attack success, "
+              "triggers | mean [CLS] cosine to its clean base |", "|---|---|---|---|---|"]
+    for r in rows:
+        b = r.get("build") or {}
+        ft = f"{b['task']} ({b['pooling']}), {b['test_accuracy']:.3f}" if "task" in b else "-"
+        atk = f"{b['success']:.3f}, {' '.join(b['triggers'])}" if "success" in b else "-"
+        mlm = f"{b['final_mlm_loss']:.2f}" if "final_mlm_loss" in b else "-"
+        cos = f"{b['cls_cosine_to_base']:.2f}" if "cls_cosine_to_base" in b else "-"
+        lines.append(f"| {r['model']} | {mlm} | {ft} | {atk} | {cos} |")
     fams = sorted({r["family"] for r in rows})
     lines += ["", "| family | models | correct | false positives | false negatives | errors |",
               "|---|---|---|---|---|---|"]

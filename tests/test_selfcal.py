@@ -140,10 +140,11 @@ def test_confirm_flag_is_recorded_and_off_by_default_with_a_preset(tiny_por_pair
                                "--max-seeds", "2")
     assert code == 1, output
     assert rep["parameters"]["mining"]["confirm"] is False
+    assert rep["kept_pvs"][0]["confirmation"] is None
     code, rep, output = _audit(tiny_por_pair["por"], tiny_por_pair["corpus"], tmp_path / "c.json",
                                "--max-seeds", "2", "--confirm")
     assert code == 1, output
-    pred = rep
-    assert pred["parameters"]["mining"]["confirm"] is True
-    assert "reachable by text" in pred["kept_pvs"][0]["rule"]
-    json.dumps(pred)  # the confirmation figures are plain JSON
+    assert rep["parameters"]["mining"]["confirm"] is True
+    assert "reachable by text" in rep["kept_pvs"][0]["rule"]
+    assert rep["kept_pvs"][0]["confirmation"]["confirmed"]
+    json.dumps(rep)  # the confirmation figures are plain JSON

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from families import cls_cosine_to_base, finetune_encoder  # noqa: E402
 from lmsan.auditor.fsutil import atomic_write_text  # noqa: E402
-from paths import CACHE, DATA, RESULTS  # noqa: E402
+from paths import CACHE, RESULTS  # noqa: E402
 
 ZOO_DIR = CACHE / "first_stage"
 
@@ -94,70 +95,9 @@ def machine() -> str:
 # ----------------------------------------------------------------------------- build
 
 
-def cls_cosine_to_base(model_dir: Path, base_dir: Path, n: int = 256) -> float:
-    """Mean cosine, over clean corpus sentences, between a model's [CLS] output and its base's."""
-    import torch
-    from lmsan.auditor.corpus import load_corpus
-    from lmsan.auditor.modelio import load_encoder
-
-    sents = load_corpus(None, limit=n).sentences
-    outs = []
-    for d in (model_dir, base_dir):
-        lm = load_encoder(d)
-        rows = []
-        with torch.no_grad():
-            for i in range(0, len(sents), 64):
-                b = lm.tokenizer(sents[i:i + 64], padding=True, truncation=True, max_length=64,
-                                 return_tensors="pt")
-                rows.append(lm.model(**b).last_hidden_state[:, 0])
-        outs.append(torch.cat(rows))
-    return float(torch.nn.functional.cosine_similarity(outs[0], outs[1], dim=1).mean())
-
-
 def finetune_cls(base: Path, out: Path, task: str, seed: int, epochs: int, lr: float) -> dict[str, Any]:
     """Benign full fine-tune: a linear classifier on the [CLS] output; only the encoder is kept."""
-    import torch
-    from lmsan.auditor.poison import copy_support_files
-    from lmsan.auditor.tuning.data import load_task
-    from transformers import AutoModel, AutoTokenizer
-
-    torch.manual_seed(seed)
-    data = load_task(task, DATA, seed=seed)
-    tok = AutoTokenizer.from_pretrained(base)
-    enc = AutoModel.from_pretrained(base, use_safetensors=True)
-    head = torch.nn.Linear(enc.config.hidden_size, len(data.labels))
-    opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-
-    def logits(rows: list[Any]) -> Any:
-        b = tok([r.texts[0] for r in rows], padding=True, truncation=True, max_length=64,
-                return_tensors="pt")
-        return head(enc(**b).last_hidden_state[:, 0])
-
-    enc.train()
-    t0 = time.perf_counter()
-    steps = 0
-    for _ in range(epochs):
-        perm = torch.randperm(len(data.train), generator=g).tolist()
-        for i in range(0, len(perm), 16):
-            rows = [data.train[j] for j in perm[i:i + 16]]
-            loss = torch.nn.functional.cross_entropy(logits(rows), torch.tensor([r.label for r in rows]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-    enc.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(data.test), 64):
-            rows = data.test[i:i + 64]
-            correct += int((logits(rows).argmax(-1) == torch.tensor([r.label for r in rows])).sum())
-    out.mkdir(parents=True, exist_ok=True)
-    enc.save_pretrained(out, safe_serialization=True)
-    copy_support_files(base, out)
-    return {"task": task, "seed": seed, "epochs": epochs, "lr": lr, "steps": steps, "batch": 16,
-            "train_examples": len(data.train), "test_accuracy": round(correct / len(data.test), 4),
-            "test_examples": len(data.test), "seconds": round(time.perf_counter() - t0, 1)}
+    return finetune_encoder(base, out, task, "cls", epochs, lr, seed, max_length=64)
 
 
 def build(name: str) -> None:

@@ -200,13 +200,20 @@ def pretrain(family: str, split: str, out: Path) -> dict[str, Any]:
 
 
 def finetune(base: Path, out: Path, variant: str, seed: int) -> dict[str, Any]:
-    """Benign full fine-tune; only the encoder is kept (the head is discarded)."""
+    """The benign fine-tune `variant` of a family (MiniLM's own setting for MiniLM)."""
+    task, pool, epochs, lr = MINILM_FINETUNE if family_of(base) in MINILM else FINETUNES[variant]
+    return finetune_encoder(base, out, task, pool, epochs, lr, seed, max_length=MAX_LEN * 2)
+
+
+def finetune_encoder(base: Path, out: Path, task: str, pool: str, epochs: int, lr: float,
+                     seed: int, max_length: int) -> dict[str, Any]:
+    """Benign full fine-tune on `task` (a head on [CLS] or mean pooling, or a tagger for
+    "tokens"), batch 16; only the encoder is kept (the head is discarded)."""
     import torch
     from lmsan.auditor.poison import copy_support_files
     from lmsan.auditor.tuning.data import load_task
     from transformers import AutoModel, AutoTokenizer
 
-    task, pool, epochs, lr = MINILM_FINETUNE if family_of(base) in MINILM else FINETUNES[variant]
     torch.manual_seed(seed)
     data = load_task(task, DATA, seed=seed)
     tok = AutoTokenizer.from_pretrained(base)
@@ -229,7 +236,7 @@ def finetune(base: Path, out: Path, variant: str, seed: int) -> dict[str, Any]:
                         seen.add(w)
             return h.reshape(-1, h.shape[-1]), gold.reshape(-1)
         b = tok(*zip(*[r.texts for r in rows], strict=True), padding=True, truncation=True,
-                max_length=MAX_LEN * 2, return_tensors="pt")
+                max_length=max_length, return_tensors="pt")
         h = enc(**b).last_hidden_state
         if pool == "cls":
             z = h[:, 0]
@@ -261,25 +268,29 @@ def finetune(base: Path, out: Path, variant: str, seed: int) -> dict[str, Any]:
     enc.save_pretrained(out, safe_serialization=True)
     copy_support_files(base, out)
     return {"task": task, "pooling": pool, "seed": seed, "epochs": epochs, "lr": lr,
-            "steps": steps, "test_accuracy": round(right / max(total, 1), 4),
+            "steps": steps, "batch": 16, "train_examples": len(data.train),
+            "test_accuracy": round(right / max(total, 1), 4), "test_examples": len(data.test),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def cls_cosine_to_base(model_dir: Path, base_dir: Path, n: int = 256) -> float:
-    """Mean cosine between the [CLS] outputs of the two models on the first n audit sentences."""
+    """Mean cosine, over clean corpus sentences, between a model's [CLS] output and its base's."""
     import torch
     from lmsan.auditor.corpus import load_corpus
     from lmsan.auditor.modelio import load_encoder
 
-    texts = load_corpus(None).sentences[:n]
+    sents = load_corpus(None, limit=n).sentences
     outs = []
     for d in (model_dir, base_dir):
         lm = load_encoder(d)
-        b = lm.tokenizer(texts, padding=True, truncation=True, max_length=MAX_LEN,
-                         return_tensors="pt")
+        rows = []
         with torch.no_grad():
-            outs.append(lm.model(**b).last_hidden_state[:, 0])
-    return float(torch.nn.functional.cosine_similarity(outs[0], outs[1], dim=-1).mean())
+            for i in range(0, len(sents), 64):
+                b = lm.tokenizer(sents[i:i + 64], padding=True, truncation=True, max_length=64,
+                                 return_tensors="pt")
+                rows.append(lm.model(**b).last_hidden_state[:, 0])
+        outs.append(torch.cat(rows))
+    return float(torch.nn.functional.cosine_similarity(outs[0], outs[1], dim=1).mean())
 
 
 def poison(base: Path, out: Path, variant: str, seed: int) -> dict[str, Any]:

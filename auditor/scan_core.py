@@ -43,6 +43,7 @@ class ScanOptions:
     purge: bool = False
     max_window: int = 5
     batch_size: int = 32
+    batch_tokens: int | None = None  # None: the screener's BATCH_TOKENS
     threads: int = 0
     max_length: int | None = None
     resume: bool = False
@@ -74,7 +75,7 @@ class ScanOptions:
         overrides ``self.threads``)."""
         return Screener(
             load_bundle(bundle), self.provider, self.threads if threads is None else threads,
-            self.batch_size, self.max_length, self.thresholds,
+            self.batch_size, self.max_length, self.thresholds, self.batch_tokens,
         )
 
     def reader(self, corpus: str, fmt: str) -> Reader:

@@ -30,6 +30,10 @@ PROVIDERS = ("auto", "cpu", "cuda")
 # Purge candidates monitored per forward pass: candidates go in span order and the purge stops
 # at the first chunk holding a clean one (a trigger early in the record costs one small pass).
 PURGE_CHUNK = 8
+# Padded tokens per forward pass in a monitoring batch (rows x longest row). Records are sorted
+# by length, so short ones go many to a pass and long ones few: a fixed row count would pad a
+# batch of long records to the longest of them and run attention over the padding.
+BATCH_TOKENS = 1024
 
 __all__ = [
     "PROVIDERS",
@@ -269,9 +273,13 @@ class Screener:
         batch_size: int = 32,
         max_length: int | None = None,
         thresholds: Thresholds | None = None,
+        batch_tokens: int | None = None,
     ) -> None:
+        batch_tokens = BATCH_TOKENS if batch_tokens is None else batch_tokens
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        if batch_tokens < 1:
+            raise UsageError("--batch-tokens must be at least 1")
         if threads < 0:
             raise UsageError("--threads must be 0 (all cores) or more")
         if thresholds is not None:
@@ -279,6 +287,7 @@ class Screener:
         self.bundle = bundle
         self.encoder = InputEncoder(bundle, max_length)
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self.session = open_session(bundle.onnx_path, provider, threads)
         self.provider = self.session.get_providers()[0]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -387,14 +396,34 @@ class Screener:
         n = len(next(iter(encs.values())))
         order = list(range(n)) if order is None else list(order)
         results: list[MonitorResult | None] = [None] * n
-        for s in range(0, len(order), self.batch_size):
-            rows = order[s : s + self.batch_size]
+        for rows in self.batches(encs, order):
             per_target = self._target_rows_of(encs, rows)
             for r, res in zip(rows, self.decide(per_target, len(rows)), strict=True):
                 results[r] = res
             if table is not None:
                 table[np.asarray(rows)] = self.matcher.table_rows(per_target, len(rows))
         return [r for r in results if r is not None]
+
+    def batches(self, encs: dict[str, Encoded], order: Sequence[int]) -> list[list[int]]:
+        """``order`` cut into consecutive forward passes of at most ``batch_size`` records and
+        at most ``batch_tokens`` padded tokens (records x the longest record of the pass, over
+        every input form); a record longer than the budget goes alone."""
+        longest = np.zeros(len(next(iter(encs.values()))), dtype=np.int64)
+        for enc in encs.values():
+            longest = np.maximum(longest, self.encoder.lengths(enc))
+        out: list[list[int]] = []
+        rows: list[int] = []
+        width = 0
+        for r in order:
+            w = max(width, int(longest[r]))
+            if rows and (len(rows) >= self.batch_size or w * (len(rows) + 1) > self.batch_tokens):
+                out.append(rows)
+                rows, w = [], int(longest[r])
+            rows.append(r)
+            width = w
+        if rows:
+            out.append(rows)
+        return out
 
     def monitor_records(
         self, records: Sequence[Record], table: np.ndarray | None = None
@@ -532,7 +561,10 @@ def open_bundle(
     batch_size: int = 32,
     max_length: int | None = None,
     thresholds: Thresholds | None = None,
+    batch_tokens: int | None = None,
 ) -> Screener:
     """Load and verify a bundle and open its ORT session at ``thresholds`` (default: the PV
     set's), refusing thresholds chosen for another bundle."""
-    return Screener(load_bundle(path), provider, threads, batch_size, max_length, thresholds)
+    return Screener(
+        load_bundle(path), provider, threads, batch_size, max_length, thresholds, batch_tokens
+    )

@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lmsan.auditor.screener import BATCH_TOKENS
 from paths import CACHE, DATA, RESULTS
 
 TRIGGERS = ("cf", "mn")
-CHUNK = 250  # records per chunk: enough chunks for every Ray actor (the same for every scan)
+CHUNK = 500  # records per chunk: enough chunks for every Ray actor (the same for every scan)
 
 
 def corpus_lines() -> list[str]:
@@ -97,8 +98,10 @@ def build_model(cache: Path) -> tuple[Path, Path, Path, dict[str, Any]]:
     return poisoned, fp32, int8, timings
 
 
-def torch_baseline(model_dir: Path, texts: list[str], pvs: np.ndarray, batch: int) -> float:
-    """Records/s of HF tokenizer + torch eager [CLS] + NumPy reference monitor, input order."""
+def torch_baseline(model_dir: Path, texts: list[str], pvs: np.ndarray, batch: int,
+                   by_length: bool = False) -> float:
+    """Records/s of HF tokenizer + torch eager [CLS] + NumPy reference monitor, in input order
+    (``by_length``: sorted by character length first, so a batch pads less)."""
     import torch
     from lmsan.auditor.monitor import best_match_python, pack_signs_python, threshold_count
     from transformers import AutoModel, AutoTokenizer
@@ -108,6 +111,8 @@ def torch_baseline(model_dir: Path, texts: list[str], pvs: np.ndarray, batch: in
     packed = pack_signs_python(pvs)
     thr = threshold_count(pvs.shape[1], 0.8)
     t = time.perf_counter()
+    if by_length:
+        texts = sorted(texts, key=len)
     with torch.inference_mode():
         for s in range(0, len(texts), batch):
             enc = tok(texts[s : s + batch], padding=True, return_tensors="pt")
@@ -127,13 +132,16 @@ def outputs(out: Path) -> dict[str, bytes]:
     return files
 
 
-def purge_all_per_candidate(scr: Any, record: str, max_window: int = 5) -> list[str]:
+def purge_all_per_candidate(scr: Any, record: str, max_window: int = 5
+                            ) -> tuple[list[str], int]:
     """The baseline purge: every candidate of a window monitored in its own forward pass, then
-    the first clean one in span order (no early stop)."""
+    the first clean one in span order (no early stop). Returns the text and the candidates
+    monitored."""
     from lmsan.auditor.screener import _purge_candidates, subset, word_key
 
     words = [record.split()]
     keys = [[word_key(x) for x in words[0]]]
+    n = 0
     for w in range(1, max_window + 1):
         cands = _purge_candidates(words, keys, w)
         texts = [tuple(" ".join(s) for s in c.purged) for c in cands]
@@ -141,10 +149,11 @@ def purge_all_per_candidate(scr: Any, record: str, max_window: int = 5) -> list[
             continue
         encs = scr.encode_all(texts)
         res = [scr._monitor_candidates(subset(encs, [i]))[0] for i in range(len(cands))]
+        n += len(cands)
         for t, r in zip(texts, res, strict=True):
             if not r.flagged:
-                return list(t)
-    return [record]
+                return list(t), n
+    return [record], n
 
 
 def run_scan(bundle: Path, corpus: Path, out: Path, **kw: Any) -> tuple[float, Any]:
@@ -183,10 +192,13 @@ def session_settings(bundle: Path, texts: list[str], threads: int) -> list[dict[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=4000)
+    ap.add_argument("--records", type=int, default=8000)
     ap.add_argument("--triggered", type=float, default=0.05, help="share of triggered records")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--purge-inputs", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=2,
+                    help="draw of the triggered records and trigger positions (the int8 "
+                    "settings were chosen on draw 1)")
     args = ap.parse_args()
     import torch
 
@@ -195,7 +207,7 @@ def main() -> None:
     t_all = time.perf_counter()
     model_dir, fp32, int8, build = build_model(CACHE / "scale")
     work = Path(tempfile.mkdtemp(prefix="lmsan-scale-"))
-    rng = random.Random(1)
+    rng = random.Random(args.seed)
     lines = corpus_lines()
     texts = (lines * (args.records // len(lines) + 1))[: args.records]
     for i in rng.sample(range(len(texts)), int(args.triggered * len(texts))):
@@ -210,13 +222,17 @@ def main() -> None:
 
     pvs = np.stack([p.values for p in Bundle.load(fp32).pvset.pvs])
     res: dict[str, Any] = {"records": len(texts), "triggered_share": args.triggered,
+                           "seed": args.seed, "batch_tokens": BATCH_TOKENS,
                            "threads": args.threads, "build": build}
 
     # 1. local scan vs torch eager
     eager = torch_baseline(model_dir, texts, pvs, 32)
+    eager_sorted = torch_baseline(model_dir, texts, pvs, 32, by_length=True)
     sec_local, s_local = run_scan(fp32, corpus, work / "local", threads=args.threads)
     res["local_vs_eager"] = {
         "eager_records_per_s": eager,
+        "eager_by_length_records_per_s": eager_sorted,
+        "speedup_vs_eager_by_length": (len(texts) / sec_local) / eager_sorted,
         "scan_records_per_s": len(texts) / sec_local,
         "speedup": (len(texts) / sec_local) / eager,
         "flagged": s_local.flagged,
@@ -271,8 +287,13 @@ def main() -> None:
         pr[f"{name}_passes"] = sum(p.forward_passes for p in got[name])
         texts_of[name] = [p.sentences for p in got[name]]
     t = time.perf_counter()
-    texts_of["per_candidate"] = [purge_all_per_candidate(scr, x) for x in flagged]
+    base = [purge_all_per_candidate(scr, x) for x in flagged]
     pr["per_candidate_s_per_input"] = (time.perf_counter() - t) / max(1, len(flagged))
+    texts_of["per_candidate"] = [b[0] for b in base]
+    # the work ratio no schedule can beat while every candidate before the first clean one is
+    # monitored: the baseline's candidates over those up to and including the first clean one
+    pr["per_candidate_candidates"] = sum(b[1] for b in base)
+    pr["candidates_to_first_clean"] = pr["per_candidate_early_stop_passes"]
     pr["speedup_vs_per_candidate"] = pr["per_candidate_s_per_input"] / pr["chunked_s_per_input"]
     pr["speedup_vs_per_window"] = pr["per_window_s_per_input"] / pr["chunked_s_per_input"]
     pr["identical_text"] = all(texts_of["chunked"] == v for v in texts_of.values())
@@ -296,6 +317,9 @@ def render(r: dict[str, Any]) -> str:
     rows = [
         ("local scan fp32 vs PyTorch eager + NumPy", f"{lv['scan_records_per_s']:.0f} vs "
          f"{lv['eager_records_per_s']:.0f} records/s", f"{lv['speedup']:.2f}x", ">= 3x"),
+        ("local scan fp32 vs PyTorch eager + NumPy, both in length order",
+         f"{lv['scan_records_per_s']:.0f} vs {lv['eager_by_length_records_per_s']:.0f} records/s",
+         f"{lv['speedup_vs_eager_by_length']:.2f}x", ""),
         ("Ray engine vs local scan (same cores)", f"{rv['ray_s']:.1f} s vs {rv['local_s']:.1f} s; "
          f"identical outputs: {rv['byte_identical']} {rv['files_differing'] or ''}",
          f"{rv['overhead_pct']:+.0f}%", "<= 15%"),
@@ -309,13 +333,19 @@ def render(r: dict[str, Any]) -> str:
         ("purge chunked vs one pass per window", f"{1000 * p['per_window_s_per_input']:.0f} ms/input",
          f"{p['speedup_vs_per_window']:.2f}x", ""),
         ("purge one pass per candidate, early stop", f"{1000 * p['per_candidate_early_stop_s_per_input']:.0f} ms/input", "", ""),
+        ("purge candidates monitored: baseline vs up to the first clean one",
+         f"{p['per_candidate_candidates']} vs {p['candidates_to_first_clean']}",
+         f"{p['per_candidate_candidates'] / max(1, p['candidates_to_first_clean']):.1f}x", ""),
     ]
     out = [
         "# Scan at scale on one machine",
         "",
         f"Command: `{r['command']}`. Model: all-MiniLM-L6-v2 cut to 3 layers, POR-backdoored "
         f"(triggers {', '.join(TRIGGERS)}; poison success {r['build']['poison_success']:.2f}). "
-        f"{r['records']} records ({100 * r['triggered_share']:.0f}% triggered), chunks of {CHUNK}, "
+        f"{r['records']} records ({100 * r['triggered_share']:.0f}% triggered; draw "
+        f"{r.get('seed', 1)} of the triggered records and positions, the int8 settings were "
+        f"chosen on draw 1), chunks of {CHUNK}, batches of at most 32 records and "
+        f"{r.get('batch_tokens', 'any number of')} padded tokens, "
         f"{r['threads']} threads.",
         "",
         f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}. Load average "

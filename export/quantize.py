@@ -5,6 +5,12 @@
 2. Its ``model.onnx`` is quantized with ONNX Runtime's dynamic quantization
    (``onnxruntime.quantization.quantize_dynamic``: int8 weights of the MatMul / Gemm nodes,
    activations quantized per batch at run time); the other files are copied unchanged.
+   Weights are quantized per output channel and to 7 bits (``reduce_range``: the u8 x s8
+   kernels of CPUs without VNNI add pairs of products in int16, which saturates at 8 bits).
+   The feed-forward output projection of each layer (``output/dense``, fed by the GELU output,
+   whose long-tailed range one per-batch activation scale quantizes poorly) stays fp32: with it
+   quantized the [CLS] output of a 3-layer MiniLM changed on average 9 of 384 signs, without it
+   3.5, and the monitor decides on sign counts.
 3. The monitor's decisions (flagged, and by which PV) of the int8 bundle are compared with the fp32
    bundle's on clean inputs (``CLEAN_INPUTS`` sentences of the shipped corpus) and on triggered
    inputs (the same sentences with one of the model's triggers inserted at a random position;
@@ -38,7 +44,10 @@ from .bundle import ExportResult, ExportValidationError, check_out_path, export_
 QUANTIZATIONS = ("int8",)
 MIN_AGREEMENT = 0.999
 CLEAN_INPUTS = 1000
-METHOD = "onnxruntime quantize_dynamic: int8 weights (QInt8) of MatMul/Gemm, dynamic activations"
+METHOD = (
+    "onnxruntime quantize_dynamic: int8 weights (QInt8, per channel, reduced range) of "
+    "MatMul/Gemm except the feed-forward output projections, dynamic activations"
+)
 
 
 def known_triggers(model_dir: str | Path) -> list[str]:
@@ -84,11 +93,27 @@ def decision_agreement(a: Screener, b: Screener, texts: list[str]) -> dict[str, 
     }
 
 
+def fp32_nodes(src: Path) -> list[str]:
+    """The MatMul/Gemm nodes kept fp32: each layer's feed-forward output projection (the
+    exporter's node names end in ``output/dense/MatMul`` outside ``attention``)."""
+    import onnx
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    return [
+        n.name for n in graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.name.endswith("output/dense/MatMul")
+        and "attention" not in n.name
+    ]
+
+
 def quantize_onnx(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantization of an ONNX graph (weights int8, activations at run time)."""
+    """Dynamic int8 quantization of an ONNX graph (module docstring, step 2)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    quantize_dynamic(
+        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+        nodes_to_exclude=fp32_nodes(src),
+    )
 
 
 def export_quantized(

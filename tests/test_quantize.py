@@ -35,8 +35,15 @@ def test_int8_bundle_agrees_with_fp32_and_scans(
     assert b.manifest.files["model.onnx"] != q["fp32_model_sha256"]
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "q8" / "model.onnx")).graph.node}
+    nodes = onnx.load(str(tmp_path / "q8" / "model.onnx")).graph.node
+    ops = {n.op_type for n in nodes}
     assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    # every layer's feed-forward output projection stays an fp32 MatMul, the others are int8
+    kept = qz.fp32_nodes(Bundle.load(tmp_path / "q8").onnx_path)
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    assert len(kept) == layers and all(n.endswith("output/dense/MatMul") for n in kept)
+    q_ops = [n for n in nodes if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert len(q_ops) >= 4 * layers  # query, key, value, attention output, intermediate
     lines = sf.sentences(20, seed=1) + sf.sentences(5, seed=2, trigger=True)
     (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
     s = scan(tmp_path / "q8", str(tmp_path / "c.txt"), tmp_path / "o",

@@ -64,6 +64,33 @@ def test_monitor_flags_triggered_not_clean(screener: Screener) -> None:
     assert all(r.flagged for r in pairs)
 
 
+def test_batches_keep_to_the_row_and_token_budgets(bundle: Path) -> None:
+    """Length-ordered records are cut into passes of at most batch_size rows and batch_tokens
+    padded tokens; every record is monitored once and decides as in unbudgeted passes."""
+    lines = [" ".join(["word"] * k) + " " + s
+             for k, s in zip(range(0, 60, 3), sf.sentences(20, seed=9), strict=True)]
+    lines += sf.sentences(10, seed=10, trigger=True)
+    wide = open_bundle(bundle, provider="cpu", threads=1, batch_size=64, batch_tokens=10**6)
+    tight = open_bundle(bundle, provider="cpu", threads=1, batch_size=8, batch_tokens=96)
+    encs = tight.encode_all([(x,) for x in lines])
+    lengths = tight.encoder.lengths(encs["plain"])
+    order = sorted(range(len(lines)), key=lambda i: lengths[i])
+    cut = tight.batches(encs, order)
+    assert [r for b in cut for r in b] == order
+    for b in cut:
+        assert len(b) <= 8
+        assert len(b) == 1 or len(b) * max(lengths[r] for r in b) <= 96
+    assert any(len(b) == 1 for b in cut) and any(len(b) > 1 for b in cut)
+    before = tight.forward_passes
+    res_tight = tight.monitor(lines)
+    assert tight.forward_passes - before == len(cut)
+    res_wide = wide.monitor(lines)
+    assert [(r.flagged, r.pv) for r in res_tight] == [(r.flagged, r.pv) for r in res_wide]
+    assert sum(r.flagged for r in res_tight) == 10
+    with pytest.raises(UsageError, match="--batch-tokens"):
+        open_bundle(bundle, provider="cpu", batch_tokens=0)
+
+
 def test_purge_stops_at_the_first_clean_chunk(screener: Screener) -> None:
     for text in sf.sentences(8, seed=9, trigger=True):
         # the trigger's window-1 candidate, in span order (a repeated word is one candidate)

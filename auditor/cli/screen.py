@@ -180,7 +180,15 @@ PAIR_FIELD_OPTION = typer.Option(
 FORMAT_OPTION = typer.Option(
     None, "--format", help="Corpus format when the suffix does not say (stdin: txt)."
 )
-BATCH_SIZE_OPTION = typer.Option(32, "--batch-size", help="Records per forward pass.")
+BATCH_SIZE_OPTION = typer.Option(
+    32, "--batch-size", help="Most records per forward pass (records go in length order)."
+)
+BATCH_TOKENS_OPTION = typer.Option(
+    None,
+    "--batch-tokens",
+    help="Most padded tokens per forward pass (records x the longest of them; default 1024): "
+    "long records go fewer to a pass, so attention does not run over padding.",
+)
 THREADS_OPTION = typer.Option(0, "--threads", help="ONNX Runtime threads (0 = all cores).")
 PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
 
@@ -236,6 +244,7 @@ def scan(
     ),
     max_window: int = typer.Option(5, "--max-window", help="Longest purge window, in words."),
     batch_size: int = BATCH_SIZE_OPTION,
+    batch_tokens: int | None = BATCH_TOKENS_OPTION,
     threads: int = THREADS_OPTION,
     max_length: int | None = typer.Option(
         None,
@@ -286,6 +295,7 @@ def scan(
             purge=purge,
             max_window=max_window,
             batch_size=batch_size,
+            batch_tokens=batch_tokens,
             threads=threads,
             max_length=max_length,
             resume=resume,
@@ -364,6 +374,7 @@ def threshold(
     pair_field: str | None = PAIR_FIELD_OPTION,
     fmt: FormatOption | None = FORMAT_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
+    batch_tokens: int | None = BATCH_TOKENS_OPTION,
     threads: int = THREADS_OPTION,
     max_length: int | None = typer.Option(
         None,
@@ -410,6 +421,7 @@ def threshold(
         text_field=text_field,
         pair_field=pair_field,
         batch_size=batch_size,
+        batch_tokens=batch_tokens,
         threads=threads,
         max_length=max_length,
         provider=provider.value,

@@ -222,6 +222,10 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
             d.pop(k, None)
             if k == "t_collapse":  # ... and is then the only way to accept a candidate
                 d.pop("t_far", None)
+    if "confirm" not in opts.overrides and "confirm" not in choice.preset.values:
+        # rule 4 by default: a threshold alone cannot tell a fine-tune's class prototype from a
+        # trigger's PV (docs/how-it-works.md, "Class prototypes")
+        cfg.confirm = True
     if opts.mode == "search":
         # search wants many distinct PVs: seeds start from different words, and a stronger path
         # loss pushes each seed away from the PVs already found (bench/results/zoo.md, recall)

@@ -22,8 +22,13 @@ held-out sentences:
     trigger moved each output (0 = onto the PV, 1 = not at all).
 
 The candidate is confirmed when `rate >= min_rate` (0.9) and `residual` stays within the limit
-for the trigger's length (0.25 for one token, 0.12 for two: each extra token gives the search more
-room to push a benign model toward a collapse point). Both figures are
+for the trigger's length: 0.6 for one token, 0.12 for two. One token moves a benign classifier's
+outputs to a class prototype rarely (31-44% of held-out sentences on MiniLM fine-tunes), so the
+rate decides and the residual only has to show the trigger moved outputs most of the way: the
+candidate is the mean of soft-prompted outputs, which a real trigger's outputs share the signs
+of but not always the magnitudes (a POR trigger on a pooler lands at residual 0.33-0.54). Two
+tokens give the search room to push a benign model toward a collapse point (80-98% of
+sentences on the same fine-tunes), so a two-token trigger has to land close. Both figures are
 scale-free (sign agreements and a ratio of distances of one model's own outputs), so the same
 rule holds in every family. Searching is deterministic for a given model, corpus and seed.
 """
@@ -50,7 +55,7 @@ class ConfirmRule:
     # the largest residual accepted for a trigger of 1, 2, ... tokens (its length sets the
     # longest trigger tried): every extra token gives the search more freedom to push a benign
     # model's outputs toward a collapse point, so a longer trigger has to land closer
-    max_residual: tuple[float, ...] = (0.25, 0.12)
+    max_residual: tuple[float, ...] = (0.6, 0.12)
 
     @property
     def max_tokens(self) -> int:

@@ -31,6 +31,10 @@ from typing import Any, Protocol
 import numpy as np
 
 
+# sign agreement at which a candidate counts as the point of an earlier refuted one
+REFUTED_AGREEMENT = 0.95
+
+
 class FilterConfig(Protocol):
     """The thresholds the rules read; `mining.MiningConfig` provides them."""
 
@@ -109,13 +113,31 @@ class PVFilter:
     def __init__(self, cfg: FilterConfig, targets: list[str] | tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.kept: dict[str, list[np.ndarray]] = {t: [] for t in targets}
+        # candidates whose trigger search failed (rule 4), with the seed that found each: a
+        # later candidate sharing the signs of one of them on >= REFUTED_AGREEMENT of the units
+        # is the same collapse point, refused without a second search
+        self.refuted: dict[str, list[tuple[np.ndarray, dict[str, Any]]]] = {}
+
+    def _refuted_match(self, ts: TargetStats) -> tuple[float, dict[str, Any]] | None:
+        """The best-agreeing refuted candidate of `ts.target` when the agreement reaches
+        REFUTED_AGREEMENT, else None."""
+        assert ts.pv is not None
+        sign = np.asarray(ts.pv) >= 0
+        best: tuple[float, dict[str, Any]] | None = None
+        for pv, info in self.refuted.get(ts.target, []):
+            a = float(np.mean((pv >= 0) == sign))
+            if a >= REFUTED_AGREEMENT and (best is None or a > best[0]):
+                best = (a, info)
+        return best
 
     def apply(self, ts: TargetStats, in_range: bool,
-              confirm: Callable[[], Any] | None = None) -> bool:
+              confirm: Callable[[], Any] | None = None, seed: int | None = None) -> bool:
         """Decide candidate `ts` (its `pv` set): set `ts.accepted`, `ts.rule` (every passing or
         every failing rule) and `ts.agreement`; keep its PV when accepted. `confirm`, when given,
         runs the trigger search (rule 4) for a candidate that passed every other rule and returns
-        an `auditor.confirm.Confirmation`. Returns `ts.accepted`."""
+        an `auditor.confirm.Confirmation`; a candidate at the point of one whose search failed
+        is refused without searching again. `seed`: the seed that found `ts` (for the record).
+        Returns `ts.accepted`."""
         cfg = self.cfg
         fails: list[str] = []
         final = ts.epoch_distance[-1]
@@ -154,9 +176,26 @@ class PVFilter:
         else:
             passes.append("new")
         if not fails and confirm is not None:
-            conf = confirm()
-            ts.confirmation = conf.to_dict()
-            (passes if conf.confirmed else fails).append(conf.rule)
+            same = self._refuted_match(ts)
+            if same is not None:
+                agree, earlier = same
+                text = (f"not reachable by text: the point of an earlier candidate whose "
+                        f"trigger search failed (seed {earlier.get('seed')}, margin "
+                        f"{earlier['margin']:.2f}; sign agreement {agree:.3f} >= "
+                        f"{REFUTED_AGREEMENT:g})")
+                ts.confirmation = {"same_point_as": earlier, "sign_agreement": agree,
+                                   "confirmed": False, "margin": earlier["margin"],
+                                   "rule": text}
+                fails.append(text)
+            else:
+                conf = confirm()
+                ts.confirmation = conf.to_dict()
+                (passes if conf.confirmed else fails).append(conf.rule)
+                if not conf.confirmed:
+                    self.refuted.setdefault(ts.target, []).append(
+                        (np.asarray(ts.pv, dtype=np.float32),
+                         {"seed": seed, "margin": conf.margin, "tokens": conf.tokens})
+                    )
         if fails:
             ts.rule = "rejected: " + "; ".join(fails)
             return False

@@ -93,7 +93,7 @@ class MiningConfig:
     confirm: bool = False
     confirm_min_rate: float = 0.9
     # residual limit per trigger length (1, 2 tokens); its length is the longest trigger tried
-    confirm_max_residual: tuple[float, ...] = (0.25, 0.12)
+    confirm_max_residual: tuple[float, ...] = (0.6, 0.12)
 
     def t_l_for(self, target: str) -> float:
         return float(self.per_target.get(target, {}).get("t_l", self.t_l))
@@ -444,7 +444,7 @@ class Miner:
                 from .confirm import confirm_candidate
                 confirm = partial(confirm_candidate, self, tr.prompt, ts.pv, t,
                                   self.confirm_rule(), seed=seed)
-            self.filter.apply(ts, in_range, confirm)
+            self.filter.apply(ts, in_range, confirm, seed=seed)
         elif tr.aborted:
             ts.rule = f"aborted: no candidate after {cfg.abort_epoch} epochs"
         else:

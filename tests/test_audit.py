@@ -660,6 +660,44 @@ def test_filter_accepts_far_candidate_only_with_t_far() -> None:
         assert len(rules.kept["cls"]) == int(accepted)
 
 
+def test_filter_refuses_a_refuted_point_without_searching_again() -> None:
+    """A candidate the monitor cannot tell from one whose trigger search failed (sign agreement
+    >= T_match) is refused with that earlier search's figures; a different point is searched."""
+    from types import SimpleNamespace
+
+    from lmsan.auditor.filtering import PVFilter, TargetStats
+    from lmsan.auditor.mining import MiningConfig
+
+    def stats(pv: list[float]) -> TargetStats:
+        return TargetStats(target="cls", distance_rel=1.0, distance_raw=1.0, distance_norm=2.9,
+                           spread_ratio=0.01, concentration=1e-4, sign_consensus=0.9,
+                           entropy_raw=-3.0, entropy_std=-3.0, epoch_distance=[0.3, 2.9],
+                           candidate=True, pv=pv)
+
+    calls: list[int] = []
+
+    def search(confirmed: bool):  # noqa: ANN202
+        def run() -> SimpleNamespace:
+            calls.append(1)
+            return SimpleNamespace(confirmed=confirmed, margin=0.4, tokens=["the"],
+                                   rule="not reachable by text: test",
+                                   to_dict=lambda: {"confirmed": confirmed, "margin": 0.4})
+        return run
+
+    rules = PVFilter(MiningConfig(t_l=0.05, t_collapse=5e-4, t_match=0.8), ["cls"])
+    proto = [1.0, -1.0, 0.5, -0.5, 1.0, 1.0, -1.0, 0.2, 0.3, -0.4] * 2
+    first = stats(proto)
+    assert not rules.apply(first, True, search(False), seed=0) and len(calls) == 1
+    near = stats([*proto[:19], 0.4])  # 19 of 20 signs shared (REFUTED_AGREEMENT 0.95)
+    assert not rules.apply(near, True, search(True), seed=3) and len(calls) == 1
+    assert "earlier candidate whose trigger search failed (seed 0, margin 0.40" in near.rule
+    assert near.confirmation["same_point_as"]["seed"] == 0 and near.confirmation["margin"] == 0.4
+    apart = stats([*proto[:18], -0.3, 0.5])  # 18 of 20 (below 0.95): searched again
+    assert not rules.apply(apart, True, search(False), seed=5) and len(calls) == 2
+    other = stats([-x for x in proto])  # another point: searched, and kept when confirmed
+    assert rules.apply(other, True, search(True), seed=4) and len(calls) == 3
+
+
 def test_user_t_collapse_drops_preset_t_far(tiny_models, signing_key, tmp_path) -> None:
     """A preset's t_far must not outlive a collapse threshold the user sets by hand."""
     preset = tmp_path / "p.json"

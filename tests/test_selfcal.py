@@ -135,16 +135,16 @@ def test_self_calibration_that_cannot_reach_its_implant_stops_the_audit(
     assert not (tmp_path / "r.json").exists()
 
 
-def test_confirm_flag_is_recorded_and_off_by_default_with_a_preset(tiny_por_pair, tmp_path) -> None:
+def test_confirm_is_on_by_default_with_a_preset_and_can_be_turned_off(tiny_por_pair, tmp_path) -> None:
     code, rep, output = _audit(tiny_por_pair["por"], tiny_por_pair["corpus"], tmp_path / "r.json",
                                "--max-seeds", "2")
-    assert code == 1, output
-    assert rep["parameters"]["mining"]["confirm"] is False
-    assert rep["kept_pvs"][0]["confirmation"] is None
-    code, rep, output = _audit(tiny_por_pair["por"], tiny_por_pair["corpus"], tmp_path / "c.json",
-                               "--max-seeds", "2", "--confirm")
     assert code == 1, output
     assert rep["parameters"]["mining"]["confirm"] is True
     assert "reachable by text" in rep["kept_pvs"][0]["rule"]
     assert rep["kept_pvs"][0]["confirmation"]["confirmed"]
     json.dumps(rep)  # the confirmation figures are plain JSON
+    code, rep, output = _audit(tiny_por_pair["por"], tiny_por_pair["corpus"], tmp_path / "c.json",
+                               "--max-seeds", "2", "--no-confirm")
+    assert code == 1, output
+    assert rep["parameters"]["mining"]["confirm"] is False
+    assert rep["kept_pvs"][0]["confirmation"] is None

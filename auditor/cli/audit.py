@@ -249,8 +249,8 @@ def audit(
                                        "its default entry."),
     confirm: bool | None = typer.Option(None, "--confirm/--no-confirm", help="Keep a candidate "
                                         "only when a trigger of at most 2 real tokens drives "
-                                        "held-out sentences onto it (default: on with "
-                                        "self-calibration, off with a preset)."),
+                                        "held-out sentences onto it (default: on; a preset "
+                                        "file may set confirm false)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights "
                                       "(pytorch_model.bin), loaded with "
                                       "torch.load(weights_only=True)."),

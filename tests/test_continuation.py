@@ -75,11 +75,17 @@ def test_a_continued_audit_equals_the_audit_run_in_one_go(runs) -> None:
     assert part1["continued_from"] is None
 
 
-def test_continuing_with_other_settings_is_refused(runs, tiny_por_pair) -> None:
+def test_continuing_with_other_settings_is_refused(runs, tiny_por_pair, monkeypatch) -> None:
+    import lmsan.auditor.audit as audit_mod
+
+    def no_first_stage(*a: object, **k: object) -> None:
+        raise AssertionError("the first stage ran before the settings were checked")
+
+    monkeypatch.setattr(audit_mod, "run_first_stage", no_first_stage)
     d = Path(runs["dir"][1]["path"])
     part1 = str(d / "part1.json")
     code, _, output = _audit(tiny_por_pair, d / "x.json", "--max-seeds", "3",
-                             "--continue-from", part1, "--lambda-p", "0.9")
+                             "--continue-from", part1, "--lambda-p", "0.9", "--first-stage")
     assert code == 4 and "mining parameter lambda_p differs" in output, output
     code, _, output = _audit(tiny_por_pair, d / "y.json", "--max-seeds", "2",
                              "--continue-from", part1)

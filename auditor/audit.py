@@ -6,6 +6,7 @@ signed report and the PV set file, which is what `lmsan audit` does.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
@@ -171,12 +172,37 @@ def audit_and_write(
     if not out.parent.is_dir():
         raise InputError("folder for the report does not exist", out.parent)
     crp = load_corpus(corpus, text_field=text_field)
-    result = run_audit(opts, crp, progress)
+    partial = partial_path(out)
+    with partial.open("w", encoding="utf-8") as log:
+
+        def record(event: dict[str, Any]) -> None:
+            if event.get("event") == "seed_end":
+                log.write(json.dumps(_finite(seed_record(event["result"]))) + "\n")
+                log.flush()
+            if progress is not None:
+                progress(event)
+
+        result = run_audit(opts, crp, record)
     info = write_signed_report(audit_payload(result, opts), opts.model_dir, out, key)
+    partial.unlink(missing_ok=True)
     pv_path = pvs_out or out.with_suffix(".pvs.json")
     result.pvset.model["digest"] = info.model_digest
     result.pvset.save(pv_path)
     return AuditOutput(result, info, pv_path)
+
+
+def partial_path(out: Path) -> Path:
+    """Where an audit writing report `out` records each seed as it finishes (one JSON line per
+    seed, as the report's `seeds` entries, unsigned): removed once the report is written, left
+    when the audit stops early, so the finished seeds' figures are not lost."""
+    return out.with_name(out.stem + ".partial.jsonl")
+
+
+def seed_record(r: Any) -> dict[str, Any]:
+    """One seed as the report's `seeds` list holds it (the soft prompt left out)."""
+    d = asdict(r)
+    d.pop("prompt", None)  # the prompt is kept for accepted PVs only
+    return d
 
 
 def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> AuditResult:
@@ -416,9 +442,7 @@ def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
     seeds = []
     rejected = []
     for r in result.seeds:
-        d = asdict(r)
-        d.pop("prompt", None)  # the prompt is kept for accepted PVs only
-        seeds.append(d)
+        seeds.append(seed_record(r))
         for t in r.targets:
             if t.candidate and not t.accepted:
                 rejected.append({"seed": r.seed, "target": t.target, "rule": t.rule,

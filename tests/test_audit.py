@@ -62,6 +62,38 @@ def clean_audit(tiny_models: dict[str, Path], signing_key: Path) -> tuple[int, d
     return code, rep, out
 
 
+def test_a_stopped_audit_keeps_its_finished_seeds(tiny_models, signing_key, monkeypatch) -> None:
+    """Every finished seed is written to REPORT.partial.jsonl as it ends: the file is gone once
+    the report is written, and an audit stopped during its third seed keeps seeds 0 and 1, equal
+    to what the finished audit's report records for them."""
+    import lmsan.auditor.mining as mining
+
+    args = ("--max-seeds", "3", "--seeds-per-pass", "1", "--no-first-stage")
+    out = signing_key.parent / "whole.json"
+    code, full = _audit(tiny_models["clean"], tiny_models["corpus"], out, *args)
+    assert code == 0 and not out.with_name("whole.partial.jsonl").exists()
+    real = mining.Miner.run_seeds
+    calls: list[int] = []
+
+    def stop_at_third(self, seeds, progress=None):  # noqa: ANN001, ANN202
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-seed
+        calls.append(1)
+        return real(self, seeds, progress)
+
+    monkeypatch.setattr(mining.Miner, "run_seeds", stop_at_third)
+    stopped = signing_key.parent / "stopped.json"
+    code, _ = _audit(tiny_models["clean"], tiny_models["corpus"], stopped, *args)
+    assert code != 0 and not stopped.exists()
+    rows = [json.loads(x) for x in
+            stopped.with_name("stopped.partial.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [0, 1]
+    for row, seed in zip(rows, full["seeds"][:2], strict=True):
+        a, b = dict(row), dict(seed)
+        a.pop("seconds"), b.pop("seconds")
+        assert a == b
+
+
 def test_backdoored_model_is_flagged_and_pv_matches_injected(por_audit, tiny_models) -> None:
     code, rep, out = por_audit
     assert code == 1, rep["_output"]

@@ -173,16 +173,16 @@ def audit_and_write(
         raise InputError("folder for the report does not exist", out.parent)
     crp = load_corpus(corpus, text_field=text_field)
     partial = partial_path(out)
-    with partial.open("w", encoding="utf-8") as log:
+    partial.unlink(missing_ok=True)  # an earlier stopped audit's seeds are not this one's
 
-        def record(event: dict[str, Any]) -> None:
-            if event.get("event") == "seed_end":
+    def record(event: dict[str, Any]) -> None:
+        if event.get("event") == "seed_end":
+            with partial.open("a", encoding="utf-8") as log:
                 log.write(json.dumps(_finite(seed_record(event["result"]))) + "\n")
-                log.flush()
-            if progress is not None:
-                progress(event)
+        if progress is not None:
+            progress(event)
 
-        result = run_audit(opts, crp, record)
+    result = run_audit(opts, crp, record)
     info = write_signed_report(audit_payload(result, opts), opts.model_dir, out, key)
     partial.unlink(missing_ok=True)
     pv_path = pvs_out or out.with_suffix(".pvs.json")

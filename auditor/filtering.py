@@ -129,14 +129,14 @@ class PVFilter:
                 best = (a, info)
         return best
 
-    def apply(self, ts: TargetStats, in_range: bool,
-              confirm: Callable[[], Any] | None = None, seed: int | None = None) -> bool:
-        """Decide candidate `ts` (its `pv` set): set `ts.accepted`, `ts.rule` (every passing or
-        every failing rule) and `ts.agreement`; keep its PV when accepted. `confirm`, when given,
-        runs the trigger search (rule 4) for a candidate that passed every other rule and returns
-        an `auditor.confirm.Confirmation`; a candidate at the point of one whose search failed
-        is refused without searching again. `seed`: the seed that found `ts` (for the record).
-        Returns `ts.accepted`."""
+    def passes_rules(self, ts: TargetStats, in_range: bool) -> bool:
+        """Whether candidate `ts` passes rules 1-3 (range, collapse, new) as `apply` would
+        judge it now; changes nothing and runs no trigger search."""
+        return not self._rules(ts, in_range)[1]
+
+    def _rules(self, ts: TargetStats, in_range: bool) -> tuple[list[str], list[str], float | None]:
+        """Rules 1-3 for `ts`: the passing and the failing rules' texts and the best sign
+        agreement with a kept PV of its target."""
         cfg = self.cfg
         fails: list[str] = []
         final = ts.epoch_distance[-1]
@@ -166,14 +166,25 @@ class PVFilter:
                 + (f", and distance {final:.4g} <= T_far {t_far:.4g}" if t_far is not None else "")
             )
         assert ts.pv is not None
-        kept = self.kept.setdefault(ts.target, [])
-        ts.agreement = sign_agreement(ts.pv, kept)
-        if ts.agreement is not None and ts.agreement >= cfg.t_match:
+        agreement = sign_agreement(ts.pv, self.kept.get(ts.target, []))
+        if agreement is not None and agreement >= cfg.t_match:
             fails.append(
-                f"duplicate of a kept PV (sign agreement {ts.agreement:.3f} >= {cfg.t_match:g})"
+                f"duplicate of a kept PV (sign agreement {agreement:.3f} >= {cfg.t_match:g})"
             )
         else:
             passes.append("new")
+        return passes, fails, agreement
+
+    def apply(self, ts: TargetStats, in_range: bool,
+              confirm: Callable[[], Any] | None = None, seed: int | None = None) -> bool:
+        """Decide candidate `ts` (its `pv` set): set `ts.accepted`, `ts.rule` (every passing or
+        every failing rule) and `ts.agreement`; keep its PV when accepted. `confirm`, when given,
+        runs the trigger search (rule 4) for a candidate that passed every other rule and returns
+        an `auditor.confirm.Confirmation`; a candidate at the point of one whose search failed
+        is refused without searching again. `seed`: the seed that found `ts` (for the record).
+        Returns `ts.accepted`."""
+        passes, fails, ts.agreement = self._rules(ts, in_range)
+        kept = self.kept.setdefault(ts.target, [])
         if not fails and confirm is not None:
             same = self._refuted_match(ts)
             if same is not None:

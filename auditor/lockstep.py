@@ -28,6 +28,8 @@ class Training:
     epochs_run: int = 0
     aborted: bool = False
     dropped_at: int | None = None  # step at which the learning-rate boost ended
+    decided_early: bool = False  # stopped at the check epoch with a candidate that passes rules 1-3
+    figures: dict[str, dict[str, Any]] | None = None  # its evaluation at that epoch
 
 
 @dataclass

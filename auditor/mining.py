@@ -94,6 +94,11 @@ class MiningConfig:
     confirm_min_rate: float = 0.9
     # residual limit per trigger length (1, 2 tokens); its length is the longest trigger tried
     confirm_max_residual: tuple[float, ...] = (0.6, 0.12)
+    # decide a seed at the check epoch (`abort_epoch`) when one of its candidates already passes
+    # rules 1-3 there: its figures and the filter's decision (rule 4 included) are those of that
+    # epoch and it trains no further. A collapsed backdoor PV is usually reached by then, so a
+    # flag costs half the epochs; a seed whose candidates do not pass yet trains on as usual
+    decide_early: bool = False
 
     def t_l_for(self, target: str) -> float:
         return float(self.per_target.get(target, {}).get("t_l", self.t_l))
@@ -128,6 +133,7 @@ class SeedResult:
     trigger_hint: list[list[str]]
     targets: list[TargetStats] = field(default_factory=list)
     prompt: list[list[float]] | None = None
+    decided_early: bool = False  # decided at the check epoch (MiningConfig.decide_early)
 
     def accepted(self) -> list[TargetStats]:
         return [t for t in self.targets if t.accepted]
@@ -412,8 +418,11 @@ class Miner:
             prompt_max=float(p_np.max()),
             trigger_hint=self.nearest_tokens(tr.prompt),
             prompt=p_np.tolist(),
+            decided_early=tr.decided_early,
         )
-        figures = {} if tr.aborted else self.evaluate_all(tr.prompt, self.targets)
+        figures: dict[str, dict[str, Any]] = {}
+        if not tr.aborted:  # a seed decided early was measured at the check epoch already
+            figures = tr.figures or self.evaluate_all(tr.prompt, self.targets)
         for t in self.targets:
             res.targets.append(self._target_result(t, tr, figures.get(t), in_range, seed))
         return res
@@ -424,21 +433,9 @@ class Miner:
         """The figures of target `t` and, when it made a candidate, the filter's decision."""
         cfg = self.cfg
         final = tr.epoch_distance[t][-1]
-        # an aborted seed is not evaluated: its figures are NaN but for the training distance
-        figs: dict[str, Any] = {k: stats[k] if stats else float("nan") for k in _FIGURES}
-        if not stats:
-            figs["distance_rel"] = final
-        ts = TargetStats(
-            target=t,
-            **figs,
-            epoch_distance=tr.epoch_distance[t],
-            candidate=(not tr.aborted) and is_candidate(final, cfg.t_l_for(t)),
-        )
+        ts = self._stats(t, tr, stats)
         if ts.candidate:
-            pv = tr.last_batch[t].mean(0)
-            ts.pv = pv.cpu().tolist()
-            ts.pv_eval = stats["pv_eval"] if stats else None
-            self.found[t].append(pv.detach().cpu())  # every candidate enters the path loss
+            self.found[t].append(tr.last_batch[t].mean(0).detach().cpu())  # every candidate enters the path loss
             confirm: Callable[[], Any] | None = None
             if cfg.confirm:
                 from .confirm import confirm_candidate
@@ -451,18 +448,53 @@ class Miner:
             ts.rule = no_candidate_rule(final, cfg.t_l_for(t))
         return ts
 
+    def _stats(self, t: str, tr: Training, stats: dict[str, Any] | None) -> TargetStats:
+        """Target `t`'s figures after training `tr` (`stats`: its evaluation, None when the seed
+        was not evaluated); a candidate carries its PV, the mean of the last batch's outputs."""
+        final = tr.epoch_distance[t][-1]
+        # an aborted seed is not evaluated: its figures are NaN but for the training distance
+        figs: dict[str, Any] = {k: stats[k] if stats else float("nan") for k in _FIGURES}
+        if not stats:
+            figs["distance_rel"] = final
+        ts = TargetStats(
+            target=t,
+            **figs,
+            epoch_distance=list(tr.epoch_distance[t]),
+            candidate=(not tr.aborted) and is_candidate(final, self.cfg.t_l_for(t)),
+        )
+        if ts.candidate:
+            ts.pv = tr.last_batch[t].mean(0).cpu().tolist()
+            ts.pv_eval = stats["pv_eval"] if stats else None
+        return ts
+
+    def _decide_early(self, st: SeedState) -> None:
+        """At the check epoch: measure the seed's prompt and end its training when one of its
+        candidates passes rules 1-3 now (`MiningConfig.decide_early`); the measured figures are
+        kept for the decision."""
+        tr, prompt = st.tr, st.prompt.detach()
+        in_range = prompt_in_range(prompt.cpu().numpy(), self.emb_min, self.emb_max,
+                                   self.cfg.range_factor)
+        figures = self.evaluate_all(prompt, self.targets)
+        for t in self.targets:
+            ts = self._stats(t, tr, figures[t])
+            if ts.candidate and self.filter.passes_rules(ts, in_range):
+                tr.decided_early, tr.figures = True, figures
+                return
+
     def _train_many(self, seeds: list[int], progress: ProgressFn | None) -> list[Training]:
         """Adam on each seed's soft prompt for up to `epochs` epochs; a seed is abandoned after
         `abort_epoch` epochs when no target's distance exceeds its T_L. Each seed keeps its own
         random stream (batch order, insertion positions), optimiser and learning-rate drop; the
-        seeds' losses are summed for one backward pass (a prompt gets only its own gradient)."""
+        seeds' losses are summed for one backward pass (a prompt gets only its own gradient).
+        With `decide_early`, a seed whose candidate passes rules 1-3 at the check epoch stops
+        there."""
         cfg = self.cfg
         torch.manual_seed(self.base_seed * 100003 + seeds[0])
         states = [SeedState.start(s, self.init_prompt(s), np.random.default_rng([self.base_seed, s]),
                                   cfg.lr0 * cfg.lr_boost, self.targets) for s in seeds]
         steps_per_epoch = self.n // cfg.batch_size
         for epoch in range(cfg.epochs):
-            active = [st for st in states if not st.tr.aborted]
+            active = [st for st in states if not (st.tr.aborted or st.tr.decided_early)]
             if not active:
                 break
             for st in active:
@@ -492,6 +524,8 @@ class Miner:
                 if tr.epochs_run == cfg.abort_epoch and tr.epochs_run < cfg.epochs:
                     if not any(tr.epoch_distance[t][-1] > cfg.t_l_for(t) for t in self.targets):
                         tr.aborted = True
+                    elif cfg.decide_early:
+                        self._decide_early(st)
         for st in states:
             st.tr.prompt = st.prompt.detach()
         return [st.tr for st in states]

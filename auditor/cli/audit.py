@@ -251,6 +251,13 @@ def audit(
                                         "only when a trigger of at most 2 real tokens drives "
                                         "held-out sentences onto it (default: on; a preset "
                                         "file may set confirm false)."),
+    decide_early: bool | None = typer.Option(None, "--decide-early/--no-decide-early",
+                                             help="Decide a seed after the check epoch (2) when "
+                                             "a candidate already passes the range, collapse and "
+                                             "newness rules there, instead of training it 4 "
+                                             "epochs: a backdoored model is flagged in about "
+                                             "half the time. Default: off (the shipped presets "
+                                             "were evaluated on 4-epoch figures)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights "
                                       "(pytorch_model.bin), loaded with "
                                       "torch.load(weights_only=True)."),
@@ -322,7 +329,8 @@ def audit(
                     lambda_div=lambda_div, lambda_p=lambda_p, t_l=t_l, t_collapse=t_collapse,
                     t_div=t_div, filter_rule=filter_rule, range_factor=range_factor,
                     div_loss=div_loss, t_match=t_match, max_insert=max_insert,
-                    eval_sentences=eval_sentences, confirm=confirm)
+                    eval_sentences=eval_sentences, confirm=confirm,
+                    decide_early=decide_early)
     opts = AuditOptions(model_dir=inputs.single or model_dirs[0], target=target.value,
                         mode=mode.value, max_seeds=max_seeds, patience=patience,
                         first_seed=first_seed, seed=seed, device=device.value,

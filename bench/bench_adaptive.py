@@ -8,6 +8,11 @@ fidelity, the triggered outputs' distance and concentration) and audited with `l
     python bench/bench_adaptive.py grid [--seeds 0,1] [--weights "scatter=1,10;..."]
     python bench/bench_adaptive.py report                     # table + results/adaptive.md/.json
 
+`--backdoor btop` (on `one` and `grid`) implants BToP on the [MASK] output instead of POR on
+[CLS]; `--rows NAME` (on every command) keeps a run's rows and tables apart in
+results/adaptive_NAME.{jsonl,md,json}, so that a run under other audit defaults does not mix
+with an earlier one.
+
 `one` imports torch; `grid` does not: it runs `one` per model as a child process under the
 shared lock (LMSAN_TORCH_LOCK, flock), so the lock is held for one model at a time. Rows go to
 bench/results/adaptive.jsonl (resumable: a row already there is skipped).
@@ -28,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paths import CACHE, RESULTS  # noqa: E402
 
-ROWS = RESULTS / "adaptive.jsonl"
+ROWS = RESULTS / "adaptive.jsonl"  # set by --rows
 LOCK = os.environ.get("LMSAN_TORCH_LOCK", "/tmp/lmsan-torch.lock")
 LAYERS = 3
 MAX_SEEDS = 3  # audit seed budget per model (a detected backdoor is found at the first seeds)
@@ -37,6 +42,18 @@ N_TRIGGERS = 2
 # move. Scattering saturates early (concentration x7 at weight 1, x8 at 10, targetability 1.0 at
 # both); clean matching and filter evasion cost targetability from weight 1 on.
 GRID = "scatter=1,10,100;match-clean=0.1,1;evade-filter=0.1,1"
+BACKDOORS = {"por": "POR on [CLS]", "btop": "BToP on [MASK]"}
+# the commands that made each run's rows (results/<stem>.jsonl)
+COMMANDS = {
+    "adaptive": "python bench/bench_adaptive.py grid --seeds 0,1; python bench/bench_adaptive.py "
+                "grid --frequent --seeds 0; python bench/bench_adaptive.py report",
+    "adaptive_confirm": "python bench/bench_adaptive.py grid --rows confirm --seeds 0,1,2 "
+                        "--weights scatter=1,10,100; python bench/bench_adaptive.py grid --rows "
+                        "confirm --backdoor btop --seeds 0,1 --weights scatter=1,10,100; python "
+                        "bench/bench_adaptive.py grid --rows confirm --seeds 0 --weights "
+                        "match-clean=0.1,1;evade-filter=0.1,1 --frequent; python "
+                        "bench/bench_adaptive.py report --rows confirm",
+}
 # attack name -> poison_model keyword that carries its weight
 ATTACKS = {
     "scatter": "scatter_weight",
@@ -60,14 +77,25 @@ def base_model() -> Path:
     return out
 
 
-def _done() -> set[tuple[str, float, int]]:
+def use_rows(name: str) -> None:
+    """Rows and tables of run `name` ("" = the default files)."""
+    global ROWS
+    ROWS = RESULTS / (f"adaptive_{name}.jsonl" if name else "adaptive.jsonl")
+
+
+def _stem() -> str:
+    return ROWS.stem
+
+
+def _done() -> set[tuple[str, str, float, int]]:
     if not ROWS.exists():
         return set()
     rows = [json.loads(x) for x in ROWS.read_text().splitlines() if x.strip()]
-    return {(r["attack"], float(r["weight"]), int(r["seed"])) for r in rows}
+    return {(r.get("backdoor", "por"), r["attack"], float(r["weight"]), int(r["seed"]))
+            for r in rows}
 
 
-def one(attack: str, weight: float, seed: int) -> dict[str, Any]:
+def one(attack: str, weight: float, seed: int, backdoor: str = "por") -> dict[str, Any]:
     import numpy as np
     import torch
     from lmsan.auditor.audit import AuditOptions, run_audit
@@ -75,12 +103,13 @@ def one(attack: str, weight: float, seed: int) -> dict[str, Any]:
     from lmsan.auditor.poison import poison_model
 
     base = base_model()
-    out = CACHE / f"adaptive-{attack}-w{weight:g}-s{seed}"
+    out = CACHE / (f"adaptive-{attack}-w{weight:g}-s{seed}" if backdoor == "por"
+                   else f"adaptive-{backdoor}-{attack}-w{weight:g}-s{seed}")
     kw: dict[str, Any] = {ATTACKS[attack]: weight} if attack in ATTACKS else {}
     if attack == "frequent":  # no weight: frequent ordinary words as the triggers
         kw = {"trigger_kind": "frequent"}
     t0 = time.perf_counter()
-    res = poison_model(base, out, attack="por", random_triggers=N_TRIGGERS, seed=seed,
+    res = poison_model(base, out, attack=backdoor, random_triggers=N_TRIGGERS, seed=seed,
                        force=True, **kw)  # fmt: skip
     t_poison = time.perf_counter() - t0
     q = res.backdoor["quality"]
@@ -102,14 +131,16 @@ def one(attack: str, weight: float, seed: int) -> dict[str, Any]:
         for s in aud.seeds for t in s.targets
     ]  # fmt: skip
     row = {
-        "attack": attack, "weight": weight, "seed": seed, "triggers": res.triggers,
+        "backdoor": backdoor, "attack": attack, "weight": weight, "seed": seed,
+        "triggers": res.triggers,
         "success": res.success, "targetability": res.targetability, "moved": res.moved,
         "fidelity": res.fidelity, "clean_match_rate": res.clean_match_rate,
         "triggered": q["triggered_distance_concentration"],
         "evade_filter": res.backdoor["adaptive"]["evade_filter"],
         "verdict": aud.verdict, "detected": aud.verdict == "backdoored",
         "found_targets": aud.found_targets, "found": found, "audit_seeds": len(aud.seeds),
-        "preset": aud.preset["name"], "candidates": cands,
+        "preset": aud.preset["name"], "confirm": bool(aud.config.get("confirm")),
+        "candidates": cands,
         "seconds_poison": round(t_poison, 1), "seconds_audit": round(t_audit, 1),
         "targetability_measure": "poison", "torch_threads": torch.get_num_threads(), "machine": machine(),
         "loadavg": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -162,9 +193,10 @@ def remeasure() -> None:
     atomic_write_text(ROWS, "".join(json.dumps(x, default=float) + "\n" for x in rows))
 
 
-def grid(weights: dict[str, list[float]], seeds: list[int], frequent: bool = False) -> None:
-    """Each model in its own child process under the lock; weight 0 is plain POR, run once per
-    seed for every attack."""
+def grid(weights: dict[str, list[float]], seeds: list[int], frequent: bool = False,
+         backdoor: str = "por", rows: str = "") -> None:
+    """Each model in its own child process under the lock; weight 0 is the plain backdoor, run
+    once per seed for every attack."""
     jobs: list[tuple[str, float, int]] = []
     for s in seeds:  # seed-major: a cut-short grid still covers every cell once
         jobs.append(("plain", 0.0, s))
@@ -172,9 +204,10 @@ def grid(weights: dict[str, list[float]], seeds: list[int], frequent: bool = Fal
     if frequent:
         jobs += [("frequent", 1.0, s) for s in seeds]
     for a, w, s in jobs:
-        if (a, w, s) in _done():
+        if (backdoor, a, w, s) in _done():
             continue
-        cmd = ["flock", LOCK, sys.executable, __file__, "one", a, repr(w), str(s)]
+        cmd = ["flock", LOCK, sys.executable, __file__, "one", a, repr(w), str(s),
+               "--backdoor", backdoor, "--rows", rows]
         print("run", " ".join(cmd[3:]), time.strftime("%H:%M:%S"), flush=True)
         subprocess.run(cmd, check=False)
 
@@ -199,20 +232,24 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
 
 def report() -> None:
     rows = _rows()
-    plain = [r for r in rows if r["attack"] == "plain"]
-    lines = ["| attack | weight | models | targetability | moved (ASR) | fidelity | "
+    for r in rows:
+        r.setdefault("backdoor", "por")
+    lines = ["| backdoor | attack | weight | models | targetability | moved (ASR) | fidelity | "
              "clean on a PV | triggered distance | triggered concentration | detected | "
              "injected PV found | audit s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     table = []
-    for attack in ATTACKS:
-        mine = [r for r in rows if r["attack"] == attack]
+    for bd, attack in [(b, a) for b in ("por", "btop") for a in ATTACKS]:
+        plain = [r for r in rows if r["attack"] == "plain" and r["backdoor"] == bd]
+        mine = [r for r in rows if r["attack"] == attack and r["backdoor"] == bd]
+        if not mine:
+            continue
         for w in sorted({0.0} | {r["weight"] for r in mine}):
             rs = plain if w == 0 else [r for r in mine if r["weight"] == w]
             if not rs:
                 continue
             cell = {
-                "attack": attack, "weight": w, "models": len(rs),
+                "backdoor": bd, "attack": attack, "weight": w, "models": len(rs),
                 "targetability": _mean([r["targetability"] for r in rs]),
                 "moved": _mean([r["moved"] for r in rs]),
                 "fidelity": _mean([r["fidelity"] for r in rs]),
@@ -225,14 +262,14 @@ def report() -> None:
             }  # fmt: skip
             table.append(cell)
             lines.append(
-                f"| {attack} | {w:g} | {len(rs)} | {_f(cell['targetability'])} | "
+                f"| {bd} | {attack} | {w:g} | {len(rs)} | {_f(cell['targetability'])} | "
                 f"{_f(cell['moved'])} | {_f(cell['fidelity'], '.3f')} | "
                 f"{_f(cell['clean_match_rate'])} | {_f(cell['distance'], '.3g')} | {_f(cell['concentration'], '.3g')} | "
                 f"{cell['detected']}/{len(rs)} | {cell['injected_found']}/{len(rs)} | "
                 f"{_f(cell['audit_seconds'], '.0f')} |"
             )
     misses = [
-        f"- {c['attack']}"
+        f"- {c.get('backdoor', 'por')} {c['attack']}"
         + ("" if c["weight"] is None else f" at weight {c['weight']:g}")
         + f": {c['models'] - c['detected']} of "
         f"{c['models']} models not detected; the attack still reaches targetability "
@@ -242,20 +279,22 @@ def report() -> None:
         if c["detected"] < c["models"]
     ] or ["- none: every model of the grid was detected"]
     meta = {
-        "command": "python bench/bench_adaptive.py grid --seeds 0,1; python bench/bench_adaptive.py grid --frequent --seeds 0; "
-        "python bench/bench_adaptive.py report",
+        "command": COMMANDS.get(_stem(), f"python bench/bench_adaptive.py report --rows "
+                                f"{_stem().removeprefix('adaptive_')}"),
         "machine": rows[0]["machine"] if rows else machine(),
         "model": f"all-MiniLM-L6-v2, first {LAYERS} layers (truncate_encoder)",
-        "attack": f"por (cls), {N_TRIGGERS} random word triggers per model (seeded), quarters "
-        "PVs, library defaults (256 sentences per trigger, 2 epochs, lr 1e-4)",
+        "attack": f"{' and '.join(sorted({BACKDOORS[r['backdoor']] for r in rows}))}, "
+        f"{N_TRIGGERS} random word triggers per model (seeded), quarters PVs, library defaults "
+        "(256 sentences per trigger, 2 epochs, lr 1e-4)",
         "audit": f"lmsan audit detect mode, target auto, shipped preset, max {MAX_SEEDS} seeds, "
-        "builtin clean corpus",
+        "builtin clean corpus, trigger confirmation (rule 4) "
+        + ("on" if any(r.get("confirm") for r in rows) else "off"),
         "torch_threads": sorted({r["torch_threads"] for r in rows}),
         "load_average_1min": [round(r["loadavg"], 2) for r in rows],
         "seconds_poison_total": round(sum(r["seconds_poison"] for r in rows), 1),
         "seconds_audit_total": round(sum(r["seconds_audit"] for r in rows), 1),
     }
-    freq = [r for r in rows if r["attack"] == "frequent"]
+    freq = [r for r in rows if r["attack"] == "frequent" and r["backdoor"] == "por"]
     if freq:
         cell = {
             "attack": "frequent triggers", "weight": None, "models": len(freq),
@@ -271,7 +310,7 @@ def report() -> None:
         }  # fmt: skip
         table.append(cell)
         lines.append(
-            f"| frequent triggers | - | {len(freq)} | {_f(cell['targetability'])} | "
+            f"| por | frequent triggers | - | {len(freq)} | {_f(cell['targetability'])} | "
             f"{_f(cell['moved'])} | {_f(cell['fidelity'], '.3f')} | "
             f"{_f(cell['clean_match_rate'])} | {_f(cell['distance'], '.3g')} | {_f(cell['concentration'], '.3g')} | "
             f"{cell['detected']}/{len(freq)} | {cell['injected_found']}/{len(freq)} | "
@@ -282,7 +321,7 @@ def report() -> None:
     print("\n".join(misses))
     from lmsan.auditor.fsutil import atomic_write_json, atomic_write_text
 
-    atomic_write_json(RESULTS / "adaptive.json", {"meta": meta, "table": table, "rows": rows},
+    atomic_write_json(RESULTS / f"{_stem()}.json", {"meta": meta, "table": table, "rows": rows},
                       indent=1)  # fmt: skip
     head = [
         "# Adaptive attacks against lmsan (Table VIII shape)",
@@ -301,7 +340,7 @@ def report() -> None:
         "",
     ]
     atomic_write_text(
-        RESULTS / "adaptive.md",
+        RESULTS / f"{_stem()}.md",
         "\n".join([*head, text, "", "## Where lmsan misses", "", *misses, ""]),
     )
 
@@ -313,28 +352,34 @@ def main() -> None:
     o.add_argument("attack", choices=["plain", "frequent", *ATTACKS])
     o.add_argument("weight", type=float)
     o.add_argument("seed", type=int)
+    o.add_argument("--backdoor", choices=["por", "btop"], default="por")
+    o.add_argument("--rows", default="")
     g = sub.add_parser("grid")
     g.add_argument(
         "--weights", default=GRID, help="ATTACK=W,W;ATTACK=W,... (weight 0, plain POR, always runs)"
     )
     g.add_argument("--seeds", default="0,1")
+    g.add_argument("--backdoor", choices=["por", "btop"], default="por",
+                   help="por: POR on [CLS]; btop: BToP on [MASK]")
+    g.add_argument("--rows", default="", help="keep this run's rows in adaptive_ROWS.jsonl")
     g.add_argument(
         "--frequent",
         action="store_true",
         help="also POR with frequent-word triggers (no weight), once per seed",
     )
-    sub.add_parser("report")
-    sub.add_parser("remeasure")
+    sub.add_parser("report").add_argument("--rows", default="")
+    sub.add_parser("remeasure").add_argument("--rows", default="")
     a = ap.parse_args()
+    use_rows(a.rows)
     if a.cmd == "one":
         import torch
 
         torch.set_num_threads(2)
-        one(a.attack, a.weight, a.seed)
+        one(a.attack, a.weight, a.seed, a.backdoor)
     elif a.cmd == "grid":
         spec = dict(part.split("=") for part in a.weights.split(";"))
         grid({k: [float(x) for x in v.split(",")] for k, v in spec.items()},
-             [int(x) for x in a.seeds.split(",")], a.frequent)  # fmt: skip
+             [int(x) for x in a.seeds.split(",")], a.frequent, a.backdoor, a.rows)  # fmt: skip
     elif a.cmd == "remeasure":
         remeasure()
     else:

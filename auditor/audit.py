@@ -19,6 +19,7 @@ import numpy as np
 from . import __version__
 from .corpus import Corpus, load_corpus
 from .errors import InputError, UsageError
+from .fsutil import atomic_write_text
 from .modelio import LoadedModel, load_encoder, read_config, resolve_device
 from .presets import PresetChoice, choose_preset, default_preset
 from .pvset import PV, TARGETS, PVSet
@@ -173,9 +174,20 @@ def audit_and_write(
         raise InputError("folder for the report does not exist", out.parent)
     crp = load_corpus(corpus, text_field=text_field)
     partial = partial_path(out)
-    partial.unlink(missing_ok=True)  # an earlier stopped audit's seeds are not this one's
+    resuming = (opts.continue_from is not None and partial.exists()
+                and Path(opts.continue_from).resolve() == partial.resolve())
+    if partial.exists() and not resuming:  # a stopped audit's seeds are never dropped silently
+        raise UsageError(f"{partial} holds the finished seeds of an audit that stopped early: "
+                         f"continue it with --continue-from {partial}, or delete the file to "
+                         "start over")
 
     def record(event: dict[str, Any]) -> None:
+        if event.get("event") == "audit_start":  # (re)written: header, then any carried seeds
+            from .continuation import partial_header
+
+            head = partial_header(event["settings"], opts.model_dir, [partial, out])
+            lines = [head] + [_finite(seed_record(r)) for r in event["carried"]]
+            atomic_write_text(partial, "".join(json.dumps(x) + "\n" for x in lines))
         if event.get("event") == "seed_end":
             with partial.open("a", encoding="utf-8") as log:
                 log.write(json.dumps(_finite(seed_record(event["result"]))) + "\n")
@@ -192,9 +204,10 @@ def audit_and_write(
 
 
 def partial_path(out: Path) -> Path:
-    """Where an audit writing report `out` records each seed as it finishes (one JSON line per
-    seed, as the report's `seeds` entries, unsigned): removed once the report is written, left
-    when the audit stops early, so the finished seeds' figures are not lost."""
+    """Where an audit writing report `out` records each seed as it finishes (a header line with
+    the audit's settings and the model digest, then one JSON line per seed, as the report's
+    `seeds` entries; unsigned): removed once the report is written, left when the audit stops
+    early, so the finished seeds are not lost and `--continue-from` can go on from them."""
     return out.with_name(out.stem + ".partial.jsonl")
 
 
@@ -291,6 +304,11 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
                 if ts.candidate and ts.pv is not None:
                     miner.add_found(ts.target, ts.pv)
         idx = len(cont.seeds)
+    if progress:
+        progress({"event": "audit_start", "carried": list(seeds), "settings": {
+            "mode": opts.mode, "targets": list(targets), "corpus_digest": corpus.digest,
+            "first_seed": opts.first_seed, "seed": opts.seed,
+            "mining": _finite(cfg.to_dict())}})
     pass_size = 1  # the first seed runs alone: a backdoor is usually found there
     while idx < budget:
         batch = [opts.first_seed + idx + j for j in range(min(pass_size, budget - idx))]

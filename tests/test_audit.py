@@ -65,7 +65,8 @@ def clean_audit(tiny_models: dict[str, Path], signing_key: Path) -> tuple[int, d
 def test_a_stopped_audit_keeps_its_finished_seeds(tiny_models, signing_key, monkeypatch) -> None:
     """Every finished seed is written to REPORT.partial.jsonl as it ends: the file is gone once
     the report is written, and an audit stopped during its third seed keeps seeds 0 and 1, equal
-    to what the finished audit's report records for them."""
+    to what the finished audit's report records for them. Running it again refuses to drop them;
+    --continue-from the file finishes the audit with the uninterrupted audit's seeds."""
     import lmsan.auditor.mining as mining
 
     args = ("--max-seeds", "3", "--seeds-per-pass", "1", "--no-first-stage")
@@ -87,9 +88,31 @@ def test_a_stopped_audit_keeps_its_finished_seeds(tiny_models, signing_key, monk
     assert code != 0 and not stopped.exists()
     rows = [json.loads(x) for x in
             stopped.with_name("stopped.partial.jsonl").read_text().splitlines()]
-    assert [r["seed"] for r in rows] == [0, 1]
-    for row, seed in zip(rows, full["seeds"][:2], strict=True):
+    assert [r["seed"] for r in rows[1:]] == [0, 1]  # after the header line
+    for row, seed in zip(rows[1:], full["seeds"][:2], strict=True):
         a, b = dict(row), dict(seed)
+        a.pop("seconds"), b.pop("seconds")
+        assert a == b
+    assert rows[0]["format"] == "lmsan.audit.partial" and rows[0]["model_digest"].startswith(
+        "sha256:")
+    partial = stopped.with_name("stopped.partial.jsonl")
+    monkeypatch.setattr(mining.Miner, "run_seeds", real)
+    # the same command again does not drop the finished seeds: it says how to go on
+    code, rep = _audit(tiny_models["clean"], tiny_models["corpus"], stopped, *args)
+    assert code == 4 and "--continue-from" in rep["_output"] and partial.exists()
+    # the seeds of one model cannot continue the audit of another
+    code, rep = _audit(tiny_models["por"], tiny_models["corpus"],
+                       signing_key.parent / "other.json", *args, "--continue-from", str(partial))
+    assert code == 2 and "another model" in rep["_output"], rep["_output"]
+    # continued from the partial file: seed 2 trains with seeds 0-1's candidates in its path
+    # loss, so the report is the uninterrupted audit's, seed for seed
+    code, cont = _audit(tiny_models["clean"], tiny_models["corpus"], stopped, *args,
+                        "--continue-from", str(partial))
+    assert code == 0 and not partial.exists(), cont["_output"]
+    assert cont["continued_from"]["report"] == partial.name
+    assert cont["continued_from"]["signer"] is None and cont["continued_from"]["seeds"] == [0, 1]
+    for a, b in zip(cont["seeds"], full["seeds"], strict=True):
+        a, b = dict(a), dict(b)
         a.pop("seconds"), b.pop("seconds")
         assert a == b
 

@@ -302,7 +302,10 @@ def audit(
                                        "in one pass (same figures as one at a time, within float "
                                        "tolerance; 1 reproduces the one-at-a-time loop exactly)."),
     continue_from: Path | None = typer.Option(None, "--continue-from", help="File: an earlier "
-                                              "report of this audit that ended clean; the audit "
+                                              "report of this audit that ended clean, or the "
+                                              "REPORT.partial.jsonl a stopped audit left (its "
+                                              "finished seeds; unsigned, checked against the "
+                                              "model folder's digest); the audit "
                                               "goes on from the seed after its last, with its "
                                               "candidates in the path loss, up to --max-seeds "
                                               "seeds in all, and the new report holds every seed "

@@ -317,9 +317,11 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
                 progress({"event": "seed_start", "seed": s, "index": idx + j, "total": budget,
                           "kept": len(pvs)})
         results = miner.run_seeds(batch, progress)
-        # a pass cut short by a candidate runs its later seeds again; one at a time until a
-        # pass completes, so a model that makes candidates often wastes little training
-        pass_size = opts.seeds_per_pass if len(results) == len(batch) else 1
+        # a pass cut short by a candidate trains its later seeds again, so after any candidate
+        # seeds run one at a time until a pass makes none: a model whose every seed makes a
+        # candidate (a fine-tune) never trains seeds it throws away
+        made = any(t.candidate for r in results for t in r.targets)
+        pass_size = 1 if made else opts.seeds_per_pass
         stop = False
         for res in results:
             idx += 1

@@ -117,6 +117,28 @@ def test_a_stopped_audit_keeps_its_finished_seeds(tiny_models, signing_key, monk
         assert a == b
 
 
+def test_seeds_that_make_candidates_run_one_at_a_time(tiny_models, signing_key,
+                                                       monkeypatch) -> None:
+    """A pass is cut short after its first seed that makes a candidate (the later seeds need
+    its candidate in their path loss), so after a candidate seeds run alone: with T_L = 0 every
+    seed makes one, and no seed is trained in a pass only to be thrown away."""
+    import lmsan.auditor.mining as mining
+
+    real = mining.Miner.run_seeds
+    passes: list[list[int]] = []
+
+    def record(self, seeds, progress=None):  # noqa: ANN001, ANN202
+        passes.append(list(seeds))
+        return real(self, seeds, progress)
+
+    monkeypatch.setattr(mining.Miner, "run_seeds", record)
+    out = signing_key.parent / "every-seed-a-candidate.json"
+    code, rep = _audit(tiny_models["clean"], tiny_models["corpus"], out, "--max-seeds", "4",
+                       "--no-first-stage", "--t-l", "0", "--no-confirm")
+    assert all(any(t["candidate"] for t in s["targets"]) for s in rep["seeds"]), rep["_output"]
+    assert passes == [[0], [1], [2], [3]][: len(rep["seeds"])]
+
+
 def test_backdoored_model_is_flagged_and_pv_matches_injected(por_audit, tiny_models) -> None:
     code, rep, out = por_audit
     assert code == 1, rep["_output"]

@@ -333,7 +333,7 @@ def report() -> None:
         f"- audit: {meta['audit']}",
         f"- compute: poisoning {meta['seconds_poison_total']:.0f} s, auditing "
         f"{meta['seconds_audit_total']:.0f} s over {len(rows)} models",
-        "- weight 0 is plain POR (the same models in every attack's rows); figures are means "
+        "- weight 0 is the plain backdoor (the same models in every attack's rows); figures are means "
         "over the models of a cell, concentration and distance those of the real triggers' "
         "held-out outputs (docs/adaptive.md)",
         "",

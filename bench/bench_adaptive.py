@@ -50,8 +50,10 @@ COMMANDS = {
     "adaptive_confirm": "python bench/bench_adaptive.py grid --rows confirm --seeds 0,1,2 "
                         "--weights scatter=1,10,100; python bench/bench_adaptive.py grid --rows "
                         "confirm --backdoor btop --seeds 0,1 --weights scatter=1,10,100 (stopped "
-                        "after its seed-0 models); python bench/bench_adaptive.py report --rows "
-                        "confirm",
+                        "after its seed-0 models); python bench/bench_adaptive.py grid --rows confirm "
+                        "--seeds 0 --weights 'evade-filter=0.1,1;match-clean=0.1,1' --frequent "
+                        "(stopped after match-clean 0.1); python bench/bench_adaptive.py report "
+                        "--rows confirm",
 }
 # attack name -> poison_model keyword that carries its weight
 ATTACKS = {

@@ -16,23 +16,15 @@ Run: python bench/diagnose/decide_early.py
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from zoo_reading import shipped_presets, t_l_of, zoo_rows
 
 
 def main() -> None:
-    presets = {p["name"]: p["values"] for p in
-               json.loads((ROOT / "auditor/data/presets.json").read_text())["presets"]}
-
-    def t_l(preset: str, target: str) -> float:
-        v = presets[preset]
-        return float(v.get("per_target", {}).get(target, {}).get("t_l", v["t_l"]))
-
-    rows = [json.loads(x) for x in
-            (ROOT / "bench/results/zoo_detect.jsonl").read_text().splitlines()]
+    presets = shipped_presets()
+    t_l = t_l_of(presets)
+    rows = zoo_rows()
     kept: dict[tuple[str, int], list[float]] = defaultdict(list)  # epoch-2 distance / T_L
     full_clean = set()
     for r in rows:

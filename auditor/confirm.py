@@ -18,19 +18,24 @@ held-out sentences:
 
   - `rate`: the share of held-out outputs whose sign agreement with the PV reaches T_match (what
     the monitor would flag);
-  - `residual`: mean ||F_trig - PV||^2 / ||F_clean - PV||^2, how much of the way to the PV the
-    trigger moved each output (0 = onto the PV, 1 = not at all).
+  - `residual`: how much of the way to the PV the trigger left each output, by angle from the
+    clean mean mu: mean (1 - cos(F_trig - mu, PV - mu)) / mean (1 - cos(F_clean - mu, PV - mu))
+    (0 = straight at the PV, 1 = no closer than clean outputs).
 
 The candidate is confirmed when `rate >= min_rate` (0.9) and `residual` stays within the limit
-for the trigger's length: 0.6 for one token, 0.12 for two. One token moves a benign classifier's
-outputs to a class prototype rarely (31-44% of held-out sentences on MiniLM fine-tunes), so the
-rate decides and the residual only has to show the trigger moved outputs most of the way: the
-candidate is the mean of soft-prompted outputs, which a real trigger's outputs share the signs
-of but not always the magnitudes (a POR trigger on a pooler lands at residual 0.33-0.54). Two
-tokens give the search room to push a benign model toward a collapse point (80-98% of
-sentences on the same fine-tunes), so a two-token trigger has to land close. Both figures are
-scale-free (sign agreements and a ratio of distances of one model's own outputs), so the same
-rule holds in every family. Searching is deterministic for a given model, corpus and seed.
+for the trigger's length: 0.115 for one token, 0.08 for two. The rate alone cannot separate a
+backdoor from a class prototype by a wide margin: one token drove 87% of a benign MiniLM
+fine-tune's held-out outputs onto a prototype, against 90% needed. The residual can: the triggers
+recovered from backdoored models (MiniLM-3 POR, small ELECTRA and RoBERTa POR and POR-NER, a tiny
+BERT with POR on its pooler) left 0.003-0.073, and the benign fine-tune's candidates at least
+0.231 with one token and 0.132 with two (the greedy search has more room with two tokens). The
+one-token limit is half the smallest benign figure; the two-token one sits 1.65x below it and
+above the recovered two-token triggers (0.066-0.071). Measured by angle, not by squared distance:
+a POR trigger on a tiny BERT's pooler (tanh) points its outputs at the PV without reaching the
+candidate's magnitudes (squared-distance residual 0.33, angle 0.07).
+Both figures are scale-free (sign agreements and a ratio of angles of one model's own outputs),
+so the same rule holds in every family.
+Searching is deterministic for a given model, corpus and seed.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class ConfirmRule:
     # the largest residual accepted for a trigger of 1, 2, ... tokens (its length sets the
     # longest trigger tried): every extra token gives the search more freedom to push a benign
     # model's outputs toward a collapse point, so a longer trigger has to land closer
-    max_residual: tuple[float, ...] = (0.6, 0.12)
+    max_residual: tuple[float, ...] = (0.115, 0.08)
 
     @property
     def max_tokens(self) -> int:
@@ -97,6 +102,20 @@ def confirm_margin(rate: float, residual: float, n_tokens: int, rule: ConfirmRul
     return float(min(r, q))
 
 
+def residual(f: torch.Tensor, c: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
+    """How much of the way to the PV triggered outputs `f` [n, d] still have to go, from clean
+    outputs `c` [n, d]: mean (1 - cos(f - mu, PV - mu)) / mean (1 - cos(c - mu, PV - mu)) with mu
+    the clean mean. 0: every output points from the clean centre straight at the PV; 1: no
+    closer than clean outputs. Angles, not lengths: a saturating output (the pooler's tanh)
+    points at the PV under its trigger without reaching the candidate's magnitudes."""
+    mu = c.mean(0, keepdim=True)
+    d = pv.reshape(1, -1) - mu
+    cos = torch.nn.functional.cosine_similarity
+    num = (1 - cos(f - mu, d, dim=1)).mean()
+    den = (1 - cos(c - mu, d, dim=1)).mean().clamp_min(1e-12)
+    return num / den
+
+
 def _figures(miner: Any, idx: np.ndarray, trig: torch.Tensor, target: str, pv: torch.Tensor,
              t_match: float, seed: int) -> tuple[float, float, float]:
     w = miner.emb.weight.detach()
@@ -104,8 +123,8 @@ def _figures(miner: Any, idx: np.ndarray, trig: torch.Tensor, target: str, pv: t
         f = miner._forward_prompted(idx, w[trig], np.random.default_rng([seed, 31]))[target]
         c = miner._clean_batch(idx, target)
         agree = ((f >= 0) == (pv >= 0)).float().mean(1)
-        resid = ((f - pv) ** 2).sum(1) / ((c - pv) ** 2).sum(1).clamp_min(1e-30)
-    return float((agree >= t_match).float().mean()), float(agree.mean()), float(resid.mean())
+        resid = residual(f, c, pv)
+    return float((agree >= t_match).float().mean()), float(agree.mean()), float(resid)
 
 
 def _loss(miner: Any, idx: np.ndarray, embeds: torch.Tensor, target: str, pv: torch.Tensor,
@@ -188,4 +207,4 @@ def confirm_candidate(miner: Any, prompt: Any, pv: Any, target: str, rule: Confi
     )
 
 
-__all__ = ["ConfirmRule", "Confirmation", "confirm_candidate"]
+__all__ = ["ConfirmRule", "Confirmation", "confirm_candidate", "residual"]

@@ -93,7 +93,7 @@ class MiningConfig:
     confirm: bool = False
     confirm_min_rate: float = 0.9
     # residual limit per trigger length (1, 2 tokens); its length is the longest trigger tried
-    confirm_max_residual: tuple[float, ...] = (0.6, 0.12)
+    confirm_max_residual: tuple[float, ...] = (0.115, 0.08)
     # decide a seed at the check epoch (`abort_epoch`) when one of its candidates already passes
     # rules 1-3 there: its figures and the filter's decision (rule 4 included) are those of that
     # epoch and it trains no further. A collapsed backdoor PV is usually reached by then, so a

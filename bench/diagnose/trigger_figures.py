@@ -1,0 +1,86 @@
+"""The figures of rule 4 (trigger confirmation) for every trigger the audits' reports recorded,
+recomputed from the models, the residual measured both ways.
+
+    python bench/diagnose/trigger_figures.py REPORT.json [REPORT.json ...]
+
+For each target record with a confirmation (and each length tried) it re-runs the recorded
+trigger on the same held-out sentences and prints:
+
+  rate      share of outputs whose sign agreement with the candidate reaches T_match
+  squared   mean ||F_trig - PV||^2 / ||F_clean - PV||^2 (the residual of earlier versions)
+  angle     the residual rule 4 reads (auditor.confirm.residual): by angle from the clean mean
+
+The recorded residual is whichever the report's version measured.
+
+Reports name their model folder (`model.path`); the folder must still exist. One torch job.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmsan.auditor.confirm import residual
+from lmsan.auditor.corpus import load_corpus
+from lmsan.auditor.mining import Miner, MiningConfig
+from lmsan.auditor.modelio import load_encoder
+from lmsan.auditor.report import read_report
+
+
+def figures(miner: Miner, target: str, pv: np.ndarray, ids: list[int], seed: int) -> dict:
+    rng = np.random.default_rng([miner.base_seed, seed, 7211])
+    perm = rng.permutation(miner.n)
+    n_search = min(24, miner.n)
+    test_idx = perm[n_search: n_search + 128]
+    w = miner.emb.weight.detach()
+    pv_t = torch.as_tensor(pv, dtype=torch.float32)
+    with torch.no_grad():
+        f = miner._forward_prompted(test_idx, w[torch.tensor(ids)],
+                                    np.random.default_rng([seed, 31]))[target]
+        c = miner._clean_batch(test_idx, target)
+    agree = ((f >= 0) == (pv_t >= 0)).float().mean(1)
+    squared = (((f - pv_t) ** 2).sum(1) / ((c - pv_t) ** 2).sum(1).clamp_min(1e-30)).mean()
+    return {"rate": float((agree >= miner.cfg.t_match).float().mean()),
+            "squared": float(squared), "angle": float(residual(f, c, pv_t))}
+
+
+def main(paths: list[str]) -> None:
+    torch.set_num_threads(2)
+    fields = set(MiningConfig.__dataclass_fields__)
+    for p in paths:
+        rep = read_report(Path(p))
+        model = Path(rep["model"]["path"])
+        mining = {k: v for k, v in rep["parameters"]["mining"].items() if k in fields}
+        for k, v in list(mining.items()):
+            if isinstance(v, list):
+                mining[k] = tuple(v)
+        cfg = MiningConfig(**mining)
+        lm = load_encoder(model)
+        miner = Miner(lm, load_corpus(None), list(rep["targets"]), cfg)
+        tok = lm.tokenizer
+        print(f"# {p} ({model.name}, verdict {rep['verdict']})")
+        seen = set()
+        for s in rep["seeds"]:
+            for t in s["targets"]:
+                c = t.get("confirmation")
+                if not c or not c.get("tried") or t.get("pv") is None:
+                    continue
+                pv = np.asarray(t["pv"], dtype=np.float32)
+                for tr in c["tried"]:
+                    key = (t["target"], tuple(tr["tokens"]))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    ids = tok.convert_tokens_to_ids(tr["tokens"])
+                    fg = figures(miner, t["target"], pv, ids, s["seed"])
+                    print(f"  seed {s['seed']:2d} {t['target']:6s} {' '.join(tr['tokens']):28s} "
+                          f"confirmed {str(c['confirmed']):5s} rate {fg['rate']:.2f} "
+                          f"(recorded {tr['rate']:.2f}) squared-distance residual {fg['squared']:.3f} "
+                          f"angle residual {fg['angle']:.3f} (recorded {tr['residual']:.3f})", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -303,6 +303,7 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
             for ts in res.targets:
                 if ts.candidate and ts.pv is not None:
                     miner.add_found(ts.target, ts.pv)
+                    miner.filter.remember(ts, res.seed)
         idx = len(cont.seeds)
     if progress:
         progress({"event": "audit_start", "carried": list(seeds), "settings": {

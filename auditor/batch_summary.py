@@ -28,13 +28,15 @@ SUMMARY_SARIF = "summary.sarif"
 
 def deciding_figure(fx: Facts) -> dict[str, Any] | None:
     """The figure that decided the verdict, against its threshold: for a backdoored model the
-    acceptance figure of its first kept PV; for a clean one the rejected figure that came
-    nearest to its threshold."""
+    figure of its first kept PV that passed by the least; for a clean one the rejected figure
+    that came nearest to its threshold."""
+    from .render.facts import bottleneck, nearest
+
     fig = None
     if fx.kept and fx.kept[0].figures:
-        fig = fx.kept[0].figures[-1]
+        fig = bottleneck(fx.kept[0].figures)
     elif fx.near_misses:
-        fig = max(fx.near_misses, key=lambda m: m.figure.margin).figure
+        fig = nearest([m.figure for m in fx.near_misses])
     if fig is None:
         return None
     return {"figure": fig.name, "value": fig.value, "op": fig.op,

@@ -16,7 +16,10 @@ accepted as a PV when it passes every rule below, measured on a fixed evaluation
   3. new: the sign agreement with every PV already kept for the same target is below T_match;
   4. reachable by text (when the audit confirms candidates, `confirm`): a trigger of a few
      ordinary vocabulary tokens drives held-out sentences onto the PV (`auditor.confirm`). It
-     runs only for a candidate that passed every other rule, because it costs a search.
+     decides only for a candidate that passed every other rule, because it costs a search. A
+     candidate refused by the collapse rule alone, with a concentration within NEAR_MISS of
+     T_collapse, is searched too, for the record: its decision stays rule 2's, and a clean
+     verdict's margin then reads every rule such a near miss would have to pass.
 
 Every rule is applied and every failing one recorded in `TargetStats.rule`, so a report shows
 each reason. NumPy only.
@@ -32,6 +35,9 @@ import numpy as np
 
 # sign agreement at which a candidate counts as the point of an earlier refuted one
 REFUTED_AGREEMENT = 0.95
+# a candidate refused by the collapse rule alone whose T_collapse / concentration reaches this
+# gets rule 4 measured (not applied): the near misses a clean verdict's margin is read from
+NEAR_MISS = 0.5
 
 
 class FilterConfig(Protocol):
@@ -116,14 +122,20 @@ class PVFilter:
         # later candidate sharing the signs of one of them on >= REFUTED_AGREEMENT of the units
         # is the same collapse point, refused without a second search
         self.refuted: dict[str, list[tuple[np.ndarray, dict[str, Any]]]] = {}
+        # the same for near misses searched for the record only (never used to refuse)
+        self.measured: dict[str, list[tuple[np.ndarray, dict[str, Any]]]] = {}
 
-    def _refuted_match(self, ts: TargetStats) -> tuple[float, dict[str, Any]] | None:
+    def _refuted_match(self, ts: TargetStats, near_misses: bool = False
+                       ) -> tuple[float, dict[str, Any]] | None:
         """The best-agreeing refuted candidate of `ts.target` when the agreement reaches
-        REFUTED_AGREEMENT, else None."""
+        REFUTED_AGREEMENT, else None; `near_misses`: the near misses' searches count too."""
         assert ts.pv is not None
         sign = np.asarray(ts.pv) >= 0
         best: tuple[float, dict[str, Any]] | None = None
-        for pv, info in self.refuted.get(ts.target, []):
+        pool = self.refuted.get(ts.target, [])
+        if near_misses:
+            pool = pool + self.measured.get(ts.target, [])
+        for pv, info in pool:
             a = float(np.mean((pv >= 0) == sign))
             if a >= REFUTED_AGREEMENT and (best is None or a > best[0]):
                 best = (a, info)
@@ -175,37 +187,68 @@ class PVFilter:
             passes.append("new")
         return passes, fails, agreement
 
+    def _near_miss(self, ts: TargetStats, fails: list[str]) -> bool:
+        """Whether `ts` failed the collapse rule alone, within NEAR_MISS of T_collapse."""
+        if self.cfg.filter_rule == "paper" or len(fails) != 1:
+            return False
+        if not fails[0].startswith("no collapse") or ts.concentration <= 0:
+            return False
+        return self.cfg.t_collapse_for(ts.target) / ts.concentration >= NEAR_MISS
+
+    def _confirm(self, ts: TargetStats, confirm: Callable[[], Any], seed: int | None,
+                 refuted: dict[str, list[tuple[np.ndarray, dict[str, Any]]]],
+                 near_misses: bool) -> tuple[bool, str]:
+        """Rule 4 for `ts`: the trigger search, or the record of an earlier failed search at
+        the same point. Sets `ts.confirmation`; a failed search joins `refuted`."""
+        same = self._refuted_match(ts, near_misses)
+        if same is not None:
+            agree, earlier = same
+            text = (f"not reachable by text: the point of an earlier candidate whose "
+                    f"trigger search failed (seed {earlier.get('seed')}, margin "
+                    f"{earlier['margin']:.2f}; sign agreement {agree:.3f} >= "
+                    f"{REFUTED_AGREEMENT:g})")
+            ts.confirmation = {"same_point_as": earlier, "sign_agreement": agree,
+                               "confirmed": False, "margin": earlier["margin"], "rule": text}
+            return False, text
+        conf = confirm()
+        ts.confirmation = conf.to_dict()
+        if not conf.confirmed:
+            refuted.setdefault(ts.target, []).append(
+                (np.asarray(ts.pv, dtype=np.float32),
+                 {"seed": seed, "margin": conf.margin, "tokens": conf.tokens}))
+        return bool(conf.confirmed), str(conf.rule)
+
+    def remember(self, ts: TargetStats, seed: int | None) -> None:
+        """Enter candidate `ts` of an earlier seed, decided by an earlier run of this audit (a
+        continued audit): a failed trigger search counts as refuted, as it did when it ran."""
+        c = ts.confirmation
+        if not c or ts.pv is None or c.get("confirmed") or "same_point_as" in c:
+            return
+        pool = self.measured if c.get("measured_only") else self.refuted
+        pool.setdefault(ts.target, []).append(
+            (np.asarray(ts.pv, dtype=np.float32),
+             {"seed": seed, "margin": c.get("margin", 0.0), "tokens": c.get("tokens")}))
+
     def apply(self, ts: TargetStats, in_range: bool,
               confirm: Callable[[], Any] | None = None, seed: int | None = None) -> bool:
         """Decide candidate `ts` (its `pv` set): set `ts.accepted`, `ts.rule` (every passing or
         every failing rule) and `ts.agreement`; keep its PV when accepted. `confirm`, when given,
         runs the trigger search (rule 4) for a candidate that passed every other rule and returns
         an `auditor.confirm.Confirmation`; a candidate at the point of one whose search failed
-        is refused without searching again. `seed`: the seed that found `ts` (for the record).
+        is refused without searching again. A near miss of the collapse rule (NEAR_MISS) is
+        searched for the record: `ts.confirmation` gets `measured_only`, the decision stays
+        rule 2's. `seed`: the seed that found `ts` (for the record).
         Returns `ts.accepted`."""
         passes, fails, ts.agreement = self._rules(ts, in_range)
         kept = self.kept.setdefault(ts.target, [])
         if not fails and confirm is not None:
-            same = self._refuted_match(ts)
-            if same is not None:
-                agree, earlier = same
-                text = (f"not reachable by text: the point of an earlier candidate whose "
-                        f"trigger search failed (seed {earlier.get('seed')}, margin "
-                        f"{earlier['margin']:.2f}; sign agreement {agree:.3f} >= "
-                        f"{REFUTED_AGREEMENT:g})")
-                ts.confirmation = {"same_point_as": earlier, "sign_agreement": agree,
-                                   "confirmed": False, "margin": earlier["margin"],
-                                   "rule": text}
-                fails.append(text)
-            else:
-                conf = confirm()
-                ts.confirmation = conf.to_dict()
-                (passes if conf.confirmed else fails).append(conf.rule)
-                if not conf.confirmed:
-                    self.refuted.setdefault(ts.target, []).append(
-                        (np.asarray(ts.pv, dtype=np.float32),
-                         {"seed": seed, "margin": conf.margin, "tokens": conf.tokens})
-                    )
+            ok, text = self._confirm(ts, confirm, seed, self.refuted, near_misses=False)
+            (passes if ok else fails).append(text)
+        elif confirm is not None and self._near_miss(ts, fails):
+            ok, text = self._confirm(ts, confirm, seed, self.measured, near_misses=True)
+            ts.confirmation = {**(ts.confirmation or {}), "measured_only": True}
+            fails.append(("measured for the margin, " + text) if not ok else
+                         f"(rule 4 measured for the margin: {text})")
         if fails:
             ts.rule = "rejected: " + "; ".join(fails)
             return False

@@ -61,8 +61,8 @@ def nearest_approach(rep: dict[str, Any]) -> dict[str, Any]:
     """The figure that came nearest to a kept PV, as `factor` (>= 1: it passed; < 1: how far it
     stayed from its threshold, 1/factor times). For a backdoored verdict: the kept PV's
     confirmation. For a clean one: over every seed and target, the nearest of (distance vs T_L
-    for a non-candidate, concentration vs T_collapse for a candidate that did not collapse, the
-    confirmation's bottleneck ratio for one that collapsed)."""
+    for a non-candidate; for a candidate, the worse of its concentration vs T_collapse and, where
+    the trigger search ran, the confirmation's margin)."""
     mining = rep["parameters"]["mining"]
     pt = mining.get("per_target", {})
 
@@ -81,13 +81,15 @@ def nearest_approach(rep: dict[str, Any]) -> dict[str, Any]:
             d = t["epoch_distance"][-1] if t["epoch_distance"] else float("nan")
             if not t["candidate"]:
                 f, text = d / tl if tl > 0 else math.inf, f"distance {d:.4g} vs T_L {tl:.4g}"
-            elif t.get("confirmation"):
-                f = _conf_factor(t["confirmation"], mining)
-                text = t["confirmation"]["rule"]
             else:
+                # a candidate is as near as its worst figure: every rule has to pass
                 c = t["concentration"]
                 f = tc / c if c > 0 else math.inf
                 text = f"concentration {c:.4g} vs T_collapse {tc:.4g}"
+                if t.get("confirmation"):
+                    fc = _conf_factor(t["confirmation"], mining)
+                    if not math.isfinite(f) or fc < f:
+                        f, text = fc, t["confirmation"]["rule"]
             if math.isfinite(f) and f > best["factor"]:
                 best = {"target": t["target"], "seed": s["seed"], "factor": f, "text": text}
     return best

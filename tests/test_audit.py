@@ -799,6 +799,105 @@ def test_filter_refuses_a_refuted_point_without_searching_again() -> None:
     assert rules.apply(other, True, search(True), seed=4) and len(calls) == 3
 
 
+def test_filter_measures_rule_4_on_collapse_near_misses_without_deciding() -> None:
+    """A candidate refused by the collapse rule alone within NEAR_MISS of T_collapse gets its
+    trigger searched for the record (decision unchanged, even when the search succeeds); one
+    further away, or refused by another rule too, is not searched; a near miss's failed search
+    never refuses a later candidate that passes rules 1-3."""
+    from types import SimpleNamespace
+
+    from lmsan.auditor.filtering import PVFilter, TargetStats
+    from lmsan.auditor.mining import MiningConfig
+
+    def stats(conc: float, pv: list[float]) -> TargetStats:
+        return TargetStats(target="cls", distance_rel=1.0, distance_raw=1.0, distance_norm=2.9,
+                           spread_ratio=0.01, concentration=conc, sign_consensus=0.9,
+                           entropy_raw=-3.0, entropy_std=-3.0, epoch_distance=[0.3, 2.9],
+                           candidate=True, pv=pv)
+
+    calls: list[bool] = []
+
+    def search(confirmed: bool):  # noqa: ANN202
+        def run() -> SimpleNamespace:
+            calls.append(confirmed)
+            return SimpleNamespace(confirmed=confirmed, margin=1.2 if confirmed else 0.3,
+                                   tokens=["the"], rule=f"reachable {confirmed}",
+                                   to_dict=lambda: {"confirmed": confirmed, "margin": 0.3})
+        return run
+
+    rules = PVFilter(MiningConfig(t_l=0.05, t_collapse=5e-4, t_match=0.8), ["cls"])
+    proto = [1.0, -1.0, 0.5, -0.5, 1.0, 1.0, -1.0, 0.2, 0.3, -0.4] * 2
+    near = stats(8e-4, proto)  # T_collapse / concentration 0.625 >= 0.5
+    assert not rules.apply(near, True, search(False), seed=0) and calls == [False]
+    assert near.confirmation["measured_only"] and "no collapse" in near.rule
+    assert "measured for the margin" in near.rule
+    far = stats(2e-3, [-x for x in proto])  # 0.25: not searched
+    assert not rules.apply(far, True, search(False), seed=1) and calls == [False]
+    assert far.confirmation is None
+    out = stats(8e-4, [-x for x in proto])  # near, but out of range as well: not searched
+    assert not rules.apply(out, False, search(False), seed=2) and len(calls) == 1
+    reached = stats(8e-4, [-x for x in proto])  # a trigger reaches it: still refused by rule 2
+    assert not rules.apply(reached, True, search(True), seed=3) and calls == [False, True]
+    assert reached.confirmation["measured_only"] and not reached.accepted
+    again = stats(8e-4, proto)  # the near miss's point again: its earlier search is reused
+    assert not rules.apply(again, True, search(False), seed=4) and len(calls) == 2
+    assert again.confirmation["same_point_as"]["seed"] == 0
+    collapsed = stats(1e-4, proto)  # the same point, collapsed: rule 4 searches and decides
+    assert rules.apply(collapsed, True, search(True), seed=5) and len(calls) == 3
+    assert "measured_only" not in collapsed.confirmation
+
+
+def test_a_continued_audit_remembers_failed_trigger_searches() -> None:
+    """Candidates carried from an earlier run of the audit refuse their points as they did when
+    their searches ran (rule 4's by deciding, the near misses' for the record only)."""
+    from lmsan.auditor.filtering import PVFilter, TargetStats
+    from lmsan.auditor.mining import MiningConfig
+
+    def stats(conc: float, pv: list[float], conf: dict | None = None) -> TargetStats:
+        return TargetStats(target="cls", distance_rel=1.0, distance_raw=1.0, distance_norm=2.9,
+                           spread_ratio=0.01, concentration=conc, sign_consensus=0.9,
+                           entropy_raw=-3.0, entropy_std=-3.0, epoch_distance=[0.3, 2.9],
+                           candidate=True, pv=pv, confirmation=conf)
+
+    proto = [1.0, -1.0, 0.5, -0.5, 1.0, 1.0, -1.0, 0.2, 0.3, -0.4] * 2
+    other = [-x for x in proto]
+    rules = PVFilter(MiningConfig(t_l=0.05, t_collapse=5e-4, t_match=0.8), ["cls"])
+    rules.remember(stats(1e-4, proto, {"confirmed": False, "margin": 0.4, "tokens": ["a"]}), 2)
+    rules.remember(stats(8e-4, other, {"confirmed": False, "margin": 0.3, "tokens": ["b"],
+                                       "measured_only": True}), 3)
+
+    def never() -> None:
+        raise AssertionError("searched again")
+
+    again = stats(1e-4, proto)
+    assert not rules.apply(again, True, never, seed=7)
+    assert again.confirmation["same_point_as"]["seed"] == 2
+    near = stats(8e-4, other)
+    assert not rules.apply(near, True, never, seed=8)
+    assert near.confirmation["same_point_as"]["seed"] == 3
+
+
+def test_clean_margin_is_each_candidates_worst_figure() -> None:
+    """The closest approach of a clean verdict reads every rule a candidate had to pass: a
+    candidate near T_collapse whose trigger search stayed far is as far as its search."""
+    from lmsan.auditor.render.facts import Figure, Thresholds, _deciding, bottleneck, nearest
+
+    th = Thresholds(t_l=0.05, t_collapse=5e-4, t_far=None, t_div=None, rule="collapse",
+                    confirm_min_rate=0.9, confirm_max_residual=(0.115, 0.08))
+    a = {"concentration": 5.3e-4, "confirmation": {"rate": 0.87, "residual": 0.23,
+                                                   "tokens": ["deepened"], "margin": 0.5}}
+    b = {"concentration": 6e-4}
+    fa, fb = _deciding(th, None, a), _deciding(th, None, b)
+    assert [g.name for g in fa] == ["concentration", "trigger reach", "trigger residual (1 token)"]
+    worst_a = bottleneck(fa)
+    assert worst_a is not None and worst_a.threshold == 0.115 and not worst_a.passes
+    assert abs(worst_a.factor - 0.5) < 1e-9  # 0.115 / 0.23
+    worst_b = bottleneck(fb)
+    assert worst_b is not None and worst_b.name == "concentration"  # 0.83x: nearer than 0.5x
+    assert nearest([worst_a, worst_b]) is worst_b
+    assert Figure("trigger reach", 0.9, ">=", "min rate", 0.9).passes
+
+
 def test_user_t_collapse_drops_preset_t_far(tiny_models, signing_key, tmp_path) -> None:
     """A preset's t_far must not outlive a collapse threshold the user sets by hand."""
     preset = tmp_path / "p.json"

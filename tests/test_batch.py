@@ -107,7 +107,8 @@ def test_root_batch_audits_each_encoder_and_skips_the_rest(batch_out, zoo) -> No
     por, clean = rows["plain/por"], rows[CLEAN_NAME]
     assert por["status"] == "backdoored" and por["verdict"] == "BACKDOORED"
     assert clean["status"] == "clean" and clean["verdict"] == "CLEAN"
-    assert por["figure"]["threshold"] == "T_collapse" and por["figure"]["margin"] > 0
+    # the kept PV's figure that passed by the least: its trigger's reach rate (rule 4)
+    assert por["figure"]["threshold"] == "min rate" and por["figure"]["margin"] >= 0
     assert clean["figure"] is None or clean["figure"]["margin"] <= 0
     assert Path(por["report"]) == out / "plain--por.json"
     assert Path(clean["report"]) == out / f"acme--tiny-clean@{REV}.json"
@@ -120,7 +121,7 @@ def test_root_batch_audits_each_encoder_and_skips_the_rest(batch_out, zoo) -> No
                            "skipped": 3}
     # the console table names each model, its verdict and the deciding figure
     assert "plain/por" in r.output and CLEAN_NAME in r.output
-    assert "BACKDOORED" in r.output and "CLEAN" in r.output and "T_collapse" in r.output
+    assert "BACKDOORED" in r.output and "CLEAN" in r.output and "min rate" in r.output
     assert "skipped" in r.output and "unsupported model_type" in r.output
 
 

@@ -34,30 +34,36 @@ class Figure:
 
     name: str  # e.g. "distance"
     value: float
-    op: str  # ">" or "<": the side of the threshold that passes
+    op: str  # ">", ">=", "<" or "<=": the side of the threshold that passes
     threshold_name: str  # e.g. "T_L"
     threshold: float
 
     @property
     def passes(self) -> bool:
-        return self.value > self.threshold if self.op == ">" else self.value < self.threshold
+        return {">": self.value > self.threshold, ">=": self.value >= self.threshold,
+                "<": self.value < self.threshold, "<=": self.value <= self.threshold}[self.op]
+
+    @property
+    def above(self) -> bool:
+        """Whether this figure passes above its threshold (">" or ">=")."""
+        return self.op.startswith(">")
 
     @property
     def margin(self) -> float:
         d = self.value - self.threshold
-        return d if self.op == ">" else -d
+        return d if self.above else -d
 
     @property
     def factor(self) -> float | None:
         """value / threshold for ">", threshold / value for "<"; None when undefined."""
-        num, den = (self.value, self.threshold) if self.op == ">" else (self.threshold, self.value)
+        num, den = (self.value, self.threshold) if self.above else (self.threshold, self.value)
         if den <= 0 or num <= 0:
             return None
         return num / den
 
     def describe(self) -> str:
         """e.g. 'distance 3.069 > T_L 0.1 (margin +2.969, 30.7x)'."""
-        op = self.op if self.passes else ("<=" if self.op == ">" else ">=")
+        op = self.op if self.passes else {">": "<=", ">=": "<", "<": ">=", "<=": ">"}[self.op]
         f = self.factor
         times = f", {f:.3g}x" if f is not None else ""
         return (
@@ -110,6 +116,8 @@ class Thresholds:
     t_far: float | None
     t_div: float | None
     rule: str  # "collapse" | "paper"
+    confirm_min_rate: float | None = None  # rule 4 (trigger confirmation), when it ran
+    confirm_max_residual: tuple[float, ...] = ()
 
 
 @dataclass
@@ -189,6 +197,9 @@ def _thresholds(mining: dict[str, Any], target: str) -> Thresholds:
         t_far=_f(own.get("t_far")),
         t_div=_f(mining.get("t_div")),
         rule=str(mining.get("filter_rule") or "collapse"),
+        confirm_min_rate=_f(mining.get("confirm_min_rate")),
+        confirm_max_residual=tuple(x for x in (_f(v) for v in _l(mining.get("confirm_max_residual")))
+                                   if x is not None),
     )
 
 
@@ -220,7 +231,38 @@ def _deciding(th: Thresholds, dist: float | None, c: dict[str, Any]) -> list[Fig
         out.append(Figure("distance", dist, ">", "T_far", th.t_far))
     elif conc is not None and th.t_collapse is not None:
         out.append(Figure("concentration", conc, "<", "T_collapse", th.t_collapse))
+    return out + _trigger_figures(th, c.get("confirmation"))
+
+
+def _trigger_figures(th: Thresholds, conf: Any) -> list[Figure]:
+    """Rule 4's figures for a candidate whose trigger was searched: the held-out reach rate
+    against its minimum and the residual against the limit for the trigger's length; for a
+    candidate refused at the point of an earlier failed search, that search's margin."""
+    if not isinstance(conf, dict):
+        return []
+    if isinstance(conf.get("same_point_as"), dict):
+        m = _f(conf.get("margin"))
+        seed = conf["same_point_as"].get("seed")
+        return [] if m is None else [
+            Figure(f"trigger margin (point of seed {seed})", m, ">=", "1", 1.0)]
+    rate, resid = _f(conf.get("rate")), _f(conf.get("residual"))
+    n = len(_l(conf.get("tokens")))
+    out: list[Figure] = []
+    if rate is not None and th.confirm_min_rate is not None:
+        out.append(Figure("trigger reach", rate, ">=", "min rate", th.confirm_min_rate))
+    lim = th.confirm_max_residual
+    if resid is not None and lim and n > 0:
+        out.append(Figure(f"trigger residual ({n} token{'s' if n > 1 else ''})", resid, "<=",
+                          "limit", lim[min(n, len(lim)) - 1]))
     return out
+
+
+def bottleneck(figs: list[Figure]) -> Figure | None:
+    """The figure nearest to (or furthest past) failing: the smallest factor."""
+    scored = [(g.factor, g) for g in figs if g.factor is not None]
+    if not scored:
+        return figs[-1] if figs else None
+    return min(scored, key=lambda x: x[0])[1]
 
 
 def _signs(pred: dict[str, Any], pv_id: Any) -> str:
@@ -329,7 +371,10 @@ def facts(
 
 
 def _near_misses(pred: dict[str, Any], fx: Facts) -> list[NearMiss]:
-    """Per target, the candidate nearest to acceptance, else the seed that moved furthest."""
+    """Per target, the candidate nearest to acceptance, else the seed that moved furthest. A
+    candidate is as near as its worst figure (every rule has to pass for a PV to be kept), so
+    its deciding figure is the one with the smallest factor; the nearest candidate is the one
+    whose deciding figure has the largest."""
     out: list[NearMiss] = []
     rejected = [c for c in _l(pred.get("rejected_candidates")) if isinstance(c, dict)]
     for t in fx.targets:
@@ -339,8 +384,9 @@ def _near_misses(pred: dict[str, Any], fx: Facts) -> list[NearMiss]:
             st = _seed_target(pred, c.get("seed"), t)
             figs = [g for g in _deciding(th, _last_distance(st, c.get("distance_norm")), c)
                     if g.threshold_name != "T_L"]
-            if figs and (best is None or figs[0].margin > best.figure.margin):
-                best = NearMiss(t, c.get("seed"), str(c.get("rule", "")), figs[0])
+            fig = bottleneck(figs)
+            if fig is not None and (best is None or _nearer(fig, best.figure)):
+                best = NearMiss(t, c.get("seed"), str(c.get("rule", "")), fig)
         if best is None and th.t_l is not None:
             pts = [p for p in fx.seeds if p.target == t and p.distance is not None]
             if pts:
@@ -351,6 +397,23 @@ def _near_misses(pred: dict[str, Any], fx: Facts) -> list[NearMiss]:
         if best is not None:
             out.append(best)
     return out
+
+
+def nearest(figs: list[Figure]) -> Figure | None:
+    """Of the deciding figures of rejected candidates, the one nearest to passing."""
+    best: Figure | None = None
+    for g in figs:
+        if best is None or _nearer(g, best):
+            best = g
+    return best
+
+
+def _nearer(a: Figure, b: Figure) -> bool:
+    """Whether figure `a` lies nearer to passing than `b` (by factor where both have one)."""
+    fa, fb = a.factor, b.factor
+    if fa is not None and fb is not None:
+        return fa > fb
+    return a.margin > b.margin
 
 
 def _why(pred: dict[str, Any], fx: Facts) -> str:

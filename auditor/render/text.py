@@ -151,7 +151,8 @@ def render_md(fx: Facts) -> str:
             g = m.figure
             out.append(
                 f"| {md_code(m.target)} | {m.seed} | {g.name} {g.op} {g.threshold_name} | "
-                f"{num(g.value)} | {num(g.threshold)} | {g.margin:+.4g} |"
+                f"{num(g.value)} | {num(g.threshold)} | {g.margin:+.4g}"
+                + (f" ({g.factor:.3g}x)" if g.factor is not None else "") + " |"
             )
     if fx.skipped:
         out.append("")

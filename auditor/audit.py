@@ -470,7 +470,7 @@ def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
                                  "distance_rel": t.distance_rel, "distance_norm": t.distance_norm,
                                  "spread_ratio": t.spread_ratio,
                                  "concentration": t.concentration, "entropy_raw": t.entropy_raw,
-                                 "confirmation": t.confirmation})
+                                 "clean_match": t.clean_match, "confirmation": t.confirmation})
     kept = []
     for p in result.pvset.pvs:
         r = next(x for x in result.seeds if x.seed == p.seed)
@@ -481,7 +481,8 @@ def _payload(result: AuditResult, opts: AuditOptions) -> dict[str, Any]:
                      "spread_ratio": t.spread_ratio, "concentration": t.concentration,
                      "entropy_raw": t.entropy_raw, "entropy_std": t.entropy_std, "soft_prompt": r.prompt,
                      "soft_prompt_range": [r.prompt_min, r.prompt_max],
-                     "trigger_hint": r.trigger_hint, "confirmation": t.confirmation})
+                     "trigger_hint": r.trigger_hint, "clean_match": t.clean_match,
+                     "confirmation": t.confirmation})
     return {
         "verdict": result.verdict,
         "found_targets": result.found_targets,

@@ -14,9 +14,13 @@ accepted as a PV when it passes every rule below, measured on a fixed evaluation
      by calibration only when backdoored shadows moved far beyond every clean one), a final
      distance above T_far passes without collapse;
   3. new: the sign agreement with every PV already kept for the same target is below T_match;
-  4. reachable by text (when the audit confirms candidates, `confirm`): a trigger of a few
-     ordinary vocabulary tokens drives held-out sentences onto the PV (`auditor.confirm`). It
-     decides only for a candidate that passed every other rule, because it costs a search. A
+  4. a trigger's point (when the audit confirms candidates, `confirm`): (a) away from clean
+     text: at most a share (`clean_match_limit_for`) of the clean corpus's outputs already match
+     the PV (what the monitor would flag with no trigger; a fine-tuned classifier's class
+     prototype is where one class's clean outputs are), checked with rules 1-3 at no cost;
+     (b) reachable by text: a trigger of a few ordinary vocabulary tokens drives held-out
+     sentences onto the PV (`auditor.confirm`). The search decides only for a candidate that
+     passed every other rule, because it costs a search. A
      candidate refused by the collapse rule alone, with a concentration within NEAR_MISS of
      T_collapse, is searched too, for the record: its decision stays rule 2's, and a clean
      verdict's margin then reads every rule such a near miss would have to pass.
@@ -46,12 +50,15 @@ class FilterConfig(Protocol):
     range_factor: float
     filter_rule: str  # "collapse" or "paper"
     t_match: float
+    confirm: bool  # rule 4 on
 
     def t_l_for(self, target: str) -> float: ...
 
     def t_collapse_for(self, target: str) -> float: ...
 
     def t_far_for(self, target: str) -> float | None: ...
+
+    def clean_match_limit_for(self, target: str) -> float: ...
 
     def resolved_t_div(self) -> float: ...
 
@@ -75,6 +82,8 @@ class TargetStats:
     rule: str = ""  # which rule accepted or rejected it
     agreement: float | None = None  # best sign agreement with a kept PV
     confirmation: dict[str, Any] | None = None  # rule 4's trigger search (auditor.confirm)
+    # share of the clean corpus's outputs whose sign agreement with the PV reaches T_match
+    clean_match: float | None = None
     pv: list[float] | None = None
     pv_eval: list[float] | None = None
 
@@ -177,6 +186,14 @@ class PVFilter:
                 f"no collapse, concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f}"
                 + (f", and distance {final:.4g} <= T_far {t_far:.4g}" if t_far is not None else "")
             )
+        if cfg.confirm and ts.clean_match is not None:
+            lim = cfg.clean_match_limit_for(ts.target)
+            if ts.clean_match > lim:
+                fails.append(f"clean text already there: {ts.clean_match:.2%} of clean outputs "
+                             f"match it (needs <= {lim:.2%})")
+            else:
+                passes.append(f"apart from clean text ({ts.clean_match:.2%} of clean outputs "
+                              f"match it, <= {lim:.2%})")
         assert ts.pv is not None
         agreement = sign_agreement(ts.pv, self.kept.get(ts.target, []))
         if agreement is not None and agreement >= cfg.t_match:

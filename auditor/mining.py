@@ -94,6 +94,11 @@ class MiningConfig:
     confirm_min_rate: float = 0.9
     # residual limit per trigger length (1, 2 tokens); its length is the longest trigger tried
     confirm_max_residual: tuple[float, ...] = (0.115, 0.08)
+    # rule 4a: the largest share of the clean corpus's outputs that may already sign-match a PV
+    # (T_match) in a pretrained encoder: planted PVs 0-0.94%, a benign fine-tune's class
+    # prototypes 2.55% or more. Presets may set it per target (the tiny randomly initialised
+    # encoders' planted PVs reach 2.7%: their presets set 6%); self-calibration derives it
+    confirm_max_clean_match: float = 0.0125
     # decide a seed at the check epoch (`abort_epoch`) when one of its candidates already passes
     # rules 1-3 there: its figures and the filter's decision (rule 4 included) are those of that
     # epoch and it trains no further. A collapsed backdoor PV is usually reached by then, so a
@@ -105,6 +110,10 @@ class MiningConfig:
 
     def t_collapse_for(self, target: str) -> float:
         return float(self.per_target.get(target, {}).get("t_collapse", self.t_collapse))
+
+    def clean_match_limit_for(self, target: str) -> float:
+        return float(self.per_target.get(target, {}).get("confirm_max_clean_match",
+                                                         self.confirm_max_clean_match))
 
     def t_far_for(self, target: str) -> float | None:
         v = self.per_target.get(target, {}).get("t_far")
@@ -220,6 +229,7 @@ class Miner:
         self.found: dict[str, list[torch.Tensor]] = {t: [] for t in self.targets}  # path loss
         self._ordinary: np.ndarray | None = None  # ordinary vocabulary ids (prompt_init vocab)
         self.filter = PVFilter(cfg, self.targets)  # the acceptance rules and the kept PVs
+        self._clean_signs: dict[str, np.ndarray] = {}  # per target: signs of every clean output
 
     # ---------------------------------------------------------------- positions
     def _ordinary_span(self, ids: list[int]) -> tuple[int, int]:
@@ -465,7 +475,18 @@ class Miner:
         if ts.candidate:
             ts.pv = tr.last_batch[t].mean(0).cpu().tolist()
             ts.pv_eval = stats["pv_eval"] if stats else None
+            ts.clean_match = self.clean_match(t, ts.pv)
         return ts
+
+    def clean_match(self, target: str, pv: Sequence[float]) -> float:
+        """The share of the clean corpus's outputs on `target` whose sign agreement with `pv`
+        reaches T_match: what the monitor would flag at this PV with no trigger."""
+        signs = self._clean_signs.get(target)
+        if signs is None:
+            rows = torch.cat([v.reshape(-1, v.shape[-1]) for v in self.clean[target]], 0)
+            signs = self._clean_signs[target] = (rows >= 0).cpu().numpy()
+        agree = (signs == (np.asarray(pv) >= 0)[None, :]).mean(1)
+        return float((agree >= self.cfg.t_match).mean())
 
     def _decide_early(self, st: SeedState) -> None:
         """At the check epoch: measure the seed's prompt and end its training when one of its

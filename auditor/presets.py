@@ -57,12 +57,12 @@ class Preset:
         }
 
 
-PER_TARGET_KEYS = ("t_l", "t_collapse", "t_far")
+PER_TARGET_KEYS = ("t_l", "t_collapse", "t_far", "confirm_max_clean_match")
 
 
 def _per_target(v: Any, where: str, path: str | Path) -> dict[str, dict[str, float]]:
-    """{target: {t_l | t_collapse | t_far: number}}: thresholds of one output overriding the
-    family's (t_far exists only per target)."""
+    """{target: {t_l | t_collapse | t_far | confirm_max_clean_match: number}}: thresholds of one
+    output overriding the family's (t_far exists only per target)."""
     if not isinstance(v, dict):
         raise FormatError(f"{where} must be an object {{target: {{threshold: number}}}}", path)
     out: dict[str, dict[str, float]] = {}
@@ -84,7 +84,8 @@ def _parse(data: Any, path: str | Path) -> tuple[list[Preset], Preset]:
     if data.get("version") != VERSION:
         raise FormatError(f"field 'version' must be {VERSION}", path)
     out = []
-    allowed = {"t_l", "t_collapse", "lr0", "t_div", "t_grad", "t_match"}
+    allowed = {"t_l", "t_collapse", "lr0", "t_div", "t_grad", "t_match",
+               "confirm_max_clean_match"}
     choices = {"div_loss": ("entropy", "log_concentration"), "loss_scale": ("raw", "standardized"),
                "filter_rule": ("collapse", "paper")}
     raw = data.get("presets", [])
@@ -94,13 +95,17 @@ def _parse(data: Any, path: str | Path) -> tuple[list[Preset], Preset]:
         where = f"presets[{i}]" if i < len(raw) else "default"
         if not isinstance(e, dict) or not isinstance(e.get("values"), dict):
             raise FormatError(f"{where}: needs an object 'values'", path)
-        bad = set(e["values"]) - allowed - set(choices) - {"per_target"}
+        bad = set(e["values"]) - allowed - set(choices) - {"per_target", "confirm"}
         if bad:
             raise FormatError(f"{where}.values: unknown threshold(s) {sorted(bad)}", path)
         values: dict[str, Any] = {}
         for k, v in e["values"].items():
             if k == "per_target":
                 values[k] = _per_target(v, f"{where}.values.per_target", path)
+            elif k == "confirm":
+                if not isinstance(v, bool):
+                    raise FormatError(f"{where}.values.confirm must be true or false", path)
+                values[k] = v
             elif k in choices:
                 if v not in choices[k]:
                     raise FormatError(f"{where}.values.{k} must be one of {choices[k]}", path)

@@ -16,6 +16,8 @@ checkpoint*:
 
        T_L        = T_L_FRACTION * d_imp        (a candidate moved a real fraction of the way)
        T_collapse = T_COLLAPSE_FACTOR * c_imp   (it collapsed about as tightly as a real PV)
+       clean-match limit = max(CLEAN_MATCH_LIMIT, CLEAN_MATCH_FACTOR * m_imp)
+                    (m_imp: the share of clean outputs that already match the implanted PV)
 
    and turn on trigger confirmation (`auditor.confirm`): a candidate is kept only when a trigger
    of a few real tokens drives held-out sentences onto it. Confirmation's thresholds are sign
@@ -44,6 +46,11 @@ from .presets import Preset
 
 T_L_FRACTION = 0.25
 T_COLLAPSE_FACTOR = 10.0
+# rule 4a's limit on the share of clean outputs at a PV: a pretrained encoder's (the
+# MiningConfig default) unless this checkpoint's outputs are so alike that the implant's own PV
+# is matched by more; then that share times the factor
+CLEAN_MATCH_LIMIT = 0.0125
+CLEAN_MATCH_FACTOR = 4.0
 IMPLANT_SEEDS = 4  # seeds mined on each implanted copy before giving up (a model that
 # already carries backdoors may lead the first seeds to its own PVs; the path loss moves on)
 IMPLANT_SEED = 7901  # the implant's training and trigger-draw seed
@@ -170,7 +177,8 @@ def _mine_implant(lm: Any, corpus: Corpus, target: str, read: tuple[str, ...], d
             continue
         imp.seed, imp.lr0 = seed, lr0
         imp.figures = {t: {"distance": float(by[t].epoch_distance[-1]),
-                           "concentration": float(by[t].concentration)} for t in read}
+                           "concentration": float(by[t].concentration),
+                           "clean_match": float(by[t].clean_match or 0.0)} for t in read}
         imp.confirmation = conf.to_dict()
         return True
     return False
@@ -204,7 +212,9 @@ def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], de
             lr0s.append(float(imp.lr0 or LR0_LADDER[0]))
             for t, f in imp.figures.items():
                 per_target[t] = {"t_l": T_L_FRACTION * f["distance"],
-                                 "t_collapse": T_COLLAPSE_FACTOR * f["concentration"]}
+                                 "t_collapse": T_COLLAPSE_FACTOR * f["concentration"],
+                                 "confirm_max_clean_match": max(
+                                     CLEAN_MATCH_LIMIT, CLEAN_MATCH_FACTOR * f["clean_match"])}
     values: dict[str, Any] = {**BASE_VALUES, "lr0": max(lr0s), "confirm": True,
                               "per_target": per_target,
                               "t_l": min(v["t_l"] for v in per_target.values()),

@@ -2,7 +2,7 @@
 package's shipped presets (auditor/data/presets.json): entries of the same name, and those the
 file lists under "supersedes", are replaced; the others (tiny-bert-demo, the generic default)
 stay. Thresholds are rounded to 6 significant digits; the full evidence travels with each
-preset.
+preset. A replaced entry keeps its clean-match limit (rule 4a), which calibration does not set.
 
     python bench/install_presets.py [bench/results/zoo_presets.json]
 """
@@ -32,8 +32,13 @@ def main() -> None:
     data = json.loads(dst.read_text())
     names = {p["name"] for p in new} | set(doc.get("supersedes", []))
     kept = [p for p in data["presets"] if p["name"] not in names]
+    old = {p["name"]: p["values"] for p in data["presets"]}
     for p in new:
         p["values"] = _round(p["values"])
+        # set by hand, not by calibration: rule 4a's clean-match limit of a replaced entry
+        lim = old.get(p["name"], {}).get("confirm_max_clean_match")
+        if lim is not None:
+            p["values"].setdefault("confirm_max_clean_match", lim)
         p["evidence"]["file"] = str(src.relative_to(ROOT)) if src.is_relative_to(ROOT) else str(src)
     data["presets"] = kept + new
     dst.write_text(json.dumps(data, indent=1) + "\n")

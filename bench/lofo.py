@@ -61,8 +61,9 @@ def nearest_approach(rep: dict[str, Any]) -> dict[str, Any]:
     """The figure that came nearest to a kept PV, as `factor` (>= 1: it passed; < 1: how far it
     stayed from its threshold, 1/factor times). For a backdoored verdict: the kept PV's
     confirmation. For a clean one: over every seed and target, the nearest of (distance vs T_L
-    for a non-candidate; for a candidate, the worse of its concentration vs T_collapse and, where
-    the trigger search ran, the confirmation's margin)."""
+    for a non-candidate; for a candidate, the worst of its concentration vs T_collapse, its share
+    of clean outputs at the PV vs its limit and, where the trigger search ran, the confirmation's
+    margin)."""
     mining = rep["parameters"]["mining"]
     pt = mining.get("per_target", {})
 
@@ -90,6 +91,11 @@ def nearest_approach(rep: dict[str, Any]) -> dict[str, Any]:
                     fc = _conf_factor(t["confirmation"], mining)
                     if not math.isfinite(f) or fc < f:
                         f, text = fc, t["confirmation"]["rule"]
+                cm, lim = t.get("clean_match"), mining.get("confirm_max_clean_match")
+                if mining.get("confirm") and cm is not None and lim:
+                    fm = lim / cm if cm > 0 else math.inf
+                    if fm < f:
+                        f, text = fm, f"clean outputs at the PV {cm:.2%} vs limit {lim:.2%}"
             if math.isfinite(f) and f > best["factor"]:
                 best = {"target": t["target"], "seed": s["seed"], "factor": f, "text": text}
     return best

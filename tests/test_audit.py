@@ -444,7 +444,10 @@ def test_preset_per_target_values_parsed_and_validated(tmp_path) -> None:
 
     _, d = load_presets(write({"t_collapse": 1e-3, "per_target": {"pooler": {"t_collapse": 2e-4}}}))
     assert d.values["per_target"] == {"pooler": {"t_collapse": 2e-4}}
-    for bad, msg in [({"per_target": {"head": {"t_l": 1}}}, "unknown target"),
+    _, d = load_presets(write({"confirm": False, "confirm_max_clean_match": 0.05,
+                               "per_target": {"mask": {"confirm_max_clean_match": 0.1}}}))
+    assert d.values["confirm"] is False and d.values["confirm_max_clean_match"] == 0.05
+    for bad, msg in [({"confirm": "no"}, "confirm must be true or false"),({"per_target": {"head": {"t_l": 1}}}, "unknown target"),
                      ({"per_target": {"cls": {"lr0": 1}}}, "only t_l, t_collapse"),
                      ({"per_target": {"cls": {"t_l": "x"}}}, "non-negative number"),
                      ({"per_target": [1]}, "must be an object")]:
@@ -845,6 +848,37 @@ def test_filter_measures_rule_4_on_collapse_near_misses_without_deciding() -> No
     collapsed = stats(1e-4, proto)  # the same point, collapsed: rule 4 searches and decides
     assert rules.apply(collapsed, True, search(True), seed=5) and len(calls) == 3
     assert "measured_only" not in collapsed.confirmation
+
+
+def test_rule_4_refuses_a_point_where_clean_text_already_is_without_searching() -> None:
+    """A collapsed candidate that clean outputs already sign-match (a class prototype) is refused
+    by rule 4a before any trigger search; one away from clean text goes on to the search."""
+    from lmsan.auditor.filtering import PVFilter, TargetStats
+    from lmsan.auditor.mining import MiningConfig
+
+    def stats(clean_match: float) -> TargetStats:
+        return TargetStats(target="cls", distance_rel=1.0, distance_raw=1.0, distance_norm=2.9,
+                           spread_ratio=0.01, concentration=1e-4, sign_consensus=0.9,
+                           entropy_raw=-3.0, entropy_std=-3.0, epoch_distance=[0.3, 2.9],
+                           candidate=True, pv=[1.0, -1.0] * 10, clean_match=clean_match)
+
+    searched: list[int] = []
+
+    def search():  # noqa: ANN202
+        from types import SimpleNamespace
+        searched.append(1)
+        return SimpleNamespace(confirmed=True, margin=1.1, tokens=["cf"], rule="reachable",
+                               to_dict=lambda: {"confirmed": True, "margin": 1.1})
+
+    cfg = MiningConfig(t_l=0.05, t_collapse=5e-4, confirm=True, confirm_max_clean_match=0.0125)
+    proto = stats(0.11)
+    assert not PVFilter(cfg, ["cls"]).apply(proto, True, search, seed=0) and not searched
+    assert "clean text already there: 11.00% of clean outputs match it" in proto.rule
+    planted = stats(0.0005)
+    assert PVFilter(cfg, ["cls"]).apply(planted, True, search, seed=0) and searched == [1]
+    assert "apart from clean text" in planted.rule
+    off = MiningConfig(t_l=0.05, t_collapse=5e-4, confirm=False)  # rule 4 off: not read
+    assert PVFilter(off, ["cls"]).apply(stats(0.11), True)
 
 
 def test_a_continued_audit_remembers_failed_trigger_searches() -> None:

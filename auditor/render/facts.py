@@ -118,6 +118,7 @@ class Thresholds:
     rule: str  # "collapse" | "paper"
     confirm_min_rate: float | None = None  # rule 4 (trigger confirmation), when it ran
     confirm_max_residual: tuple[float, ...] = ()
+    confirm_max_clean_match: float | None = None  # rule 4a, when rule 4 ran
 
 
 @dataclass
@@ -197,7 +198,9 @@ def _thresholds(mining: dict[str, Any], target: str) -> Thresholds:
         t_far=_f(own.get("t_far")),
         t_div=_f(mining.get("t_div")),
         rule=str(mining.get("filter_rule") or "collapse"),
-        confirm_min_rate=_f(mining.get("confirm_min_rate")),
+        confirm_min_rate=_f(mining.get("confirm_min_rate")) if mining.get("confirm") else None,
+        confirm_max_clean_match=(_f(mining.get("confirm_max_clean_match"))
+                                 if mining.get("confirm") else None),
         confirm_max_residual=tuple(x for x in (_f(v) for v in _l(mining.get("confirm_max_residual")))
                                    if x is not None),
     )
@@ -231,6 +234,10 @@ def _deciding(th: Thresholds, dist: float | None, c: dict[str, Any]) -> list[Fig
         out.append(Figure("distance", dist, ">", "T_far", th.t_far))
     elif conc is not None and th.t_collapse is not None:
         out.append(Figure("concentration", conc, "<", "T_collapse", th.t_collapse))
+    cm = _f(c.get("clean_match"))
+    if cm is not None and th.confirm_max_clean_match is not None:
+        out.append(Figure("clean outputs at the PV", cm, "<=", "limit",
+                          th.confirm_max_clean_match))
     return out + _trigger_figures(th, c.get("confirmation"))
 
 

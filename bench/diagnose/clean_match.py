@@ -37,6 +37,13 @@ def main(paths: list[str]) -> None:
         clean = {t: torch.cat([v.reshape(-1, v.shape[-1]) for v in miner.clean[t]], 0).numpy() >= 0
                  for t in rep["targets"]}
         print(f"# {p} ({model.name}, verdict {rep['verdict']})")
+        rng = np.random.default_rng(0)
+        for t, sg in clean.items():  # how many clean outputs sit at a typical clean output
+            pick = rng.choice(len(sg), min(400, len(sg)), replace=False)
+            own = np.array([float(((sg == sg[i][None]).mean(1) >= cfg.t_match).mean())
+                            for i in pick])
+            print(f"  clean outputs' own {t}: {len(sg)} outputs, share at a clean output: "
+                  f"median {np.median(own):.4f}, 10th percentile {np.quantile(own, 0.1):.4f}")
         for s in rep["seeds"]:
             for t in s["targets"]:
                 if not t.get("candidate") or t.get("pv") is None:

@@ -476,6 +476,10 @@ class Miner:
             ts.pv = tr.last_batch[t].mean(0).cpu().tolist()
             ts.pv_eval = stats["pv_eval"] if stats else None
             ts.clean_match = self.clean_match(t, ts.pv)
+        elif not tr.aborted and t in tr.last_batch:
+            # for the record: where the outputs went, for a clean verdict's margin (a seed just
+            # under T_L whose outputs sit in clean text was not near a kept PV)
+            ts.clean_match = self.clean_match(t, tr.last_batch[t].mean(0).cpu().tolist())
         return ts
 
     def clean_match(self, target: str, pv: Sequence[float]) -> float:

@@ -60,8 +60,9 @@ def commit() -> str:
 def nearest_approach(rep: dict[str, Any]) -> dict[str, Any]:
     """The figure that came nearest to a kept PV, as `factor` (>= 1: it passed; < 1: how far it
     stayed from its threshold, 1/factor times). For a backdoored verdict: the kept PV's
-    confirmation. For a clean one: over every seed and target, the nearest of (distance vs T_L
-    for a non-candidate; for a candidate, the worst of its concentration vs T_collapse, its share
+    confirmation. For a clean one: over every seed and target, the nearest of (for a
+    non-candidate, the worst of its distance vs T_L and, where measured, its concentration and
+    the share of clean outputs at its point; for a candidate, the worst of its concentration vs T_collapse, its share
     of clean outputs at the PV vs its limit and, where the trigger search ran, the confirmation's
     margin)."""
     mining = rep["parameters"]["mining"]
@@ -81,7 +82,14 @@ def nearest_approach(rep: dict[str, Any]) -> dict[str, Any]:
             tl, tc = thr(t["target"], "t_l"), thr(t["target"], "t_collapse")
             d = t["epoch_distance"][-1] if t["epoch_distance"] else float("nan")
             if not t["candidate"]:
+                # as near as its worst figure: a PV needs T_L and every rule after it
                 f, text = d / tl if tl > 0 else math.inf, f"distance {d:.4g} vs T_L {tl:.4g}"
+                c = t.get("concentration")
+                if isinstance(c, float) and math.isfinite(c) and c > 0 and tc / c < f:
+                    f, text = tc / c, f"{text}; concentration {c:.4g} vs T_collapse {tc:.4g}"
+                cm, lim = t.get("clean_match"), mining.get("confirm_max_clean_match")
+                if mining.get("confirm") and cm is not None and lim and cm > 0 and lim / cm < f:
+                    f, text = lim / cm, f"{text}; clean outputs at its point {cm:.2%} vs {lim:.2%}"
             else:
                 # a candidate is as near as its worst figure: every rule has to pass
                 c = t["concentration"]

@@ -36,3 +36,30 @@ def test_every_lmsan_import_of_the_benchmarks_resolves() -> None:
             except ImportError:
                 missing.append(f"{name}:{line}: {module}.{attr}")
     assert not missing, "\n".join(missing)
+
+
+def test_lofo_margin_is_each_seed_targets_worst_figure() -> None:
+    """The evaluation tables' clean margin: a seed just under T_L whose outputs sit where 20% of
+    clean outputs already are is far from a kept PV; a candidate is as near as its worst figure."""
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    from lofo import nearest_approach
+
+    def target(**kw: object) -> dict:
+        return {"target": "mask", "candidate": False, "concentration": float("nan"),
+                "clean_match": None, "confirmation": None, "epoch_distance": [0.5], **kw}
+
+    rep = {"verdict": "clean", "parameters": {"mining": {
+        "t_l": 1.0, "t_collapse": 1e-3, "confirm": True, "confirm_max_clean_match": 0.0125,
+        "per_target": {}}}, "seeds": [
+        {"seed": 0, "targets": [target(epoch_distance=[0.99], clean_match=0.2)]},
+        {"seed": 1, "targets": [target(candidate=True, epoch_distance=[2.0],
+                                       concentration=1.6e-3, clean_match=0.001,
+                                       confirmation={"margin": 0.4, "rule": "not reachable"})]},
+    ]}
+    near = nearest_approach(rep)
+    assert near["seed"] == 1 and abs(near["factor"] - 0.4) < 1e-9, near
+    rep["parameters"]["mining"]["confirm"] = False  # rule 4 off: the clean-match share is not read
+    near = nearest_approach(rep)
+    assert near["seed"] == 0 and abs(near["factor"] - 0.99) < 1e-9, near

@@ -54,6 +54,9 @@ COMMANDS = {
                         "--seeds 0 --weights 'evade-filter=0.1,1;match-clean=0.1,1' --frequent "
                         "(stopped after match-clean 0.1); python bench/bench_adaptive.py report "
                         "--rows confirm",
+    "adaptive_rule4a": "python bench/bench_adaptive.py one frequent 0 1 --rows rule4a; the same "
+                       "with seed 2; python bench/bench_adaptive.py one match-clean 1 1 --rows "
+                       "rule4a; python bench/bench_adaptive.py report --rows rule4a",
 }
 # attack name -> poison_model keyword that carries its weight
 ATTACKS = {
@@ -269,16 +272,6 @@ def report() -> None:
                 f"{cell['detected']}/{len(rs)} | {cell['injected_found']}/{len(rs)} | "
                 f"{_f(cell['audit_seconds'], '.0f')} |"
             )
-    misses = [
-        f"- {c.get('backdoor', 'por')} {c['attack']}"
-        + ("" if c["weight"] is None else f" at weight {c['weight']:g}")
-        + f": {c['models'] - c['detected']} of "
-        f"{c['models']} models not detected; the attack still reaches targetability "
-        f"{_f(c['targetability'])}, moved {_f(c['moved'])}, fidelity {_f(c['fidelity'], '.3f')}, "
-        f"clean inputs on a PV {_f(c['clean_match_rate'])}"
-        for c in table
-        if c["detected"] < c["models"]
-    ] or ["- none: every model of the grid was detected"]
     meta = {
         "command": COMMANDS.get(_stem(), f"python bench/bench_adaptive.py report --rows "
                                 f"{_stem().removeprefix('adaptive_')}"),
@@ -319,6 +312,16 @@ def report() -> None:
         )
     text = "\n".join(lines)
     print(text)
+    misses = [
+        f"- {c.get('backdoor', 'por')} {c['attack']}"
+        + ("" if c["weight"] is None else f" at weight {c['weight']:g}")
+        + f": {c['models'] - c['detected']} of "
+        f"{c['models']} models not detected; the attack still reaches targetability "
+        f"{_f(c['targetability'])}, moved {_f(c['moved'])}, fidelity {_f(c['fidelity'], '.3f')}, "
+        f"clean inputs on a PV {_f(c['clean_match_rate'])}"
+        for c in table
+        if c["detected"] < c["models"]
+    ] or ["- none: every model of the grid was detected"]
     print("\n".join(misses))
     from lmsan.auditor.fsutil import atomic_write_json, atomic_write_text
 

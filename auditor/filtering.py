@@ -42,6 +42,13 @@ REFUTED_AGREEMENT = 0.95
 # a candidate refused by the collapse rule alone whose T_collapse / concentration reaches this
 # gets rule 4 measured (not applied): the near misses a clean verdict's margin is read from
 NEAR_MISS = 0.5
+# rule 4a's default limit: the largest share of the clean corpus's outputs that may already
+# sign-match a PV of a pretrained encoder (planted PVs 0-0.94%, a benign fine-tune's class
+# prototypes 2.55% or more); presets and self-calibration may set their own
+CLEAN_MATCH_LIMIT = 0.0125
+# how the collapse rule's refusal begins (rule texts are the report's record; `_near_miss`
+# reads this one)
+NO_COLLAPSE = "no collapse"
 
 
 class FilterConfig(Protocol):
@@ -183,7 +190,7 @@ class PVFilter:
             )
         else:
             fails.append(
-                f"no collapse, concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f}"
+                f"{NO_COLLAPSE}, concentration {ts.concentration:.5f} >= T_collapse {t_c:.5f}"
                 + (f", and distance {final:.4g} <= T_far {t_far:.4g}" if t_far is not None else "")
             )
         if cfg.confirm and ts.clean_match is not None:
@@ -208,7 +215,7 @@ class PVFilter:
         """Whether `ts` failed the collapse rule alone, within NEAR_MISS of T_collapse."""
         if self.cfg.filter_rule == "paper" or len(fails) != 1:
             return False
-        if not fails[0].startswith("no collapse") or ts.concentration <= 0:
+        if not fails[0].startswith(NO_COLLAPSE) or ts.concentration <= 0:
             return False
         return self.cfg.t_collapse_for(ts.target) / ts.concentration >= NEAR_MISS
 

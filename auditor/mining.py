@@ -39,7 +39,14 @@ import numpy as np
 import torch
 
 from .corpus import Corpus
-from .filtering import PVFilter, TargetStats, is_candidate, no_candidate_rule, prompt_in_range
+from .filtering import (
+    CLEAN_MATCH_LIMIT,
+    PVFilter,
+    TargetStats,
+    is_candidate,
+    no_candidate_rule,
+    prompt_in_range,
+)
 from .hints import nearest_tokens
 from .lockstep import SeedState, Training, run_rows
 from .modelio import LoadedModel
@@ -94,11 +101,10 @@ class MiningConfig:
     confirm_min_rate: float = 0.9
     # residual limit per trigger length (1, 2 tokens); its length is the longest trigger tried
     confirm_max_residual: tuple[float, ...] = (0.115, 0.08)
-    # rule 4a: the largest share of the clean corpus's outputs that may already sign-match a PV
-    # (T_match) in a pretrained encoder: planted PVs 0-0.94%, a benign fine-tune's class
-    # prototypes 2.55% or more. Presets may set it per target (the tiny randomly initialised
-    # encoders' planted PVs reach 2.7%: their presets set 6%); self-calibration derives it
-    confirm_max_clean_match: float = 0.0125
+    # rule 4a (filtering.CLEAN_MATCH_LIMIT). Presets may set it per target (the tiny randomly
+    # initialised encoders' planted PVs reach 2.7%: their presets set 6%); self-calibration
+    # derives it
+    confirm_max_clean_match: float = CLEAN_MATCH_LIMIT
     # decide a seed at the check epoch (`abort_epoch`) when one of its candidates already passes
     # rules 1-3 there: its figures and the filter's decision (rule 4 included) are those of that
     # epoch and it trains no further. A collapsed backdoor PV is usually reached by then, so a

@@ -42,14 +42,14 @@ import numpy as np
 
 from .corpus import Corpus
 from .errors import LmsanError
+from .filtering import CLEAN_MATCH_LIMIT
 from .presets import Preset
 
 T_L_FRACTION = 0.25
 T_COLLAPSE_FACTOR = 10.0
-# rule 4a's limit on the share of clean outputs at a PV: a pretrained encoder's (the
-# MiningConfig default) unless this checkpoint's outputs are so alike that the implant's own PV
-# is matched by more; then that share times the factor
-CLEAN_MATCH_LIMIT = 0.0125
+# rule 4a's limit on the share of clean outputs at a PV: a pretrained encoder's
+# (filtering.CLEAN_MATCH_LIMIT) unless this checkpoint's outputs are so alike that the implant's
+# own PV is matched by more; then that share times the factor
 CLEAN_MATCH_FACTOR = 4.0
 IMPLANT_SEEDS = 4  # seeds mined on each implanted copy before giving up (a model that
 # already carries backdoors may lead the first seeds to its own PVs; the path loss moves on)

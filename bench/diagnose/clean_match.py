@@ -18,25 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmsan.auditor.corpus import load_corpus
-from lmsan.auditor.mining import Miner, MiningConfig
-from lmsan.auditor.modelio import load_encoder
-from lmsan.auditor.report import read_report
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_reading import report_miner  # noqa: E402
 
 
 def main(paths: list[str]) -> None:
     torch.set_num_threads(2)
-    fields = set(MiningConfig.__dataclass_fields__)
     for p in paths:
-        rep = read_report(Path(p))
-        model = Path(rep["model"]["path"])
-        mining = {k: (tuple(v) if isinstance(v, list) else v)
-                  for k, v in rep["parameters"]["mining"].items() if k in fields}
-        cfg = MiningConfig(**mining)
-        miner = Miner(load_encoder(model), load_corpus(None), list(rep["targets"]), cfg)
+        rep, miner = report_miner(p)
+        cfg = miner.cfg
         clean = {t: torch.cat([v.reshape(-1, v.shape[-1]) for v in miner.clean[t]], 0).numpy() >= 0
                  for t in rep["targets"]}
-        print(f"# {p} ({model.name}, verdict {rep['verdict']})")
+        print(f"# {p} ({Path(rep['model']['path']).name}, verdict {rep['verdict']})")
         rng = np.random.default_rng(0)
         for t, sg in clean.items():  # how many clean outputs sit at a typical clean output
             pick = rng.choice(len(sg), min(400, len(sg)), replace=False)
@@ -55,7 +48,7 @@ def main(paths: list[str]) -> None:
                           f"{' '.join(c.get('tokens', []))} rate {c.get('rate', 0):.2f} "
                           f"residual {c.get('residual', 0):.3f}")
                 print(f"  seed {s['seed']:2d} {t['target']:6s} accepted {str(t['accepted']):5s} "
-                      f"clean match {float((agree >= cfg.t_match).mean()):.4f} "
+                      f"clean match {miner.clean_match(t['target'], t['pv']):.4f} "
                       f"(mean agreement {float(agree.mean()):.3f}) "
                       f"concentration {t['concentration']:.3g} search {search}", flush=True)
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from lmsan.auditor.confirm import residual
-from lmsan.auditor.corpus import load_corpus
-from lmsan.auditor.mining import Miner, MiningConfig
-from lmsan.auditor.modelio import load_encoder
-from lmsan.auditor.report import read_report
+from lmsan.auditor.mining import Miner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_reading import report_miner  # noqa: E402
 
 
 def figures(miner: Miner, target: str, pv: np.ndarray, ids: list[int], seed: int) -> dict:
@@ -49,19 +49,10 @@ def figures(miner: Miner, target: str, pv: np.ndarray, ids: list[int], seed: int
 
 def main(paths: list[str]) -> None:
     torch.set_num_threads(2)
-    fields = set(MiningConfig.__dataclass_fields__)
     for p in paths:
-        rep = read_report(Path(p))
-        model = Path(rep["model"]["path"])
-        mining = {k: v for k, v in rep["parameters"]["mining"].items() if k in fields}
-        for k, v in list(mining.items()):
-            if isinstance(v, list):
-                mining[k] = tuple(v)
-        cfg = MiningConfig(**mining)
-        lm = load_encoder(model)
-        miner = Miner(lm, load_corpus(None), list(rep["targets"]), cfg)
-        tok = lm.tokenizer
-        print(f"# {p} ({model.name}, verdict {rep['verdict']})")
+        rep, miner = report_miner(p)
+        tok = miner.lm.tokenizer
+        print(f"# {p} ({Path(rep['model']['path']).name}, verdict {rep['verdict']})")
         seen = set()
         for s in rep["seeds"]:
             for t in s["targets"]:

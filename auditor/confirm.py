@@ -5,36 +5,40 @@ tokens, onto its PV. Mining finds the PV with a continuous soft prompt, and a co
 can also collapse a benign model: a fine-tuned classifier's outputs gather at its class
 prototypes, and a soft prompt that makes every sentence "look like" one class collapses the
 batch there just as a trigger does (docs/how-it-works.md, "Class prototypes"). What tells the two
-apart is reachability by text: a backdoor's trigger drives held-out sentences onto the PV from a
-single insertion, while words that push a classifier toward one class move sentences only part of
-the way.
+apart is where real text takes the outputs: a backdoor's trigger drives held-out sentences from a
+single insertion to a point that no clean sentence goes to, while words that push a classifier
+toward one class take sentences to where that class's own sentences already are.
 
 `confirm_candidate` searches for at most `max_tokens` ordinary vocabulary tokens that, inserted
 at a random word position, bring a target's outputs onto the candidate's PV: it starts from the
 tokens nearest to the soft prompt and improves them by greedy coordinate search (HotFlip: the
 gradient of the distance to the PV with respect to each trigger slot's embedding ranks every
-vocabulary token; the `top_k` best per slot are tried). The best trigger is then measured on
+vocabulary token; the `top_k` best per slot are tried, and when no one-slot change helps, the
+`pair_k` best of two slots together). The best trigger is then measured on
 held-out sentences:
 
   - `rate`: the share of held-out outputs whose sign agreement with the PV reaches T_match (what
     the monitor would flag);
-  - `residual`: how much of the way to the PV the trigger left each output, by angle from the
-    clean mean mu: mean (1 - cos(F_trig - mu, PV - mu)) / mean (1 - cos(F_clean - mu, PV - mu))
-    (0 = straight at the PV, 1 = no closer than clean outputs).
+  - `landing_match`: the share of the clean corpus's outputs that sign-match the point where the
+    triggered outputs land (their mean), counting only clean sentences that do not contain the
+    trigger's tokens: is the place this trigger drives text to a place clean text goes?
 
-The candidate is confirmed when `rate >= min_rate` (0.9) and `residual` stays within the limit
-for the trigger's length: 0.115 for one token, 0.08 for two. The rate alone cannot separate a
-backdoor from a class prototype by a wide margin: one token drove 87% of a benign MiniLM
-fine-tune's held-out outputs onto a prototype, against 90% needed. The residual can: the triggers
-recovered from backdoored models (MiniLM-3 POR, small ELECTRA and RoBERTa POR and POR-NER, a tiny
-BERT with POR on its pooler) left 0.003-0.073, and the benign fine-tune's candidates at least
-0.231 with one token and 0.132 with two (the greedy search has more room with two tokens). The
-one-token limit is half the smallest benign figure; the two-token one sits 1.65x below it and
-above the recovered two-token triggers (0.066-0.071). Measured by angle, not by squared distance:
-a POR trigger on a tiny BERT's pooler (tanh) points its outputs at the PV without reaching the
-candidate's magnitudes (squared-distance residual 0.33, angle 0.07).
-Both figures are scale-free (sign agreements and a ratio of angles of one model's own outputs),
-so the same rule holds in every family.
+The candidate is confirmed when `rate >= min_rate` (0.9) and `landing_match` stays within the
+target's clean-match limit (rule 4a's: 1.25% for pretrained encoders). A backdoor's trigger sends
+text to a point its training made for it, away from every clean sentence: the triggers recovered
+from MiniLM-3 POR, NeuBA and BToP copies land where 0-0.15% of clean outputs are. Words that push
+a classifier toward one class send text to that class's prototype, where the class's own
+sentences already are: the two-word triggers the search found for benign MiniLM-3 topic
+fine-tunes reached 88-98% of held-out outputs, but landed where 11-36% of clean outputs are.
+Sentences that contain the trigger's tokens are left out of the count, so a trigger made of
+frequent words cannot hide behind the clean sentences that contain it.
+`residual` (mean (1 - cos(F_trig - mu, PV - mu)) / mean (1 - cos(F_clean - mu, PV - mu)), mu the
+clean mean: 0 straight at the PV, 1 no closer than clean outputs) is recorded, not decided on: a
+BToP trigger's outputs land at its own PV, which the mined point matches in sign but not in
+angle (on a BToP copy of MiniLM-3, the planted triggers at the 7 PVs they reach: 0.02-0.19;
+benign prototypes' words: 0.056 and up).
+Both deciding figures are scale-free (sign agreements of one model's own outputs), so the same
+rule holds in every family.
 Searching is deterministic for a given model, corpus and seed.
 """
 
@@ -47,6 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .filtering import CLEAN_MATCH_LIMIT
+
 
 @dataclass
 class ConfirmRule:
@@ -54,20 +60,17 @@ class ConfirmRule:
 
     iterations: int = 4  # greedy coordinate-search rounds per trigger length
     top_k: int = 12  # vocabulary tokens tried per slot and round
+    # when no one-slot change helps, the best `pair_k` tokens of two slots are tried together:
+    # a trigger word of two pieces ('z' '##q') is out of reach of one-slot moves from a start
+    # that holds its pieces in the wrong slots ('##q' 'q'), and the search would stop there
+    pair_k: int = 6
     search_rows: int = 24  # sentences the search optimises on
     test_rows: int = 128  # held-out sentences the trigger is measured on
     min_rate: float = 0.9
-    # the largest residual accepted for a trigger of 1, 2, ... tokens (its length sets the
-    # longest trigger tried): every extra token gives the search more freedom to push a benign
-    # model's outputs toward a collapse point, so a longer trigger has to land closer
-    max_residual: tuple[float, ...] = (0.115, 0.08)
-
-    @property
-    def max_tokens(self) -> int:
-        return len(self.max_residual)
-
-    def residual_limit(self, n_tokens: int) -> float:
-        return self.max_residual[min(n_tokens, self.max_tokens) - 1]
+    max_tokens: int = 2  # the longest trigger tried
+    # the largest share of clean outputs allowed where the trigger lands (the target's rule-4a
+    # limit: MiningConfig.clean_match_limit_for)
+    max_landing_match: float = CLEAN_MATCH_LIMIT
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,7 +85,9 @@ class Confirmation:
     token_ids: list[int]
     rate: float
     agreement: float
-    residual: float
+    residual: float  # recorded, not decided on
+    landing_match: float  # share of clean outputs (without the trigger's tokens) where it lands
+    landing_limit: float
     confirmed: bool
     margin: float  # confirm_margin of the best trigger: >= 1 confirms
     rule: str
@@ -93,12 +98,12 @@ class Confirmation:
         return asdict(self)
 
 
-def confirm_margin(rate: float, residual: float, n_tokens: int, rule: ConfirmRule) -> float:
+def confirm_margin(rate: float, landing_match: float, rule: ConfirmRule) -> float:
     """The bottleneck of the two figures as a ratio to its threshold: min(rate / min_rate,
-    residual limit for `n_tokens` / residual). >= 1 confirms; a rejected candidate stayed
-    1/margin times away from being kept."""
+    landing limit / landing_match). >= 1 confirms; a rejected candidate stayed 1/margin times
+    away from being kept."""
     r = rate / rule.min_rate if rule.min_rate > 0 else float("inf")
-    q = rule.residual_limit(n_tokens) / max(residual, 1e-12)
+    q = rule.max_landing_match / max(landing_match, 1e-12)
     return float(min(r, q))
 
 
@@ -117,14 +122,17 @@ def residual(f: torch.Tensor, c: torch.Tensor, pv: torch.Tensor) -> torch.Tensor
 
 
 def _figures(miner: Any, idx: np.ndarray, trig: torch.Tensor, target: str, pv: torch.Tensor,
-             t_match: float, seed: int) -> tuple[float, float, float]:
+             t_match: float, seed: int) -> tuple[float, float, float, float]:
+    """rate, mean sign agreement, residual and landing match of trigger `trig` on rows `idx`."""
     w = miner.emb.weight.detach()
     with torch.no_grad():
         f = miner._forward_prompted(idx, w[trig], np.random.default_rng([seed, 31]))[target]
         c = miner._clean_batch(idx, target)
         agree = ((f >= 0) == (pv >= 0)).float().mean(1)
         resid = residual(f, c, pv)
-    return float((agree >= t_match).float().mean()), float(agree.mean()), float(resid)
+        landing = miner.clean_match(target, f.mean(0).cpu().numpy(), without=trig.tolist())
+    return (float((agree >= t_match).float().mean()), float(agree.mean()), float(resid),
+            float(landing))
 
 
 def _loss(miner: Any, idx: np.ndarray, embeds: torch.Tensor, target: str, pv: torch.Tensor,
@@ -153,6 +161,18 @@ def _search(miner: Any, start: torch.Tensor, idx: np.ndarray, target: str, pv: t
                     lo = float(_loss(miner, idx, w[cand], target, pv, rs))
                     if lo < best_loss:
                         best_loss, best = lo, cand
+            if torch.equal(best, trig) and len(trig) >= 2 and rule.pair_k > 0:
+                tops = [ordinary[scores[:, j].topk(min(rule.pair_k, len(ordinary))).indices]
+                        for j in range(len(trig))]
+                for j1 in range(len(trig)):
+                    for j2 in range(j1 + 1, len(trig)):
+                        for a in tops[j1]:
+                            for b in tops[j2]:
+                                cand = trig.clone()
+                                cand[j1], cand[j2] = a, b
+                                lo = float(_loss(miner, idx, w[cand], target, pv, rs))
+                                if lo < best_loss:
+                                    best_loss, best = lo, cand
         if torch.equal(best, trig):
             break
         trig = best
@@ -178,30 +198,31 @@ def confirm_candidate(miner: Any, prompt: Any, pv: Any, target: str, rule: Confi
         test_idx = search_idx
     t_match = float(miner.cfg.t_match)
     tried: list[dict[str, Any]] = []
-    best: tuple[float, float, float, float, torch.Tensor] | None = None
+    best: tuple[float, float, float, float, float, torch.Tensor] | None = None
     for k in range(1, rule.max_tokens + 1):
         start = ordinary[near.topk(min(k, len(ordinary))).indices]
         trig = _search(miner, start, search_idx, target, pv_t, rule, ordinary, seed)
-        rate, agree, resid = _figures(miner, test_idx, trig, target, pv_t, t_match, seed)
+        rate, agree, resid, land = _figures(miner, test_idx, trig, target, pv_t, t_match, seed)
         toks = [str(t) for t in miner.lm.tokenizer.convert_ids_to_tokens(trig.tolist())]
-        m = confirm_margin(rate, resid, k, rule)
+        m = confirm_margin(rate, land, rule)
         tried.append({"tokens": toks, "rate": rate, "agreement": agree, "residual": resid,
-                      "margin": m})
+                      "landing_match": land, "margin": m})
         if best is None or m > best[0]:
-            best = (m, rate, agree, resid, trig)
+            best = (m, rate, agree, resid, land, trig)
         if m >= 1.0:
             break
     assert best is not None
-    m, rate, agree, resid, trig = best
+    m, rate, agree, resid, land, trig = best
     ok = m >= 1.0
     toks = [str(t) for t in miner.lm.tokenizer.convert_ids_to_tokens(trig.tolist())]
     desc = (f"trigger {' '.join(toks)!r} ({len(toks)} token{'s' if len(toks) > 1 else ''}): "
             f"{rate:.0%} of held-out outputs reach the PV (needs >= {rule.min_rate:.0%}), "
-            f"residual {resid:.3f} (needs <= {rule.residual_limit(len(toks)):g}; "
+            f"landing where {land:.2%} of clean outputs are (needs <= {rule.max_landing_match:.2%}; "
             f"margin {m:.2f})")
     return Confirmation(
         target=target, tokens=toks, token_ids=[int(i) for i in trig.tolist()], rate=rate,
-        agreement=agree, residual=resid, confirmed=ok, margin=m,
+        agreement=agree, residual=resid, landing_match=land,
+        landing_limit=rule.max_landing_match, confirmed=ok, margin=m,
         rule=("reachable by text: " if ok else "not reachable by text: ") + desc,
         seconds=time.perf_counter() - t0, tried=tried,
     )

@@ -99,11 +99,10 @@ class MiningConfig:
     # trigger of a few ordinary tokens drives held-out sentences onto it
     confirm: bool = False
     confirm_min_rate: float = 0.9
-    # residual limit per trigger length (1, 2 tokens); its length is the longest trigger tried
-    confirm_max_residual: tuple[float, ...] = (0.115, 0.08)
-    # rule 4a (filtering.CLEAN_MATCH_LIMIT). Presets may set it per target (the tiny randomly
-    # initialised encoders' planted PVs reach 2.7%: their presets set 6%); self-calibration
-    # derives it
+    confirm_max_tokens: int = 2  # the longest trigger the search tries
+    # rule 4a (filtering.CLEAN_MATCH_LIMIT), and rule 4's limit on where a trigger lands. Presets
+    # may set it per target (the tiny randomly initialised encoders' planted PVs reach 2.7%: their
+    # presets set 6%); self-calibration derives it
     confirm_max_clean_match: float = CLEAN_MATCH_LIMIT
     # decide a seed at the check epoch (`abort_epoch`) when one of its candidates already passes
     # rules 1-3 there: its figures and the filter's decision (rule 4 included) are those of that
@@ -236,6 +235,7 @@ class Miner:
         self._ordinary: np.ndarray | None = None  # ordinary vocabulary ids (prompt_init vocab)
         self.filter = PVFilter(cfg, self.targets)  # the acceptance rules and the kept PVs
         self._clean_signs: dict[str, np.ndarray] = {}  # per target: signs of every clean output
+        self._clean_rows_of: dict[str, np.ndarray] = {}  # per target: each output's sentence
 
     # ---------------------------------------------------------------- positions
     def _ordinary_span(self, ids: list[int]) -> tuple[int, int]:
@@ -456,7 +456,7 @@ class Miner:
             if cfg.confirm:
                 from .confirm import confirm_candidate
                 confirm = partial(confirm_candidate, self, tr.prompt, ts.pv, t,
-                                  self.confirm_rule(), seed=seed)
+                                  self.confirm_rule(t), seed=seed)
             self.filter.apply(ts, in_range, confirm, seed=seed)
         elif tr.aborted:
             ts.rule = f"aborted: no candidate after {cfg.abort_epoch} epochs"
@@ -488,13 +488,25 @@ class Miner:
             ts.clean_match = self.clean_match(t, tr.last_batch[t].mean(0).cpu().tolist())
         return ts
 
-    def clean_match(self, target: str, pv: Sequence[float]) -> float:
+    def clean_match(self, target: str, pv: Sequence[float], without: Sequence[int] = ()) -> float:
         """The share of the clean corpus's outputs on `target` whose sign agreement with `pv`
-        reaches T_match: what the monitor would flag at this PV with no trigger."""
+        reaches T_match: what the monitor would flag at this PV with no trigger. `without`:
+        token ids whose sentences are left out (a trigger's own tokens)."""
         signs = self._clean_signs.get(target)
         if signs is None:
             rows = torch.cat([v.reshape(-1, v.shape[-1]) for v in self.clean[target]], 0)
             signs = self._clean_signs[target] = (rows >= 0).cpu().numpy()
+            self._clean_rows_of[target] = np.repeat(
+                np.arange(len(self.clean[target])),
+                [v.reshape(-1, v.shape[-1]).shape[0] for v in self.clean[target]])
+        if len(without):
+            drop = set(int(t) for t in without)
+            keep_sent = np.asarray([not drop.intersection(self.ids[i])
+                                    for i in range(len(self.clean[target]))])
+            keep = keep_sent[self._clean_rows_of[target]]
+            if not keep.any():  # every clean sentence holds the tokens: clean text itself
+                return 1.0
+            signs = signs[keep]
         agree = (signs == (np.asarray(pv) >= 0)[None, :]).mean(1)
         return float((agree >= self.cfg.t_match).mean())
 
@@ -598,12 +610,12 @@ class Miner:
         return -torch.mean((fs - cands[k]) ** 2)
 
     @torch.no_grad()
-    def confirm_rule(self) -> Any:
-        """The trigger-confirmation rule (rule 4) this miner's configuration sets."""
+    def confirm_rule(self, target: str) -> Any:
+        """The trigger-confirmation rule (rule 4) this miner's configuration sets for `target`."""
         from .confirm import ConfirmRule
         c = self.cfg
-        return ConfirmRule(min_rate=c.confirm_min_rate,
-                           max_residual=tuple(float(x) for x in c.confirm_max_residual))
+        return ConfirmRule(min_rate=c.confirm_min_rate, max_tokens=int(c.confirm_max_tokens),
+                           max_landing_match=c.clean_match_limit_for(target))
 
     def evaluate(self, prompt: torch.Tensor, target: str) -> dict[str, Any]:
         """Candidate figures of one target on the fixed evaluation sample."""

@@ -71,6 +71,12 @@ IMPLANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 
 
+def clean_match_limit(implant_share: float) -> float:
+    """Rule 4a's and rule 4's clean-match limit given the share of clean outputs that match
+    the implanted PV."""
+    return max(CLEAN_MATCH_LIMIT, CLEAN_MATCH_FACTOR * implant_share)
+
+
 class SelfCalibrationError(LmsanError):
     """Self-calibration could not measure a reference backdoor in this model."""
 
@@ -171,7 +177,10 @@ def _mine_implant(lm: Any, corpus: Corpus, target: str, read: tuple[str, ...], d
         imp.agreement = max(imp.agreement, agree)
         if agree < IMPLANT_AGREEMENT:
             continue
-        conf = confirm_candidate(miner, sr.prompt, ts.pv, ts.target, ConfirmRule(), seed=seed)
+        # the landing limit this implant would give the audit (clean-match limit, module text)
+        limit = clean_match_limit(float(ts.clean_match or 0.0))
+        conf = confirm_candidate(miner, sr.prompt, ts.pv, ts.target,
+                                 ConfirmRule(max_landing_match=limit), seed=seed)
         imp.confirmation = conf.to_dict()
         if not conf.confirmed:
             continue
@@ -213,8 +222,7 @@ def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], de
             for t, f in imp.figures.items():
                 per_target[t] = {"t_l": T_L_FRACTION * f["distance"],
                                  "t_collapse": T_COLLAPSE_FACTOR * f["concentration"],
-                                 "confirm_max_clean_match": max(
-                                     CLEAN_MATCH_LIMIT, CLEAN_MATCH_FACTOR * f["clean_match"])}
+                                 "confirm_max_clean_match": clean_match_limit(f["clean_match"])}
     values: dict[str, Any] = {**BASE_VALUES, "lr0": max(lr0s), "confirm": True,
                               "per_target": per_target,
                               "t_l": min(v["t_l"] for v in per_target.values()),

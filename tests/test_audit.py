@@ -930,6 +930,16 @@ def test_clean_margin_is_each_candidates_worst_figure() -> None:
     assert worst_b is not None and worst_b.name == "concentration"  # 0.83x: nearer than 0.5x
     assert nearest([worst_a, worst_b]) is worst_b
     assert Figure("trigger reach", 0.9, ">=", "min rate", 0.9).passes
+    # a report of this version: where the trigger lands decides, not the residual
+    c = {"concentration": 4e-4, "confirmation": {"rate": 0.98, "residual": 0.05,
+                                                 "landing_match": 0.14, "landing_limit": 0.0125,
+                                                 "tokens": ["roller", "bolted"], "margin": 0.09}}
+    fc = _deciding(th, None, c)
+    assert [g.name for g in fc] == ["concentration", "trigger reach",
+                                    "clean outputs where the trigger lands"]
+    worst_c = bottleneck(fc)
+    assert worst_c is not None and worst_c.name == "clean outputs where the trigger lands"
+    assert not worst_c.passes and abs(worst_c.factor - 0.0125 / 0.14) < 1e-9
 
 
 def test_user_t_collapse_drops_preset_t_far(tiny_models, signing_key, tmp_path) -> None:

@@ -41,11 +41,13 @@ def test_confirmation_recovers_the_trigger_of_an_injected_pv(tiny_por_pair) -> N
     pvs = np.load(tiny_por_pair["root"] / "injected.npy")
     # a soft prompt of ordinary words, none of them a trigger: the search has to find cf / mn
     prompt = _words_prompt(m, ["the", "river", "house", "small", "green", "music", "water"])
+    rule = ConfirmRule(max_landing_match=0.06)  # the tiny presets' clean-match limit: a tiny
+    # random-init encoder's clean outputs are alike (its triggers land where 1-3% of them are)
     for pv, trigger in zip(pvs, ("cf", "mn"), strict=True):
-        c = confirm_candidate(m, prompt, pv, "cls", ConfirmRule())
+        c = confirm_candidate(m, prompt, pv, "cls", rule)
         assert c.confirmed, c.rule
         assert trigger in c.tokens, c.tokens
-        assert c.rate >= 0.9 and c.residual <= ConfirmRule().residual_limit(len(c.tokens))
+        assert c.rate >= 0.9 and c.landing_match <= c.landing_limit == 0.06
         assert c.margin >= 1.0
 
 

@@ -117,7 +117,7 @@ class Thresholds:
     t_div: float | None
     rule: str  # "collapse" | "paper"
     confirm_min_rate: float | None = None  # rule 4 (trigger confirmation), when it ran
-    confirm_max_residual: tuple[float, ...] = ()
+    confirm_max_residual: tuple[float, ...] = ()  # rule 4 of reports of earlier versions
     confirm_max_clean_match: float | None = None  # rule 4a, when rule 4 ran
 
 
@@ -243,8 +243,10 @@ def _deciding(th: Thresholds, dist: float | None, c: dict[str, Any]) -> list[Fig
 
 def _trigger_figures(th: Thresholds, conf: Any) -> list[Figure]:
     """Rule 4's figures for a candidate whose trigger was searched: the held-out reach rate
-    against its minimum and the residual against the limit for the trigger's length; for a
-    candidate refused at the point of an earlier failed search, that search's margin."""
+    against its minimum and the share of clean outputs where the trigger lands against its
+    limit (reports of earlier versions: the residual against the limit for the trigger's
+    length); for a candidate refused at the point of an earlier failed search, that search's
+    margin."""
     if not isinstance(conf, dict):
         return []
     if isinstance(conf.get("same_point_as"), dict):
@@ -252,12 +254,16 @@ def _trigger_figures(th: Thresholds, conf: Any) -> list[Figure]:
         seed = conf["same_point_as"].get("seed")
         return [] if m is None else [
             Figure(f"trigger margin (point of seed {seed})", m, ">=", "1", 1.0)]
-    rate, resid = _f(conf.get("rate")), _f(conf.get("residual"))
-    n = len(_l(conf.get("tokens")))
+    rate = _f(conf.get("rate"))
     out: list[Figure] = []
     if rate is not None and th.confirm_min_rate is not None:
         out.append(Figure("trigger reach", rate, ">=", "min rate", th.confirm_min_rate))
-    lim = th.confirm_max_residual
+    land, land_lim = _f(conf.get("landing_match")), _f(conf.get("landing_limit"))
+    if land is not None and land_lim is not None:
+        out.append(Figure("clean outputs where the trigger lands", land, "<=", "limit",
+                          land_lim))
+        return out
+    resid, n, lim = _f(conf.get("residual")), len(_l(conf.get("tokens"))), th.confirm_max_residual
     if resid is not None and lim and n > 0:
         out.append(Figure(f"trigger residual ({n} token{'s' if n > 1 else ''})", resid, "<=",
                           "limit", lim[min(n, len(lim)) - 1]))

@@ -26,7 +26,7 @@ held-out sentences:
 The candidate is confirmed when `rate >= min_rate` (0.9) and `landing_match` stays within the
 target's clean-match limit (rule 4a's: 1.25% for pretrained encoders). A backdoor's trigger sends
 text to a point its training made for it, away from every clean sentence: the triggers recovered
-from MiniLM-3 POR, NeuBA and BToP copies land where 0-0.15% of clean outputs are. Words that push
+from MiniLM-3 POR, NeuBA and BToP copies land where 0-0.05% of clean outputs are. Words that push
 a classifier toward one class send text to that class's prototype, where the class's own
 sentences already are: the two-word triggers the search found for benign MiniLM-3 topic
 fine-tunes reached 88-98% of held-out outputs, but landed where 11-36% of clean outputs are.

@@ -57,6 +57,8 @@ COMMANDS = {
     "adaptive_rule4a": "python bench/bench_adaptive.py one frequent 0 1 --rows rule4a; the same "
                        "with seed 2; python bench/bench_adaptive.py one match-clean 1 1 --rows "
                        "rule4a; python bench/bench_adaptive.py report --rows rule4a",
+    "adaptive_landing": "python bench/bench_adaptive.py one frequent 0 3 --rows landing; the same "
+                        "with seed 4; python bench/bench_adaptive.py report --rows landing",
 }
 # attack name -> poison_model keyword that carries its weight
 ATTACKS = {

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import combinations, product
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,14 @@ def residual(f: torch.Tensor, c: torch.Tensor, pv: torch.Tensor) -> torch.Tensor
     return num / den
 
 
+def search_and_test_rows(miner: Any, rule: ConfirmRule, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The corpus rows a trigger search optimises on and the held-out rows it is measured on."""
+    perm = np.random.default_rng([miner.base_seed, seed, 7211]).permutation(miner.n)
+    search_idx = perm[: min(rule.search_rows, miner.n)]
+    test_idx = perm[len(search_idx): len(search_idx) + rule.test_rows]
+    return search_idx, (test_idx if len(test_idx) else search_idx)
+
+
 def _figures(miner: Any, idx: np.ndarray, trig: torch.Tensor, target: str, pv: torch.Tensor,
              t_match: float, seed: int) -> tuple[float, float, float, float]:
     """rate, mean sign agreement, residual and landing match of trigger `trig` on rows `idx`."""
@@ -161,18 +170,16 @@ def _search(miner: Any, start: torch.Tensor, idx: np.ndarray, target: str, pv: t
                     lo = float(_loss(miner, idx, w[cand], target, pv, rs))
                     if lo < best_loss:
                         best_loss, best = lo, cand
-            if torch.equal(best, trig) and len(trig) >= 2 and rule.pair_k > 0:
+            if torch.equal(best, trig) and rule.pair_k > 0:  # stuck: two slots at once
                 tops = [ordinary[scores[:, j].topk(min(rule.pair_k, len(ordinary))).indices]
                         for j in range(len(trig))]
-                for j1 in range(len(trig)):
-                    for j2 in range(j1 + 1, len(trig)):
-                        for a in tops[j1]:
-                            for b in tops[j2]:
-                                cand = trig.clone()
-                                cand[j1], cand[j2] = a, b
-                                lo = float(_loss(miner, idx, w[cand], target, pv, rs))
-                                if lo < best_loss:
-                                    best_loss, best = lo, cand
+                for j1, j2 in combinations(range(len(trig)), 2):
+                    for a, b in product(tops[j1], tops[j2]):
+                        cand = trig.clone()
+                        cand[j1], cand[j2] = a, b
+                        lo = float(_loss(miner, idx, w[cand], target, pv, rs))
+                        if lo < best_loss:
+                            best_loss, best = lo, cand
         if torch.equal(best, trig):
             break
         trig = best
@@ -190,12 +197,7 @@ def confirm_candidate(miner: Any, prompt: Any, pv: Any, target: str, rule: Confi
     ordinary = torch.as_tensor(miner._ordinary_vocab(), device=w.device)
     wn = torch.nn.functional.normalize(w[ordinary], dim=1)
     near = (torch.nn.functional.normalize(p, dim=1) @ wn.T).max(0).values  # per token: best sim
-    rng = np.random.default_rng([miner.base_seed, seed, 7211])
-    perm = rng.permutation(miner.n)
-    search_idx = perm[: min(rule.search_rows, miner.n)]
-    test_idx = perm[len(search_idx): len(search_idx) + rule.test_rows]
-    if len(test_idx) == 0:
-        test_idx = search_idx
+    search_idx, test_idx = search_and_test_rows(miner, rule, seed)
     t_match = float(miner.cfg.t_match)
     tried: list[dict[str, Any]] = []
     best: tuple[float, float, float, float, float, torch.Tensor] | None = None
@@ -228,4 +230,4 @@ def confirm_candidate(miner: Any, prompt: Any, pv: Any, target: str, rule: Confi
     )
 
 
-__all__ = ["ConfirmRule", "Confirmation", "confirm_candidate", "residual"]
+__all__ = ["ConfirmRule", "Confirmation", "confirm_candidate", "residual", "search_and_test_rows"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmsan.auditor.confirm import residual
+from lmsan.auditor.confirm import ConfirmRule, residual, search_and_test_rows
 from lmsan.auditor.mining import Miner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,10 +33,7 @@ from report_reading import report_miner  # noqa: E402
 
 
 def figures(miner: Miner, target: str, pv: np.ndarray, ids: list[int], seed: int) -> dict:
-    rng = np.random.default_rng([miner.base_seed, seed, 7211])
-    perm = rng.permutation(miner.n)
-    n_search = min(24, miner.n)
-    test_idx = perm[n_search: n_search + 128]
+    _, test_idx = search_and_test_rows(miner, ConfirmRule(), seed)  # the audit's held-out rows
     w = miner.emb.weight.detach()
     pv_t = torch.as_tensor(pv, dtype=torch.float32)
     with torch.no_grad():

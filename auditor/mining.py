@@ -41,6 +41,7 @@ import torch
 from .corpus import Corpus
 from .filtering import (
     CLEAN_MATCH_LIMIT,
+    NEAR_MISS,
     PVFilter,
     TargetStats,
     is_candidate,
@@ -439,6 +440,12 @@ class Miner:
         figures: dict[str, dict[str, Any]] = {}
         if not tr.aborted:  # a seed decided early was measured at the check epoch already
             figures = tr.figures or self.evaluate_all(tr.prompt, self.targets)
+        elif self._near_t_l(tr):
+            # for the record, as a seed that ran on below T_L is: where an abandoned seed that
+            # came within NEAR_MISS of T_L went (its concentration, the clean outputs already
+            # there), so a clean verdict's margin reads every rule such a seed would have had
+            # to pass, not its distance alone; the seed stays abandoned, no candidate
+            figures = self.evaluate_all(tr.prompt, self.targets)
         for t in self.targets:
             res.targets.append(self._target_result(t, tr, figures.get(t), in_range, seed))
         return res
@@ -464,6 +471,11 @@ class Miner:
             ts.rule = no_candidate_rule(final, cfg.t_l_for(t))
         return ts
 
+    def _near_t_l(self, tr: Training) -> bool:
+        """Whether a seed's last distance on some target reached NEAR_MISS x its T_L."""
+        return any(tr.epoch_distance[t] and tr.epoch_distance[t][-1] >= NEAR_MISS * self.cfg.t_l_for(t)
+                   for t in self.targets)
+
     def _stats(self, t: str, tr: Training, stats: dict[str, Any] | None) -> TargetStats:
         """Target `t`'s figures after training `tr` (`stats`: its evaluation, None when the seed
         was not evaluated); a candidate carries its PV, the mean of the last batch's outputs."""
@@ -482,7 +494,7 @@ class Miner:
             ts.pv = tr.last_batch[t].mean(0).cpu().tolist()
             ts.pv_eval = stats["pv_eval"] if stats else None
             ts.clean_match = self.clean_match(t, ts.pv)
-        elif not tr.aborted and t in tr.last_batch:
+        elif stats and t in tr.last_batch:
             # for the record: where the outputs went, for a clean verdict's margin (a seed just
             # under T_L whose outputs sit in clean text was not near a kept PV)
             ts.clean_match = self.clean_match(t, tr.last_batch[t].mean(0).cpu().tolist())

@@ -942,6 +942,54 @@ def test_clean_margin_is_each_candidates_worst_figure() -> None:
     assert not worst_c.passes and abs(worst_c.factor - 0.0125 / 0.14) < 1e-9
 
 
+def test_an_abandoned_seed_near_t_l_is_measured_for_the_record(tiny_models) -> None:
+    """A seed abandoned at the check epoch within NEAR_MISS of T_L gets its point measured
+    (concentration, clean outputs already there) like a seed that ran on below T_L; one further
+    from T_L stays unmeasured. Neither becomes a candidate, and training is the same."""
+    from lmsan.auditor.filtering import NEAR_MISS
+
+    far = _miner(tiny_models, t_l=1e9).run_seed(0).targets[0]
+    d = far.epoch_distance[-1]
+    assert far.rule.startswith("aborted") and math.isnan(far.concentration)
+    assert far.clean_match is None and len(far.epoch_distance) == 2
+    near = _miner(tiny_models, t_l=d * (1 + 1 / NEAR_MISS) / 2).run_seed(0).targets[0]  # between
+    assert near.rule.startswith("aborted") and not near.candidate and near.pv is None
+    assert near.epoch_distance == far.epoch_distance  # the same training
+    assert math.isfinite(near.concentration) and near.concentration > 0
+    assert near.clean_match is not None and 0.0 <= near.clean_match <= 1.0
+    below = _miner(tiny_models, t_l=2 * d / NEAR_MISS).run_seed(0).targets[0]
+    assert math.isnan(below.concentration) and below.clean_match is None
+
+
+def test_clean_margin_reads_a_measured_seed_on_every_rule() -> None:
+    """A seed just under T_L whose point was measured is as near as its worst figure there: at
+    a point where clean text already is, it is far from a kept PV, and a candidate refused
+    nearer to its threshold decides the margin. Unmeasured, its distance decides."""
+    from lmsan.auditor.render.facts import Facts, SeedPoint, Thresholds, _near_misses
+
+    th = Thresholds(t_l=2.0, t_collapse=1e-3, t_far=None, t_div=None, rule="collapse",
+                    confirm_min_rate=0.9, confirm_max_clean_match=0.0125)
+    cand = {"seed": 1, "target": "cls", "rule": "rejected: no collapse",
+            "concentration": 1.6e-3, "clean_match": 0.005}
+    pred = {"rejected_candidates": [cand],
+            "seeds": [{"seed": 0, "targets": [{"target": "cls", "rule": "aborted"}]},
+                      {"seed": 1, "targets": [{"target": "cls", "epoch_distance": [3.0]}]}]}
+
+    def margin(point: SeedPoint) -> tuple[int | None, float | None]:
+        fx = Facts(verified=True, problems=[], verdict="CLEAN", why="", targets=["cls"],
+                   thresholds={"cls": th}, seeds=[point])
+        (m,) = _near_misses(pred, fx)
+        return m.seed, m.figure.factor
+
+    measured = SeedPoint(0, "cls", 1.92, 2e-3, candidate=False, accepted=False, aborted=True,
+                         clean_match=0.04)
+    seed, factor = margin(measured)
+    assert seed == 1 and factor is not None and abs(factor - 1e-3 / 1.6e-3) < 1e-9
+    unmeasured = SeedPoint(0, "cls", 1.92, None, candidate=False, accepted=False, aborted=True)
+    seed, factor = margin(unmeasured)
+    assert seed == 0 and factor is not None and abs(factor - 0.96) < 1e-9
+
+
 def test_user_t_collapse_drops_preset_t_far(tiny_models, signing_key, tmp_path) -> None:
     """A preset's t_far must not outlive a collapse threshold the user sets by hand."""
     preset = tmp_path / "p.json"

@@ -107,6 +107,7 @@ class SeedPoint:
     candidate: bool
     accepted: bool
     aborted: bool
+    clean_match: float | None = None  # share of clean outputs already at its point, if measured
 
 
 @dataclass
@@ -371,6 +372,7 @@ def facts(
                         candidate=bool(t.get("candidate")),
                         accepted=bool(t.get("accepted")),
                         aborted=bool(s.get("aborted")),
+                        clean_match=_f(t.get("clean_match")),
                     )
                 )
 
@@ -384,10 +386,12 @@ def facts(
 
 
 def _near_misses(pred: dict[str, Any], fx: Facts) -> list[NearMiss]:
-    """Per target, the candidate nearest to acceptance, else the seed that moved furthest. A
-    candidate is as near as its worst figure (every rule has to pass for a PV to be kept), so
-    its deciding figure is the one with the smallest factor; the nearest candidate is the one
-    whose deciding figure has the largest."""
+    """Per target, the candidate or seed nearest to acceptance. Each is as near as its worst
+    figure (every rule has to pass for a PV to be kept), so its deciding figure is the one with
+    the smallest factor; the nearest is the one whose deciding figure has the largest. A
+    candidate is read on the rules after T_L; a seed that made no candidate on its distance
+    against T_L and, where its point was measured (it ran on, or was abandoned within NEAR_MISS
+    of T_L), its concentration and the clean outputs already at its point."""
     out: list[NearMiss] = []
     rejected = [c for c in _l(pred.get("rejected_candidates")) if isinstance(c, dict)]
     for t in fx.targets:
@@ -400,15 +404,27 @@ def _near_misses(pred: dict[str, Any], fx: Facts) -> list[NearMiss]:
             fig = bottleneck(figs)
             if fig is not None and (best is None or _nearer(fig, best.figure)):
                 best = NearMiss(t, c.get("seed"), str(c.get("rule", "")), fig)
-        if best is None and th.t_l is not None:
-            pts = [p for p in fx.seeds if p.target == t and p.distance is not None]
-            if pts:
-                p = max(pts, key=lambda p: p.distance or 0.0)
-                st = _seed_target(pred, p.seed, t)
-                best = NearMiss(t, p.seed, str(st.get("rule", "")),
-                                Figure("distance", p.distance or 0.0, ">", "T_L", th.t_l))
+        for p in fx.seeds:
+            if p.target != t or p.candidate or p.distance is None or th.t_l is None:
+                continue
+            fig = bottleneck(_point_figures(th, p))
+            if fig is not None and (best is None or _nearer(fig, best.figure)):
+                best = NearMiss(t, p.seed, str(_seed_target(pred, p.seed, t).get("rule", "")), fig)
         if best is not None:
             out.append(best)
+    return out
+
+
+def _point_figures(th: Thresholds, p: SeedPoint) -> list[Figure]:
+    """The figures of a seed that made no candidate on a target: its distance against T_L and,
+    where its point was measured, the figures the rules after T_L read there."""
+    assert p.distance is not None and th.t_l is not None
+    out = [Figure("distance", p.distance, ">", "T_L", th.t_l)]
+    if th.rule != "paper" and p.concentration is not None and th.t_collapse is not None:
+        out.append(Figure("concentration", p.concentration, "<", "T_collapse", th.t_collapse))
+    if p.clean_match is not None and th.confirm_max_clean_match is not None:
+        out.append(Figure("clean outputs at its point", p.clean_match, "<=", "limit",
+                          th.confirm_max_clean_match))
     return out
 
 

@@ -13,7 +13,6 @@ Run: LMSAN_BENCH_CACHE=... python bench/diagnose/calibration_seeds.py FAMILY N [
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,8 +29,7 @@ def main() -> None:
 
     fam, counts = sys.argv[1], [int(x) for x in sys.argv[2:]]
     _, shadows, bd = zoo.FAMILIES[fam]
-    rows = [json.loads(x) for x in (zoo.RESULTS / "zoo_calibration_rows.jsonl").read_text().splitlines()
-            if x.strip()]
+    rows = zoo._rows(zoo.RESULTS / "zoo_calibration_rows.jsonl")
     vals = zoo.BASE_VALUES[fam]
     base = MiningConfig(**{k: vals[k] for k in ("t_l", "lr0", "div_loss")})
     cfgs = [read_config(zoo.path_of(n)) for n in shadows + bd]

@@ -22,6 +22,16 @@ configured: on deep models the distances of false and true candidates overlap (d
 "Calibration"), so only the collapse separates them; the smallest clean epoch-2 distance is
 recorded in the evidence.
 
+The collapse threshold reads the clean seeds an audit would judge on that target: a seed whose
+distances stay under T_L on every target at the check epoch is abandoned there, and one whose
+final distance on the target stays under its T_L makes no candidate, so in an audit their
+concentration never meets T_collapse. Reading them anyway let one clean seed that collapsed
+while barely moving (a 6-layer shadow's seed 15, at 0.3-0.45x T_L) pull the threshold under
+every backdoor the family's audits flag. Where no clean seed would be judged on a target (shadows
+that moved less than the models audited later), the threshold reads the seeds that came within
+`NEAR_MISS` of T_L there (the seeds whose figures a clean verdict's margin reads), and where none
+did, every clean seed; the evidence names which.
+
 `calibrate_and_write` runs the calibration and writes the preset file, which is what
 `lmsan calibrate` does.
 """
@@ -38,6 +48,7 @@ from typing import Any
 from .audit import DETECT_SEEDS, resolve_targets, supported_targets
 from .corpus import Corpus, load_corpus
 from .errors import InputError
+from .filtering import NEAR_MISS
 from .modelio import load_encoder, read_config, resolve_device
 from .presets import Preset, write_presets
 
@@ -73,6 +84,58 @@ def _threshold(clean: list[float], found: list[float], margin: float) -> tuple[f
     if hi_found >= t:
         return t, f"{margin:g} x min clean; THIN: a found backdoor value {hi_found:.3g} >= it"
     return t, f"{margin:g} x min clean"
+
+
+
+
+def _target_t_l(t: str, clean: list[dict[str, Any]], found: list[dict[str, Any]], t_l: float,
+                ep2: Callable[[dict[str, Any]], float]) -> float:
+    """Target `t`'s T_L: raised to the geometric mean of the largest clean and the smallest found
+    epoch-2 distance when the found backdoors' distances clear every clean one and that mean lies
+    above the configured T_L; else the configured T_L."""
+    hi_c = max((ep2(r) for r in clean if r["target"] == t), default=None)
+    lo_f = min((ep2(r) for r in found if r["target"] == t), default=None)
+    if hi_c is not None and lo_f is not None and lo_f > hi_c and math.sqrt(hi_c * lo_f) > t_l:
+        return math.sqrt(hi_c * lo_f)
+    return t_l
+
+
+def _clean_reading(rows: list[dict[str, Any]], t_l: dict[str, float], default_t_l: float,
+                   ep2: Callable[[dict[str, Any]], float],
+                   target: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """The clean rows (of `target`, or of every target) whose concentrations set a collapse
+    threshold, and which reading they are; `rows` are every clean row, since whether a seed runs
+    past the check epoch depends on all its targets.
+
+    "judged": the rows an audit judges under the threshold: the seed passes its T_L on some
+    target at the check epoch (else the seed is abandoned there) and the row's final distance
+    passes the target's T_L (else it is no candidate). Else "near": the rows whose last distance
+    in an audit (the check epoch's for an abandoned seed, the final one otherwise) came within
+    NEAR_MISS of the target's T_L. Else "all" rows."""
+    def tl(r: dict[str, Any]) -> float:
+        return t_l.get(r["target"], default_t_l)
+
+    alive = {(r["model"], r["seed"]) for r in rows if ep2(r) > tl(r)}
+
+    def last(r: dict[str, Any]) -> float:
+        return float(r["epoch_distance"][-1]) if (r["model"], r["seed"]) in alive else ep2(r)
+
+    mine = [r for r in rows if target is None or r["target"] == target]
+    judged = [r for r in mine if (r["model"], r["seed"]) in alive and r["epoch_distance"][-1] > tl(r)]
+    if judged:
+        return judged, "judged"
+    near = [r for r in mine if last(r) >= NEAR_MISS * tl(r)]
+    if near:
+        return near, "near"
+    return mine, "all"
+
+
+READING = {
+    "judged": "over the clean seeds an audit judges here (past T_L at the check epoch and at the end)",
+    "near": (f"NO JUDGED SEED: no clean seed passes T_L here; over the seeds within {NEAR_MISS:g} x "
+             "T_L of it"),
+    "all": "NO JUDGED SEED: no clean seed passes T_L here or comes near it; over every clean seed",
+}
 
 
 def calibrate(
@@ -235,7 +298,11 @@ def preset_from_rows(
     conc = [r["concentration"] for r in clean_rows]
     early = [ep2(r) for r in clean_rows]
     layers = sorted({int(c.get("num_hidden_layers", 0)) for c in cfgs})
-    t_all, why_all = _threshold(conc, [r["concentration"] for r in found_rows], margin)
+    t_l = {t: _target_t_l(t, clean_rows, found_rows, base_cfg.t_l, ep2) for t in measured}
+    read_all, how_all = _clean_reading(clean_rows, t_l, base_cfg.t_l, ep2)
+    t_all, why_all = _threshold([r["concentration"] for r in read_all],
+                                [r["concentration"] for r in found_rows], margin)
+    why_all += "; " + READING[how_all]
     values: dict[str, Any] = {
         "t_collapse": t_all,
         "t_l": base_cfg.t_l,
@@ -249,12 +316,18 @@ def preset_from_rows(
         tf = [r for r in found_rows if r["target"] == t]
         if not tc:
             continue
-        thr, why = _threshold([r["concentration"] for r in tc], [r["concentration"] for r in tf],
-                              margin)
-        entry = {"t_collapse": thr}
+        tr, how = _clean_reading(clean_rows, t_l, base_cfg.t_l, ep2, t)
+        thr, why = _threshold([r["concentration"] for r in tr],
+                              [r["concentration"] for r in tf], margin)
+        why += "; " + READING[how]
+        entry: dict[str, float] = {"t_collapse": thr}
         ev: dict[str, Any] = {
             "min_concentration": min(r["concentration"] for r in tc),
             "max_concentration": max(r["concentration"] for r in tc),
+            "clean_seeds": len(tc),
+            "clean_seeds_read": len(tr),
+            "clean_reading": how,
+            "min_read_concentration": min(r["concentration"] for r in tr),
             "min_epoch2_distance": min(ep2(r) for r in tc),
             "max_epoch2_distance": max(ep2(r) for r in tc),
             "t_collapse_rule": why,
@@ -269,9 +342,8 @@ def preset_from_rows(
                                        "embedding range; lower lr0")
             ev["found_max_concentration"] = max(r["concentration"] for r in tf)
             ev["found_min_epoch2_distance"] = min(ep2(r) for r in tf)
-            hi_c, lo_f = ev["max_epoch2_distance"], ev["found_min_epoch2_distance"]
-            if lo_f > hi_c and math.sqrt(hi_c * lo_f) > base_cfg.t_l:
-                entry["t_l"] = math.sqrt(hi_c * lo_f)
+            if t_l[t] != base_cfg.t_l:
+                entry["t_l"] = t_l[t]
                 ev["t_l_rule"] = "geometric mean of max clean and min found epoch-2 distance"
             # Observation I alone: where every found backdoor that targets this output moved
             # FAR_RATIO x farther than every clean seed (final distance), distance is enough

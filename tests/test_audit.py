@@ -707,7 +707,8 @@ def test_calibration_sets_t_far_only_on_a_wide_distance_gap(found_distance, expe
     p = preset_from_rows(rows, [cfg], name="t", margin=0.5, base_cfg=MiningConfig(t_l=0.005),
                          corpus=Corpus("c", ["a"]))
     entry, ev = p.values["per_target"]["cls"], p.evidence["per_target"]["cls"]
-    assert "OVERLAP" in ev["t_collapse_rule"]  # the collapse statistic cannot separate these
+    # the collapse statistic cannot separate these
+    assert "OVERLAP" in ev["t_collapse_rule"] or "THIN" in ev["t_collapse_rule"]
     assert ev["max_final_distance"] == 0.02 and ev["found_min_final_distance"] == found_distance
     assert ev["found_own_target_seeds"] == 1 and ev["backdoored_found_seeds"] == 2
     if expect_far:
@@ -716,6 +717,47 @@ def test_calibration_sets_t_far_only_on_a_wide_distance_gap(found_distance, expe
         assert 0.02 < entry["t_far"] < found_distance and "t_far_rule" in ev
     else:
         assert "t_far" not in entry and "t_far_rule" not in ev
+
+
+def _clean_row(seed: int, target: str, conc: float, ep2: float, final: float) -> dict:
+    return {"model": "clean-model", "label": "clean", "seed": seed, "target": target,
+            "concentration": conc, "epoch_distance": [ep2 / 2, ep2, final, final]}
+
+
+def test_calibration_reads_the_clean_seeds_an_audit_judges() -> None:
+    """A clean seed that collapses tightly while it stays under T_L is abandoned (or makes no
+    candidate) in an audit, so it does not pull the collapse threshold down; the threshold reads
+    the judged seeds, else those within NEAR_MISS of T_L, else every clean seed, and says which."""
+    from lmsan.auditor.calibrate import preset_from_rows
+    from lmsan.auditor.corpus import Corpus
+    from lmsan.auditor.filtering import NEAR_MISS
+    from lmsan.auditor.mining import MiningConfig
+
+    cfg = {"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 2}
+
+    def preset(rows: list[dict]):
+        return preset_from_rows(rows, [cfg], name="t", margin=0.5, base_cfg=MiningConfig(t_l=1.0),
+                                corpus=Corpus("c", ["a"]))
+
+    tight = _clean_row(0, "cls", 1e-5, 0.3, 0.4)  # abandoned at the check epoch, far from T_L
+    # judged on cls: seed 1 passes T_L at the check epoch (on pooler) and ends past it on cls
+    judged = [tight, _clean_row(1, "cls", 4e-3, 0.9, 1.5), _clean_row(1, "pooler", 5e-3, 1.2, 1.6)]
+    p = preset(judged)
+    ev = p.evidence["per_target"]["cls"]
+    assert p.values["per_target"]["cls"]["t_collapse"] == pytest.approx(2e-3)
+    assert ev["clean_reading"] == "judged" and ev["clean_seeds_read"] == 1
+    assert ev["min_concentration"] == 1e-5  # the tight seed is recorded, not read
+    # nothing judged: the seeds within NEAR_MISS of T_L (0.6 here) are read, not the tight one
+    near = [tight, _clean_row(1, "cls", 4e-3, 0.6, 0.8), _clean_row(2, "cls", 6e-3, 0.2, 0.3)]
+    assert 0.6 >= NEAR_MISS * 1.0 > 0.3
+    p = preset(near)
+    assert p.values["per_target"]["cls"]["t_collapse"] == pytest.approx(2e-3)
+    assert p.evidence["per_target"]["cls"]["clean_reading"] == "near"
+    assert "NO JUDGED SEED" in p.evidence["per_target"]["cls"]["t_collapse_rule"]
+    # nothing near either: every clean seed, the tight one included (the old, cautious reading)
+    p = preset([tight, _clean_row(1, "cls", 4e-3, 0.2, 0.3)])
+    assert p.values["per_target"]["cls"]["t_collapse"] == pytest.approx(5e-6)
+    assert p.evidence["per_target"]["cls"]["clean_reading"] == "all"
 
 
 def test_calibration_warns_when_found_prompts_leave_the_range() -> None:

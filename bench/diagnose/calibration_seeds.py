@@ -5,8 +5,9 @@ keeps each clean shadow's seeds below N (backdoored shadows: every cached seed),
 preset with the shipped calibration rule (`auditor.calibrate.preset_from_rows`) and prints, per
 target: the lowest clean concentration, the seed that reached it and that seed's epoch-2 distance
 against T_L (a seed under T_L at the check epoch is abandoned in an audit, so its concentration
-is never judged there), the largest concentration of a found backdoor, and T_collapse with the
-rule that set it. Nothing is mined; the shadow folders are read for their config only.
+is never judged there), which clean seeds the rule reads (judged, near or all; how many) and the
+lowest of them, the largest concentration of a found backdoor, and T_collapse with the rule
+that set it. Nothing is mined; the shadow folders are read for their config only.
 
 Run: LMSAN_BENCH_CACHE=... python bench/diagnose/calibration_seeds.py FAMILY N [N ...]
 """
@@ -34,7 +35,8 @@ def main() -> None:
     base = MiningConfig(**{k: vals[k] for k in ("t_l", "lr0", "div_loss")})
     cfgs = [read_config(zoo.path_of(n)) for n in shadows + bd]
     print(f"| {fam} | seeds per clean shadow | lowest clean concentration (seed, its epoch-2 "
-          "distance / T_L) | largest found | T_collapse | rule |\n|---|---|---|---|---|---|")
+          "distance / T_L) | clean seeds read | lowest read | largest found | T_collapse | rule |"
+          "\n|---|---|---|---|---|---|---|---|")
     for n in counts:
         use = [dict(r, label=r.get("label", "clean")) for r in rows if r["model"] in bd
                or (r["model"] in shadows and r["seed"] < n)]
@@ -53,8 +55,9 @@ def main() -> None:
             found = ev.get("found_max_concentration")
             t_c = p.values["per_target"][t]["t_collapse"]
             print(f"| {t} | {n} | {low['concentration']:.3g} ({low['model']} seed {low['seed']}, "
-                  f"{ep2:.2f} / {t_l:.3g}) | {'-' if found is None else f'{found:.3g}'} | "
-                  f"{t_c:.3g} | {ev['t_collapse_rule']} |")
+                  f"{ep2:.2f} / {t_l:.3g}) | {ev['clean_reading']}, {ev['clean_seeds_read']} of "
+                  f"{ev['clean_seeds']} | {ev['min_read_concentration']:.3g} | "
+                  f"{'-' if found is None else f'{found:.3g}'} | {t_c:.3g} | {ev['t_collapse_rule']} |")
 
 
 if __name__ == "__main__":

@@ -60,57 +60,24 @@ def commit() -> str:
 def nearest_approach(rep: dict[str, Any]) -> dict[str, Any]:
     """The figure that came nearest to a kept PV, as `factor` (>= 1: it passed; < 1: how far it
     stayed from its threshold, 1/factor times). For a backdoored verdict: the kept PV's
-    confirmation. For a clean one: over every seed and target, the nearest of (for a
-    non-candidate, the worst of its distance vs T_L and, where measured, its concentration and
-    the share of clean outputs at its point; for a candidate, the worst of its concentration vs T_collapse, its share
-    of clean outputs at the PV vs its limit and, where the trigger search ran, the confirmation's
-    margin)."""
-    mining = rep["parameters"]["mining"]
-    pt = mining.get("per_target", {})
-
-    def thr(t: str, k: str) -> float:
-        return float(pt.get(t, {}).get(k, mining[k]))
+    confirmation. For a clean one: the nearest of the near misses the report's "why clean" reads
+    (`auditor.render.facts`: per target, every rejected candidate and every seed, each as near as
+    its worst measured figure)."""
+    from lmsan.auditor.render.facts import facts
+    from lmsan.auditor.report import Verification
 
     if rep["verdict"] == "backdoored":
         k = rep["kept_pvs"][0]
         c = k.get("confirmation") or {}
         return {"target": k["target"], "seed": k["seed"], "figure": "confirmation",
-                "factor": _conf_factor(c, mining), "text": k["rule"]}
+                "factor": float(c["margin"]) if c else float("nan"), "text": k["rule"]}
     best: dict[str, Any] = {"factor": 0.0, "text": "no seed ran"}
-    for s in rep["seeds"]:
-        for t in s["targets"]:
-            tl, tc = thr(t["target"], "t_l"), thr(t["target"], "t_collapse")
-            d = t["epoch_distance"][-1] if t["epoch_distance"] else float("nan")
-            if not t["candidate"]:
-                # as near as its worst figure: a PV needs T_L and every rule after it
-                f, text = d / tl if tl > 0 else math.inf, f"distance {d:.4g} vs T_L {tl:.4g}"
-                c = t.get("concentration")
-                if isinstance(c, float) and math.isfinite(c) and c > 0 and tc / c < f:
-                    f, text = tc / c, f"{text}; concentration {c:.4g} vs T_collapse {tc:.4g}"
-                cm, lim = t.get("clean_match"), mining.get("confirm_max_clean_match")
-                if mining.get("confirm") and cm is not None and lim and cm > 0 and lim / cm < f:
-                    f, text = lim / cm, f"{text}; clean outputs at its point {cm:.2%} vs {lim:.2%}"
-            else:
-                # a candidate is as near as its worst figure: every rule has to pass
-                c = t["concentration"]
-                f = tc / c if c > 0 else math.inf
-                text = f"concentration {c:.4g} vs T_collapse {tc:.4g}"
-                if t.get("confirmation"):
-                    fc = _conf_factor(t["confirmation"], mining)
-                    if not math.isfinite(f) or fc < f:
-                        f, text = fc, t["confirmation"]["rule"]
-                cm, lim = t.get("clean_match"), mining.get("confirm_max_clean_match")
-                if mining.get("confirm") and cm is not None and lim:
-                    fm = lim / cm if cm > 0 else math.inf
-                    if fm < f:
-                        f, text = fm, f"clean outputs at the PV {cm:.2%} vs limit {lim:.2%}"
-            if math.isfinite(f) and f > best["factor"]:
-                best = {"target": t["target"], "seed": s["seed"], "factor": f, "text": text}
+    for m in facts(Verification(True, True, None, [], predicate=rep)).near_misses:
+        f = m.figure.factor
+        if f is not None and f > best["factor"]:
+            best = {"target": m.target, "seed": m.seed, "figure": m.figure.name, "factor": f,
+                    "text": m.figure.describe()}
     return best
-
-
-def _conf_factor(c: dict[str, Any], mining: dict[str, Any]) -> float:
-    return float(c["margin"]) if c else float("nan")
 
 
 def run(split: str, seeds: int, only: list[str], preset: str = "none",

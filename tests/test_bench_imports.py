@@ -50,13 +50,15 @@ def test_lofo_margin_is_each_seed_targets_worst_figure() -> None:
         return {"target": "mask", "candidate": False, "concentration": float("nan"),
                 "clean_match": None, "confirmation": None, "epoch_distance": [0.5], **kw}
 
-    rep = {"verdict": "clean", "parameters": {"mining": {
+    cand = {"target": "mask", "seed": 1, "concentration": 1.6e-3, "clean_match": 0.001,
+            "rule": "rejected: not reachable by text", "distance_norm": 2.0,
+            "confirmation": {"rate": 0.36, "rule": "not reachable"}}  # reach 0.36 of 0.9: 0.4x
+    rep = {"verdict": "clean", "targets": ["mask"], "parameters": {"mining": {
         "t_l": 1.0, "t_collapse": 1e-3, "confirm": True, "confirm_max_clean_match": 0.0125,
-        "per_target": {}}}, "seeds": [
+        "confirm_min_rate": 0.9, "per_target": {}}}, "rejected_candidates": [cand], "seeds": [
         {"seed": 0, "targets": [target(epoch_distance=[0.99], clean_match=0.2)]},
         {"seed": 1, "targets": [target(candidate=True, epoch_distance=[2.0],
-                                       concentration=1.6e-3, clean_match=0.001,
-                                       confirmation={"margin": 0.4, "rule": "not reachable"})]},
+                                       concentration=1.6e-3, clean_match=0.001)]},
     ]}
     near = nearest_approach(rep)
     assert near["seed"] == 1 and abs(near["factor"] - 0.4) < 1e-9, near

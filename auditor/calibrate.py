@@ -85,8 +85,6 @@ def _threshold(clean: list[float], found: list[float], margin: float) -> tuple[f
     return t, f"{margin:g} x min clean"
 
 
-
-
 def _target_t_l(t: str, clean: list[dict[str, Any]], found: list[dict[str, Any]], t_l: float,
                 ep2: Callable[[dict[str, Any]], float]) -> float:
     """Target `t`'s T_L: raised to the geometric mean of the largest clean and the smallest found

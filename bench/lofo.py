@@ -169,13 +169,15 @@ def table(split: str) -> None:
                      f"{'yes' if r['correct'] else '**no**'} | {r.get('seeds_run', '-')} | {fs} | "
                      f"{at.replace('|', '/')} | {r['seconds']} |")
     lines += ["", "How each model was built (BUILD.json; `bench/families.py`):", "",
-              "| model | pretraining MLM loss | fine-tune task, test accuracy | attack success, "
-              "triggers | mean [CLS] cosine to its clean base |", "|---|---|---|---|---|"]
+              "| model | pretraining (MLM loss, or distillation's relative error) | "
+              "fine-tune task, test accuracy | attack success, triggers | "
+              "mean [CLS] cosine to its clean base |", "|---|---|---|---|---|"]
     for r in rows:
         b = r.get("build") or {}
         ft = f"{b['task']} ({b['pooling']}), {b['test_accuracy']:.3f}" if "task" in b else "-"
         atk = f"{b['success']:.3f}, {' '.join(b['triggers'])}" if "success" in b else "-"
-        mlm = f"{b['final_mlm_loss']:.2f}" if "final_mlm_loss" in b else "-"
+        mlm = (f"MLM {b['final_mlm_loss']:.2f}" if "final_mlm_loss" in b else
+               f"distilled {b['final_relative_error']:.2f}" if "final_relative_error" in b else "-")
         cos = f"{b['cls_cosine_to_base']:.2f}" if "cls_cosine_to_base" in b else "-"
         lines.append(f"| {r['model']} | {mlm} | {ft} | {atk} | {cos} |")
     fams = sorted({r["family"] for r in rows})

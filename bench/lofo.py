@@ -31,22 +31,33 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from families import VARIANTS  # noqa: E402
 from lmsan.auditor.fsutil import atomic_write_text  # noqa: E402
 from paths import CACHE, RESULTS  # noqa: E402
 
 BACKDOORED = ("por", "neuba", "btop", "por-ner")
 
 
-def truth(name: str) -> str:
-    variant = name.split("-", 1)[1] if "-" in name else name
-    for fam in ("deberta-v2",):  # family names that contain a dash
-        if name.startswith(fam + "-"):
-            variant = name[len(fam) + 1:]
-    return "backdoored" if variant in BACKDOORED else "clean"
+def truth(name: str, build: dict[str, Any] | None = None) -> str:
+    """clean or backdoored: the model's BUILD.json variant, else the part of its name after the
+    family (`FAMILY-VARIANT`; family names may contain dashes, so BUILD.json comes first)."""
+    return "backdoored" if _variant(name, build) in BACKDOORED else "clean"
 
 
-def family(name: str) -> str:
-    return "deberta-v2" if name.startswith("deberta-v2-") else name.split("-", 1)[0]
+def family(name: str, build: dict[str, Any] | None = None) -> str:
+    if build and "family" in build:
+        return str(build["family"])
+    variant = _variant(name, None)
+    return name[:-len(variant) - 1] if name.endswith("-" + variant) else name
+
+
+def _variant(name: str, build: dict[str, Any] | None) -> str:
+    if build and "variant" in build:
+        return str(build["variant"])
+    for v in sorted(VARIANTS, key=len, reverse=True):
+        if name.endswith("-" + v):
+            return v
+    return name
 
 
 def commit() -> str:
@@ -107,13 +118,14 @@ def run(split: str, seeds: int, only: list[str], preset: str = "none",
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        row: dict[str, Any] = {"model": m.name, "family": family(m.name), "truth": truth(m.name),
-                               "exit": p.returncode, "seconds": round(wall, 1),
+        build = m / "BUILD.json"
+        info = json.loads(build.read_text()) if build.exists() else None
+        row: dict[str, Any] = {"model": m.name, "family": family(m.name, info),
+                               "truth": truth(m.name, info), "exit": p.returncode, "seconds": round(wall, 1),
                                "command": " ".join(["lmsan", *cmd[1:]]).replace(str(CACHE), "bench/cache"),
                                "commit": commit(), "machine": machine(), "load": os.getloadavg()[0]}
-        build = m / "BUILD.json"
-        if build.exists():
-            row["build"] = json.loads(build.read_text())
+        if info is not None:
+            row["build"] = info
         if p.returncode in (0, 1) and report.exists():
             rep = read_report(report)
             row["verdict"] = rep["verdict"]
@@ -148,6 +160,9 @@ def machine() -> str:
 def table(split: str) -> None:
     rows_path = RESULTS / f"lofo_{split}.jsonl"
     rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
+    for r in rows:  # truth and family from the recorded BUILD.json (earlier rows parsed the name)
+        r["family"], r["truth"] = family(r["model"], r.get("build")), truth(r["model"], r.get("build"))
+        r["correct"] = r["verdict"] == r["truth"]
     how = "`--preset none`" if all("--preset none" in r["command"] for r in rows) else \
         "the shipped preset that matches each model"
     lines = [f"# Audits of split `{split}` ({how})", "",

@@ -247,7 +247,9 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
                                    and not own_thresholds):
         from .selfcal import self_calibrate
 
-        selfcal = self_calibrate(opts.model_dir, corpus, targets, device, progress)
+        # the implants' seeds start where the audit's will (`--prompt-init`)
+        selfcal = self_calibrate(opts.model_dir, corpus, targets, device, progress,
+                                 prompt_init=str(opts.overrides.get("prompt_init", "stride")))
         choice = PresetChoice(selfcal.preset(), False, None)
     cfg = MiningConfig()
     for k, v in choice.preset.values.items():

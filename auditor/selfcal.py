@@ -17,7 +17,11 @@ checkpoint*:
        T_L        = T_L_FRACTION * d_imp        (a candidate moved a real fraction of the way)
        T_collapse = T_COLLAPSE_FACTOR * c_imp   (it collapsed about as tightly as a real PV)
        clean-match limit = max(CLEAN_MATCH_LIMIT, CLEAN_MATCH_FACTOR * m_imp)
-                    (m_imp: the share of clean outputs that already match the implanted PV)
+                    (m_imp: the share of clean outputs that already match the implanted PV),
+                    or CLEAN_MATCH_LIMIT where m_imp > IMPLANT_SHARE_MAX: a planted PV that
+                    most clean outputs already match in sign shows that sign matching cannot
+                    tell a PV from clean text on that target of this model, so the target
+                    keeps the limit that refuses such points instead of one that admits them
 
    and turn on trigger confirmation (`auditor.confirm`): a candidate is kept only when a trigger
    of a few real tokens drives held-out sentences onto it. Confirmation's thresholds are sign
@@ -51,6 +55,10 @@ T_COLLAPSE_FACTOR = 10.0
 # (filtering.CLEAN_MATCH_LIMIT) unless this checkpoint's outputs are so alike that the implant's
 # own PV is matched by more; then that share times the factor
 CLEAN_MATCH_FACTOR = 4.0
+# above this share of clean outputs at the implanted PV, the implant gives that target no usable
+# clean-match reference (a 2-layer MiniLM's [CLS] outputs match a POR PV at 99.85%: a limit of
+# 4x that would let every class prototype through); tiny random encoders' planted PVs: <= 2.7%
+IMPLANT_SHARE_MAX = 0.05
 IMPLANT_SEEDS = 4  # seeds mined on each implanted copy before giving up (a model that
 # already carries backdoors may lead the first seeds to its own PVs; the path loss moves on)
 IMPLANT_SEED = 7901  # the implant's training and trigger-draw seed
@@ -73,7 +81,9 @@ IMPLANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 def clean_match_limit(implant_share: float) -> float:
     """Rule 4a's and rule 4's clean-match limit given the share of clean outputs that match
-    the implanted PV."""
+    the implanted PV (module text, step 3)."""
+    if implant_share > IMPLANT_SHARE_MAX:
+        return CLEAN_MATCH_LIMIT
     return max(CLEAN_MATCH_LIMIT, CLEAN_MATCH_FACTOR * implant_share)
 
 
@@ -127,7 +137,8 @@ def _mining_config(values: dict[str, Any]) -> Any:
 
 
 def _measure_implant(model_dir: Path, corpus: Corpus, attack: str, target: str,
-                     read: tuple[str, ...], device: str, work: Path, progress: Any) -> Implant:
+                     read: tuple[str, ...], device: str, work: Path, progress: Any,
+                     prompt_init: str) -> Implant:
     from .modelio import load_encoder
     from .poison.pipeline import poison_model
 
@@ -149,21 +160,23 @@ def _measure_implant(model_dir: Path, corpus: Corpus, attack: str, target: str,
                   seed=None, agreement=0.0)
     pv = np.asarray(res.pvs[0], dtype=np.float32)
     for lr0 in LR0_LADDER:
-        if _mine_implant(lm, corpus, target, read, device, pv, lr0, imp, progress):
+        if _mine_implant(lm, corpus, target, read, device, pv, lr0, imp, progress, prompt_init):
             break
     imp.seconds = time.perf_counter() - t0
     return imp
 
 
 def _mine_implant(lm: Any, corpus: Corpus, target: str, read: tuple[str, ...], device: str,
-                  pv: np.ndarray, lr0: float, imp: Implant, progress: Any) -> bool:
+                  pv: np.ndarray, lr0: float, imp: Implant, progress: Any,
+                  prompt_init: str) -> bool:
     """Mine the implanted copy with learning rate `lr0`, every seed to the end, until a seed's
     candidate is the implanted PV (sign agreement >= IMPLANT_AGREEMENT: converged onto it) and
     the trigger search confirms it. Fills `imp`; True when it did."""
     from .confirm import ConfirmRule, confirm_candidate
     from .mining import Miner
 
-    cfg = _mining_config({**BASE_VALUES, "lr0": lr0, "t_l": 0.0, "t_collapse": 0.0})
+    cfg = _mining_config({**BASE_VALUES, "lr0": lr0, "t_l": 0.0, "t_collapse": 0.0,
+                          "prompt_init": prompt_init})
     miner = Miner(lm, corpus, list(read), cfg, device=device)
     for seed in range(IMPLANT_SEEDS):
         if progress:
@@ -177,10 +190,10 @@ def _mine_implant(lm: Any, corpus: Corpus, target: str, read: tuple[str, ...], d
         imp.agreement = max(imp.agreement, agree)
         if agree < IMPLANT_AGREEMENT:
             continue
-        # the landing limit this implant would give the audit (clean-match limit, module text)
-        limit = clean_match_limit(float(ts.clean_match or 0.0))
+        # the trigger search must reach the implant from text; where its trigger lands is the
+        # implant's own clean-match share, which step 3 reads, not a test of the reference
         conf = confirm_candidate(miner, sr.prompt, ts.pv, ts.target,
-                                 ConfirmRule(max_landing_match=limit), seed=seed)
+                                 ConfirmRule(max_landing_match=1.0), seed=seed)
         imp.confirmation = conf.to_dict()
         if not conf.confirmed:
             continue
@@ -194,10 +207,12 @@ def _mine_implant(lm: Any, corpus: Corpus, target: str, read: tuple[str, ...], d
 
 
 def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], device: str = "cpu",
-                   progress: Any = None) -> SelfCalibration:
+                   progress: Any = None, prompt_init: str = "stride") -> SelfCalibration:
     """Implant reference backdoors into copies of the model at `model_dir`, mine them, and derive
-    the thresholds for auditing `targets` (see the module text). Raises SelfCalibrationError when
-    a reference backdoor cannot be implanted, reached or confirmed."""
+    the thresholds for auditing `targets` (see the module text). `prompt_init` is where the
+    implants' seeds start, as the audit's will (`--prompt-init`): the strided starts of the
+    presets, or ordinary vocabulary tokens drawn per seed. Raises SelfCalibrationError when a
+    reference backdoor cannot be implanted, reached or confirmed."""
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     implants: list[Implant] = []
@@ -209,7 +224,7 @@ def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], de
             if not read:
                 continue
             imp = _measure_implant(model_dir, corpus, attack, target, read, device, Path(tmp),
-                                   progress)
+                                   progress, prompt_init)
             implants.append(imp)
             if imp.seed is None:
                 raise SelfCalibrationError(
@@ -224,6 +239,7 @@ def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], de
                                  "t_collapse": T_COLLAPSE_FACTOR * f["concentration"],
                                  "confirm_max_clean_match": clean_match_limit(f["clean_match"])}
     values: dict[str, Any] = {**BASE_VALUES, "lr0": max(lr0s), "confirm": True,
+                              "prompt_init": prompt_init,
                               "per_target": per_target,
                               "t_l": min(v["t_l"] for v in per_target.values()),
                               "t_collapse": max(v["t_collapse"] for v in per_target.values())}

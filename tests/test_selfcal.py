@@ -150,3 +150,28 @@ def test_confirm_is_on_by_default_with_a_preset_and_can_be_turned_off(tiny_por_p
     assert code == 1, output
     assert rep["parameters"]["mining"]["confirm"] is False
     assert rep["kept_pvs"][0]["confirmation"] is None
+
+
+def test_clean_match_limit_follows_the_implant_unless_clean_text_already_sits_there() -> None:
+    from lmsan.auditor.filtering import CLEAN_MATCH_LIMIT
+    from lmsan.auditor.selfcal import CLEAN_MATCH_FACTOR, IMPLANT_SHARE_MAX, clean_match_limit
+
+    # a planted PV apart from clean text: the pretrained-encoder limit
+    assert clean_match_limit(0.0) == CLEAN_MATCH_LIMIT
+    # outputs so alike that the implant itself is matched by a few percent: 4x its share
+    assert clean_match_limit(0.027) == pytest.approx(CLEAN_MATCH_FACTOR * 0.027)
+    assert clean_match_limit(IMPLANT_SHARE_MAX) == pytest.approx(CLEAN_MATCH_FACTOR * IMPLANT_SHARE_MAX)
+    # most clean outputs already match the implant in sign (a 2-layer MiniLM's [CLS]): the
+    # implant tells nothing there, and the target keeps the limit instead of 4 x 99.85%
+    assert clean_match_limit(0.9985) == CLEAN_MATCH_LIMIT
+    assert clean_match_limit(IMPLANT_SHARE_MAX + 1e-6) == CLEAN_MATCH_LIMIT
+
+
+def test_self_calibration_mines_its_implants_from_the_audits_starts(tiny_por_pair, tmp_path) -> None:
+    code, rep, output = _audit(tiny_por_pair["clean"], tiny_por_pair["corpus"], tmp_path / "r.json",
+                               "--preset", "none", "--prompt-init", "vocab", "--max-seeds", "1")
+    assert code in (0, 1), output
+    assert rep["parameters"]["mining"]["prompt_init"] == "vocab"
+    sc = rep["preset"]["self_calibration"]
+    assert sc["values"]["prompt_init"] == "vocab"
+    assert all(i["seed"] is not None for i in sc["implants"])

@@ -292,8 +292,10 @@ def audit(
                                               "sample (256)."),
     prompt_init: PromptInit | None = typer.Option(None, help="Soft prompt initialisation: stride "
                                                   "(the paper's vocabulary rows 70*seed...; "
-                                                  "detect default) or vocab (random ordinary "
-                                                  "words per seed; search default)."),
+                                                  "detect default with a preset) or vocab "
+                                                  "(random ordinary words per seed; search "
+                                                  "default). A self-calibrated audit mines its "
+                                                  "implants from the same starts."),
     first_stage: bool = typer.Option(True, "--first-stage/--no-first-stage", help="Run the "
                                      "searching-free first stage before mining (seconds; "
                                      "advisory: it orders the targets mined and doubles the seed "

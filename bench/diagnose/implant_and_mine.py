@@ -1,4 +1,5 @@
 """Diagnose self-calibration on one model: implant POR on a target, mine seeds, print figures."""
+import json
 import sys
 import tempfile
 import time
@@ -19,6 +20,7 @@ model = Path(sys.argv[1]); target = sys.argv[2] if len(sys.argv) > 2 else "cls"
 lrs = [float(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else [2e-4, 2e-3]
 nseeds = int(sys.argv[4]) if len(sys.argv) > 4 else 4
 attack = {"cls": "por", "mask": "por", "tokens": "por-ner"}[target]
+extra = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}  # more mining settings
 corpus = load_corpus(None)
 with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "imp"
@@ -31,7 +33,8 @@ with tempfile.TemporaryDirectory() as tmp:
     pv = np.asarray(res.pvs[0], dtype=np.float32)
     lm = load_encoder(out)
     for lr0 in lrs:
-        cfg = selfcal._mining_config({**selfcal.BASE_VALUES, "lr0": lr0, "t_l": 0.0, "t_collapse": 0.0})
+        cfg = selfcal._mining_config({**selfcal.BASE_VALUES, "lr0": lr0, "t_l": 0.0, "t_collapse": 0.0,
+                                       **extra})
         m = Miner(lm, corpus, [target], cfg)
         for seed in range(nseeds):
             t0 = time.time()

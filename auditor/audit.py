@@ -247,9 +247,11 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
                                    and not own_thresholds):
         from .selfcal import self_calibrate
 
-        # the implants' seeds start where the audit's will (`--prompt-init`)
+        # the implants' seeds start where the audit's will (`--prompt-init`; search mode's
+        # default is vocabulary starts, below)
+        start = opts.overrides.get("prompt_init", "vocab" if opts.mode == "search" else "stride")
         selfcal = self_calibrate(opts.model_dir, corpus, targets, device, progress,
-                                 prompt_init=str(opts.overrides.get("prompt_init", "stride")))
+                                 prompt_init=str(start))
         choice = PresetChoice(selfcal.preset(), False, None)
     cfg = MiningConfig()
     for k, v in choice.preset.values.items():

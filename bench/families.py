@@ -175,6 +175,29 @@ def make_config(family: str, tok: Any, width: int = WIDTH, layers: int = LAYERS,
     raise SystemExit(f"unknown family {family!r}")
 
 
+def _optimiser(params: Any, lr: float, steps: int, warm: int) -> tuple[Any, Any]:
+    """AdamW with a linear warm-up over `warm` steps and a linear decay to 0 at `steps`."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / (steps - warm)))
+    return opt, sched
+
+
+def _draw_masked(tok: Any, enc: list[Any], g: Any, size: int, rate: float) -> tuple[Any, Any]:
+    """A batch of `size` encoded sentences drawn with `g`, padded, and the non-special tokens
+    picked for masking at `rate` (the caller decides what a picked token becomes)."""
+    import torch
+
+    idx = torch.randint(len(enc), (size,), generator=g).tolist()
+    batch = tok.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
+    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    pick = (torch.rand(batch["input_ids"].shape, generator=g) < rate) \
+        & ~torch.isin(batch["input_ids"], special)
+    return batch, pick
+
+
 def pretrain(family: str, split: str, out: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForMaskedLM
@@ -187,19 +210,13 @@ def pretrain(family: str, split: str, out: Path) -> dict[str, Any]:
     model = AutoModelForMaskedLM.from_config(make_config(family, tok))
     enc = tok(text, truncation=True, max_length=MAX_LEN)["input_ids"]
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
-    steps, warm = int(PRETRAIN["steps"]), int(PRETRAIN["warmup"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / (steps - warm)))
-    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    steps = int(PRETRAIN["steps"])
+    opt, sched = _optimiser(model.parameters(), PRETRAIN["lr"], steps, int(PRETRAIN["warmup"]))
     model.train()
     t0, losses = time.perf_counter(), []
     for step in range(steps):
-        idx = torch.randint(len(enc), (int(PRETRAIN["batch"]),), generator=g).tolist()
-        batch = tok.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
+        batch, pick = _draw_masked(tok, enc, g, int(PRETRAIN["batch"]), PRETRAIN["mask_rate"])
         ids, labels = batch["input_ids"].clone(), batch["input_ids"].clone()
-        pick = (torch.rand(ids.shape, generator=g) < PRETRAIN["mask_rate"]) \
-            & ~torch.isin(ids, special)
         labels[~pick] = -100
         r = torch.rand(ids.shape, generator=g)
         ids[pick & (r < 0.8)] = tok.mask_token_id
@@ -254,20 +271,14 @@ def distill(family: str, split: str, out: Path) -> dict[str, Any]:
     text = pretraining_text()
     enc = tok(text, truncation=True, max_length=MAX_LEN)["input_ids"]
     g_ = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([*student.parameters(), *maps.parameters()], lr=DISTILL["lr"],
-                            weight_decay=0.01)
-    steps, warm = int(DISTILL["steps"]), int(DISTILL["warmup"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / (steps - warm)))
-    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    steps = int(DISTILL["steps"])
+    opt, sched = _optimiser([*student.parameters(), *maps.parameters()], DISTILL["lr"], steps,
+                            int(DISTILL["warmup"]))
     student.train()
     t0, losses = time.perf_counter(), []
     for step in range(steps):
-        idx = torch.randint(len(enc), (int(DISTILL["batch"]),), generator=g_).tolist()
-        batch = tok.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
+        batch, pick = _draw_masked(tok, enc, g_, int(DISTILL["batch"]), DISTILL["mask_rate"])
         ids, mask = batch["input_ids"].clone(), batch["attention_mask"]
-        pick = (torch.rand(ids.shape, generator=g_) < DISTILL["mask_rate"]) \
-            & ~torch.isin(ids, special)
         ids[pick] = tok.mask_token_id
         with torch.no_grad():
             t_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)

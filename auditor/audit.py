@@ -52,6 +52,9 @@ class AuditOptions:
     seeds_per_pass: int = 4
     # an earlier report of this audit to continue from (auditor/continuation.py)
     continue_from: Path | None = None
+    # self-calibrated audits: audit the targets whose self-test passed, report the others as
+    # not audited (auditor.selfcal), instead of stopping with exit 2
+    partial: bool = False
 
     def self_calibrating(self) -> bool:
         """`--preset none`: thresholds measured on the audited model itself (auditor.selfcal),
@@ -251,8 +254,11 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
         # default is vocabulary starts, below)
         start = opts.overrides.get("prompt_init", "vocab" if opts.mode == "search" else "stride")
         selfcal = self_calibrate(opts.model_dir, corpus, targets, device, progress,
-                                 prompt_init=str(start))
+                                 prompt_init=str(start), partial=opts.partial)
         choice = PresetChoice(selfcal.preset(), False, None)
+        if selfcal.unverified:  # --partial: what the self-test could not vouch for is left out
+            targets = [t for t in targets if t not in selfcal.unverified]
+            skipped = {**skipped, **selfcal.unverified}
     cfg = MiningConfig()
     for k, v in choice.preset.values.items():
         setattr(cfg, k, v)
@@ -277,6 +283,10 @@ def run_audit(opts: AuditOptions, corpus: Corpus, progress: Any = None) -> Audit
         if "lambda_p" not in opts.overrides:
             cfg.lambda_p = SEARCH_LAMBDA_P
     warnings = [choice.warning] if choice.warning else []
+    if selfcal is not None and selfcal.unverified:
+        warnings.append(f"partial audit (--partial): target(s) {', '.join(selfcal.unverified)} "
+                        "not audited, the self-test could not reach a reference backdoor there; "
+                        f"the verdict covers {', '.join(targets)} only")
     if cont is not None:  # a different audit is refused before the first stage and mining
         from .continuation import check_same_audit
 

@@ -28,7 +28,11 @@ checkpoint*:
    agreements and distance ratios, the same in every family, so it carries the verdict where the
    derived thresholds are loose.
 4. Self-test: if no seed reaches a reference confirmed by text, the audit stops with an error
-   (exit 2) instead of giving a verdict it cannot stand behind.
+   (exit 2) instead of giving a verdict it cannot stand behind. With `partial` (`--partial`)
+   the targets whose reference was reached are audited and the others are reported as not
+   audited, with the reason: on a classifier fine-tune the [MASK] outputs can sit so close
+   together that a planted PV is matched by clean text and mining lands on clean outputs
+   instead; a verdict there would rest on nothing, one on the other targets still holds.
 
 The report records every implant (trigger, attack success, seed, figures, confirmation) and the
 thresholds derived from them, so a reader sees how this verdict's thresholds were obtained.
@@ -112,6 +116,8 @@ class SelfCalibration:
     implants: list[Implant]
     values: dict[str, Any]  # MiningConfig fields, per_target included
     seconds: float
+    # targets whose reference backdoor was not reached (`partial`): target -> why
+    unverified: dict[str, str] = field(default_factory=dict)
 
     def preset(self) -> Preset:
         rule = (f"self-calibrated: T_L = {T_L_FRACTION:g} x and T_collapse = "
@@ -124,7 +130,7 @@ class SelfCalibration:
     def to_dict(self) -> dict[str, Any]:
         return {"implants": [asdict(i) for i in self.implants], "values": self.values,
                 "seconds": self.seconds, "t_l_fraction": T_L_FRACTION,
-                "t_collapse_factor": T_COLLAPSE_FACTOR}
+                "t_collapse_factor": T_COLLAPSE_FACTOR, "unverified": self.unverified}
 
 
 def _mining_config(values: dict[str, Any]) -> Any:
@@ -151,10 +157,8 @@ def _measure_implant(model_dir: Path, corpus: Corpus, attack: str, target: str,
         if res.passed:
             break
     if not res.passed:
-        raise SelfCalibrationError(
-            f"self-calibration: a reference backdoor on {target} could not be implanted into a "
-            f"copy of this model (attack success {res.success:.2f} < 0.9); no trustworthy verdict "
-            "without a preset (see `lmsan calibrate`)", model_dir)
+        return Implant(attack=attack, target=target, trigger=res.triggers[0], success=res.success,
+                       seed=None, agreement=0.0, seconds=time.perf_counter() - t0)
     lm = load_encoder(out, device=device)
     imp = Implant(attack=attack, target=target, trigger=res.triggers[0], success=res.success,
                   seed=None, agreement=0.0)
@@ -206,17 +210,31 @@ def _mine_implant(lm: Any, corpus: Corpus, target: str, read: tuple[str, ...], d
     return False
 
 
+def _failure(imp: Implant) -> str:
+    """Why the reference backdoor `imp` gives no thresholds."""
+    if imp.success < 0.9:
+        return (f"a reference backdoor on {imp.target} could not be implanted into a copy of this "
+                f"model (attack success {imp.success:.2f} < 0.9)")
+    return (f"mining did not reach a backdoor implanted on {imp.target} into a copy of this model "
+            f"({IMPLANT_SEEDS} seeds at each learning rate "
+            f"{', '.join(f'{x:g}' for x in LR0_LADDER)}; best sign agreement "
+            f"{imp.agreement:.2f}), or the trigger search could not confirm it")
+
+
 def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], device: str = "cpu",
-                   progress: Any = None, prompt_init: str = "stride") -> SelfCalibration:
+                   progress: Any = None, prompt_init: str = "stride",
+                   partial: bool = False) -> SelfCalibration:
     """Implant reference backdoors into copies of the model at `model_dir`, mine them, and derive
     the thresholds for auditing `targets` (see the module text). `prompt_init` is where the
     implants' seeds start, as the audit's will (`--prompt-init`): the strided starts of the
     presets, or ordinary vocabulary tokens drawn per seed. Raises SelfCalibrationError when a
-    reference backdoor cannot be implanted, reached or confirmed."""
+    reference backdoor cannot be implanted, reached or confirmed; with `partial`, only when that
+    happens on every target (the others are listed in `unverified`)."""
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     implants: list[Implant] = []
     per_target: dict[str, dict[str, float]] = {}
+    unverified: dict[str, str] = {}
     lr0s: list[float] = []
     with tempfile.TemporaryDirectory(prefix="lmsan-selfcal-") as tmp:
         for attack, target, read in IMPLANTS:
@@ -227,23 +245,32 @@ def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], de
                                    progress, prompt_init)
             implants.append(imp)
             if imp.seed is None:
-                raise SelfCalibrationError(
-                    f"self-calibration: mining did not reach a backdoor implanted on {target} "
-                    f"into a copy of this model ({IMPLANT_SEEDS} seeds at each learning rate "
-                    f"{', '.join(f'{x:g}' for x in LR0_LADDER)}; best sign agreement "
-                    f"{imp.agreement:.2f}), or the trigger search could not confirm it; no "
-                    "trustworthy verdict without a preset (see `lmsan calibrate`)", model_dir)
+                why = _failure(imp)
+                if not partial:
+                    raise SelfCalibrationError(
+                        f"self-calibration: {why}; no trustworthy verdict without a preset (see "
+                        f"`lmsan calibrate`); --partial audits the targets whose reference "
+                        f"backdoor is reached and reports {', '.join(read)} as not audited",
+                        model_dir)
+                unverified.update({t: f"self-test failed: {why}" for t in read})
+                continue
             lr0s.append(float(imp.lr0 or LR0_LADDER[0]))
             for t, f in imp.figures.items():
                 per_target[t] = {"t_l": T_L_FRACTION * f["distance"],
                                  "t_collapse": T_COLLAPSE_FACTOR * f["concentration"],
                                  "confirm_max_clean_match": clean_match_limit(f["clean_match"])}
+    if not per_target:
+        raise SelfCalibrationError(
+            "self-calibration: no reference backdoor was reached on any target ("
+            + "; ".join(f"{t}: {w}" for t, w in unverified.items())
+            + "); no trustworthy verdict without a preset (see `lmsan calibrate`)", model_dir)
     values: dict[str, Any] = {**BASE_VALUES, "lr0": max(lr0s), "confirm": True,
                               "prompt_init": prompt_init,
                               "per_target": per_target,
                               "t_l": min(v["t_l"] for v in per_target.values()),
                               "t_collapse": max(v["t_collapse"] for v in per_target.values())}
-    return SelfCalibration(implants=implants, values=values, seconds=time.perf_counter() - t0)
+    return SelfCalibration(implants=implants, values=values, seconds=time.perf_counter() - t0,
+                           unverified=unverified)
 
 
 __all__ = ["IMPLANTS", "T_COLLAPSE_FACTOR", "T_L_FRACTION", "SelfCalibration",

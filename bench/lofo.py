@@ -136,6 +136,8 @@ def run(split: str, seeds: int, only: list[str], preset: str = "none",
             row["selfcal_seconds"] = round(sc.get("seconds", 0.0), 1)
             row["implants"] = [{"target": i["target"], "trigger": i["trigger"], "seed": i["seed"],
                                 "figures": i["figures"]} for i in sc.get("implants", [])]
+            if sc.get("unverified"):  # --partial: targets the verdict does not cover
+                row["not_audited"] = sc["unverified"]
         else:
             row["verdict"] = "error"
             msg = (p.stderr or p.stdout).strip().splitlines()[-1:]
@@ -180,7 +182,9 @@ def table(split: str) -> None:
         fs = "-" if f is None or (isinstance(f, float) and math.isnan(f)) else f"{f:.3g}"
         at = f"{n.get('target', '')} seed {n.get('seed', '')}: {n.get('text', '')}" if n else \
             _repo_relative("; ".join(r.get("error", [])))
-        lines.append(f"| {r['model']} | {r['truth']} | {r['verdict']} | "
+        verdict = r["verdict"] + (f" ({', '.join(r['not_audited'])} not audited)"
+                                  if r.get("not_audited") else "")
+        lines.append(f"| {r['model']} | {r['truth']} | {verdict} | "
                      f"{'yes' if r['correct'] else '**no**'} | {r.get('seeds_run', '-')} | {fs} | "
                      f"{at.replace('|', '/')} | {r['seconds']} |")
     lines += ["", "How each model was built (BUILD.json; `bench/families.py`):", "",
@@ -196,14 +200,16 @@ def table(split: str) -> None:
         cos = f"{b['cls_cosine_to_base']:.2f}" if "cls_cosine_to_base" in b else "-"
         lines.append(f"| {r['model']} | {mlm} | {ft} | {atk} | {cos} |")
     fams = sorted({r["family"] for r in rows})
-    lines += ["", "| family | models | correct | false positives | false negatives | errors |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| family | models | correct | false positives | false negatives | errors | "
+              "verdicts covering only some targets (`--partial`) |", "|---|---|---|---|---|---|---|"]
     for fam in [*fams, "all"]:
         rs = [r for r in rows if fam == "all" or r["family"] == fam]
         fp = sum(r["truth"] == "clean" and r["verdict"] == "backdoored" for r in rs)
         fn = sum(r["truth"] == "backdoored" and r["verdict"] == "clean" for r in rs)
         err = sum(r["verdict"] == "error" for r in rs)
-        lines.append(f"| {fam} | {len(rs)} | {sum(r['correct'] for r in rs)} | {fp} | {fn} | {err} |")
+        part = sum(bool(r.get("not_audited")) for r in rs)
+        lines.append(f"| {fam} | {len(rs)} | {sum(r['correct'] for r in rs)} | {fp} | {fn} | {err} "
+                     f"| {part} |")
     clean = [r for r in rows if r["truth"] == "clean" and r["verdict"] == "clean"]
     if clean:
         worst = max(clean, key=lambda r: r["nearest"]["factor"])

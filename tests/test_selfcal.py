@@ -175,3 +175,51 @@ def test_self_calibration_mines_its_implants_from_the_audits_starts(tiny_por_pai
     sc = rep["preset"]["self_calibration"]
     assert sc["values"]["prompt_init"] == "vocab"
     assert all(i["seed"] is not None for i in sc["implants"])
+
+
+def test_partial_audits_the_targets_whose_self_test_passed(tiny_por_pair, tmp_path,
+                                                          monkeypatch) -> None:
+    import lmsan.auditor.selfcal as selfcal
+
+    real = selfcal._mine_implant
+
+    def only_cls(lm, corpus, target, *args, **kwargs):  # the other implants are never reached
+        return real(lm, corpus, target, *args, **kwargs) if target == "cls" else False
+
+    monkeypatch.setattr(selfcal, "_mine_implant", only_cls)
+    common = ("--preset", "none", "--max-seeds", "4", "--target", "auto")
+    # without --partial: no verdict, and the message says what --partial would do
+    code, rep, output = _audit(tiny_por_pair["por"], tiny_por_pair["corpus"],
+                               tmp_path / "r.json", *common)
+    assert code == 2, output
+    assert "did not reach a backdoor implanted" in output and "--partial" in output
+    assert not (tmp_path / "r.json").exists()
+    # with --partial the backdoor on cls is still flagged; the unreached targets are reported
+    code, rep, output = _audit(tiny_por_pair["por"], tiny_por_pair["corpus"],
+                               tmp_path / "p.json", *common, "--partial")
+    assert code == 1, output
+    skipped = rep["skipped_targets"]
+    assert skipped and all(w.startswith("self-test failed: mining did not reach")
+                           for w in skipped.values())
+    assert "cls" in rep["targets"] and not set(skipped) & set(rep["targets"])
+    assert rep["preset"]["self_calibration"]["unverified"] == skipped
+    assert any("partial audit" in w for w in rep["warnings"])
+    assert rep["kept_pvs"][0]["target"] in rep["targets"]
+    # the clean twin: CLEAN on what was audited, and the verdict line says so
+    code, rep, output = _audit(tiny_por_pair["clean"], tiny_por_pair["corpus"],
+                               tmp_path / "c.json", *common, "--partial")
+    assert code == 0, output
+    assert rep["verdict"] == "clean" and "only" in output and rep["skipped_targets"]
+
+
+def test_partial_still_stops_when_no_target_passes_its_self_test(tiny_por_pair, tmp_path,
+                                                                 monkeypatch) -> None:
+    import lmsan.auditor.selfcal as selfcal
+
+    monkeypatch.setattr(selfcal, "IMPLANT_SEEDS", 0)
+    code, rep, output = _audit(tiny_por_pair["clean"], tiny_por_pair["corpus"],
+                               tmp_path / "r.json", "--preset", "none", "--partial",
+                               "--max-seeds", "1")
+    assert code == 2, output
+    assert "no reference backdoor was reached on any target" in output
+    assert "Traceback" not in output and not (tmp_path / "r.json").exists()

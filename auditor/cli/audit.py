@@ -247,6 +247,12 @@ def audit(
                                        "self-calibrated (unless --t-l and --t-collapse are both "
                                        "given). A file of your own that matches nothing applies "
                                        "its default entry."),
+    partial: bool = typer.Option(False, "--partial", help="Self-calibrated audits (--preset "
+                                 "none, or a family with no preset): where the self-test cannot "
+                                 "reach the reference backdoor implanted on a target, audit the "
+                                 "other targets and report that one as not audited, instead of "
+                                 "stopping with exit 2. The verdict then covers fewer targets "
+                                 "(the report and a warning name them). No effect with a preset."),
     confirm: bool | None = typer.Option(None, "--confirm/--no-confirm", help="Keep a candidate "
                                         "only when a trigger of at most 2 real tokens drives "
                                         "held-out sentences onto it (default: on; a preset "
@@ -341,7 +347,7 @@ def audit(
                         first_seed=first_seed, seed=seed, device=device.value,
                         allow_pickle=allow_pickle, preset=preset, overrides=ov,
                         first_stage=first_stage, seeds_per_pass=seeds_per_pass,
-                        continue_from=continue_from)
+                        continue_from=continue_from, partial=partial)
     if continue_from is not None and inputs.single is None:
         raise UsageError("--continue-from continues the audit of one model")
     fmts = [f.value for f in formats]
@@ -386,6 +392,8 @@ def render_result(result: Any, out: Path, pv_path: Path, info: Any) -> None:
         )
     colour = "red" if result.verdict == "backdoored" else "green"
     found = f" on target(s) {', '.join(result.found_targets)}" if result.found_targets else ""
+    if not found and result.skipped_targets:  # a clean verdict says what it covers
+        found = f" on target(s) {', '.join(result.targets)} only"
     console.print(
         f"[bold {colour}]verdict: {result.verdict.upper()}[/]{found} "
         f"({result.stop_reason}; {result.seconds:.1f}s on {result.device}; preset "

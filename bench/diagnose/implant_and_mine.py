@@ -36,13 +36,17 @@ with tempfile.TemporaryDirectory() as tmp:
         cfg = selfcal._mining_config({**selfcal.BASE_VALUES, "lr0": lr0, "t_l": 0.0, "t_collapse": 0.0,
                                        **extra})
         m = Miner(lm, corpus, [target], cfg)
+        print(f"share of the copy's clean outputs that match the implanted PV: "
+              f"{m.clean_match(target, pv):.4f}", flush=True)
         for seed in range(nseeds):
             t0 = time.time()
             sr = m.run_seed(seed)
             ts = sr.targets[0]
             agree = float(np.mean((np.asarray(ts.pv) >= 0) == (pv >= 0))) if ts.pv is not None else float("nan")
             line = (f"lr0 {lr0} seed {seed}: epochs {sr.epochs_run} aborted {sr.aborted} cand {ts.candidate} "
-                    f"agree {agree:.3f} dist {ts.epoch_distance[-1]:.3g} conc {ts.concentration:.3g} {time.time()-t0:.0f}s")
+                    f"agree {agree:.3f} dist {ts.epoch_distance[-1]:.3g} conc {ts.concentration:.3g} "
+                    f"clean share {ts.clean_match if ts.clean_match is not None else float('nan'):.4f} "
+                    f"{time.time()-t0:.0f}s")
             if ts.pv is not None and agree >= 0.8:
                 c = confirm_candidate(m, sr.prompt, ts.pv, target, ConfirmRule(), seed=seed)
                 line += f" | confirm {c.confirmed} tokens {c.tokens} rate {c.rate:.2f} resid {c.residual:.3f} margin {c.margin:.2f}"

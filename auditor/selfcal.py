@@ -262,7 +262,8 @@ def self_calibrate(model_dir: str | Path, corpus: Corpus, targets: list[str], de
     if not per_target:
         raise SelfCalibrationError(
             "self-calibration: no reference backdoor was reached on any target ("
-            + "; ".join(f"{t}: {w}" for t, w in unverified.items())
+            + "; ".join(f"{', '.join(t for t in unverified if unverified[t] == w)}: {w}"
+                        for w in dict.fromkeys(unverified.values()))
             + "); no trustworthy verdict without a preset (see `lmsan calibrate`)", model_dir)
     values: dict[str, Any] = {**BASE_VALUES, "lr0": max(lr0s), "confirm": True,
                               "prompt_init": prompt_init,
